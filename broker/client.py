@@ -1,0 +1,335 @@
+"""The client API: ``Broker`` starts a broker process, ``Client`` maps its arena and moves handles.
+
+A client says hello over ZeroMQ, then fetches the arena's descriptor once
+over the broker's Unix socket and maps it; that connection stays open for the
+client's life and is how each side learns the other has died.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, Iterable
+
+import numpy as np
+import zmq
+
+from .arena import SharedRegion, recv_fd
+from .errors import BrokerError, BrokerGone, BrokerTimeout, StaleHandle, UnknownName, \
+    UnsupportedArray, error_from_wire
+from .protocol import Handle, decode, encode
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Broker", "Client", "array_spec"]
+
+log = logging.getLogger("shmbroker.client")
+
+
+def array_spec(dtype: Any) -> np.dtype:
+    """The dtype an array is stored as in the arena, or ``UnsupportedArray``.
+
+    Non-native byte order is stored native (converted during the one copy that
+    ``put`` makes anyway); object and structured dtypes are refused.
+    """
+    dt = np.dtype(dtype)
+    if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
+        raise UnsupportedArray(
+            f"dtype {dt} cannot be shared: object and structured arrays hold pointers or "
+            f"mixed fields; convert to a plain numeric dtype first"
+        )
+    if dt.kind not in "biufcmM":
+        raise UnsupportedArray(f"dtype {dt} (kind {dt.kind!r}) is not supported; use a numeric dtype")
+    return dt.newbyteorder("=") if dt.byteorder not in "=|" else dt
+
+
+class Client:
+    """A connection to a broker and a mapping of its arena. A context manager.
+
+    Not thread-safe and not fork-safe: create one per thread or process
+    (handles pickle, clients do not).
+    """
+
+    def __init__(self, endpoint: str, *, name: str | None = None, role: str = "client",
+                 timeout: float = 30.0) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.name = name or f"{role}-{os.getpid()}"
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._rid = 0
+        self.inbox: collections.deque[dict[str, Any]] = collections.deque()
+        self._held: dict[int, Handle] = {}
+        self._alive: socket.socket | None = None
+        self.region: SharedRegion | None = None
+        self._finalizer = weakref.finalize(self, _close_sockets, self._sock, self._ctx)
+        try:
+            hello = self._request("hello", name=self.name, pid=os.getpid(), role=role,
+                                  _timeout=min(timeout, 10.0))
+            self.broker = hello["broker"]
+            self.cid = hello["cid"]
+            self._attach(hello["fd_path"], hello["key"])
+        except BaseException:
+            self.close()
+            raise
+
+    def _attach(self, fd_path: str, key: str) -> None:
+        alive = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        alive.settimeout(10.0)
+        try:
+            alive.connect(fd_path)
+            alive.sendall(key.encode())
+            meta, fd = recv_fd(alive)
+        except OSError as e:
+            alive.close()
+            raise BrokerGone(f"could not get the arena from the broker at {fd_path}: {e}") from e
+        alive.setblocking(False)
+        self._alive = alive
+        self._poller.register(alive.fileno(), zmq.POLLIN)
+        self.region = SharedRegion.attach(fd, json.loads(meta)["name"])
+
+    # -- messaging --------------------------------------------------------------
+    def send(self, op: str, **fields: Any) -> int:
+        """Send a request without waiting; returns its request id."""
+        self._rid += 1
+        self._sock.send(encode(op, self._rid, **fields))
+        return self._rid
+
+    def recv(self, timeout: float | None) -> dict[str, Any] | None:
+        """The next message from the broker, or None after ``timeout`` seconds."""
+        if self._sock.poll(0, zmq.POLLIN):  # the common case: the reply is already here
+            return decode(self._sock.recv())
+        events = dict(self._poller.poll(None if timeout is None else int(timeout * 1000)))
+        if self._sock in events:
+            return decode(self._sock.recv())
+        if self._alive is not None and self._alive.fileno() in events:
+            try:
+                data = self._alive.recv(64)
+            except BlockingIOError:
+                data = b"?"
+            except OSError:
+                data = b""
+            if not data:
+                raise BrokerGone(f"the broker at {self.endpoint} exited (its connection closed)")
+        return None
+
+    def wait(self, rid: int, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the reply to request ``rid``; other messages go to ``inbox``."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrokerTimeout(
+                    f"no reply from the broker at {self.endpoint} within {timeout:.1f} s; "
+                    f"is it running? (`shmbroker status`)"
+                )
+            msg = self.recv(left)
+            if msg is None:
+                continue
+            if msg["rid"] == rid:
+                if msg["op"] == "error":
+                    raise error_from_wire(msg["code"], msg["message"])
+                return msg
+            if msg["rid"] == 0 and msg["op"] == "error":
+                raise error_from_wire(msg["code"], msg["message"])
+            self.inbox.append(msg)
+
+    def _request(self, op: str, _timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        return self.wait(self.send(op, **fields), _timeout)
+
+    # -- arrays -----------------------------------------------------------------
+    def view(self, handle: Handle) -> np.ndarray:
+        """The array a handle this client may read names, as a view of the arena."""
+        assert self.region is not None, "client is closed"
+        dt = np.dtype(handle.dtype)
+        count = math.prod(handle.shape)
+        if dt.itemsize * count > handle.nbytes or handle.offset + handle.nbytes > self.region.capacity:
+            raise StaleHandle(f"handle {handle} does not fit its block")
+        flat = np.frombuffer(self.region.buffer, dtype=dt, count=count, offset=handle.offset)
+        return flat.reshape(handle.shape)
+
+    def _check_broker(self, handle: Handle) -> None:
+        if not isinstance(handle, Handle):
+            raise TypeError(f"expected a Handle, got {type(handle).__name__}")
+        if handle.broker != self.broker:
+            raise StaleHandle(
+                f"handle of broker {handle.broker!r} given to a client of broker {self.broker!r}; "
+                f"a handle is valid only with the broker that made it"
+            )
+
+    def alloc(self, shape: Iterable[int] | int, dtype: Any = "float32",
+              timeout: float | None = None) -> tuple[Handle, np.ndarray]:
+        """A writable slot: ``(handle, view)``. Waits up to ``timeout`` s for space."""
+        dt = array_spec(dtype)
+        shape = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
+        nbytes = dt.itemsize * math.prod(shape)
+        wait = self.timeout if timeout is None else timeout
+        reply = self._request("alloc", _timeout=wait + 5.0, nbytes=nbytes, dtype=dt.str,
+                              shape=list(shape), timeout=wait)
+        handle = Handle.from_wire(reply["handle"])
+        self._held[handle.oid] = handle
+        return handle, self.view(handle)
+
+    def put(self, array: Any, timeout: float | None = None) -> Handle:
+        """Copy ``array`` into the arena (exactly one copy) and return its handle.
+
+        Non-contiguous, negatively strided and non-native byte-order inputs are
+        accepted: the one copy makes them C-contiguous and native.
+        """
+        array = np.asarray(array)
+        handle, out = self.alloc(array.shape, array.dtype, timeout)
+        np.copyto(out, array, casting="no" if array.dtype == out.dtype else "equiv")
+        return handle
+
+    def get(self, handle: Handle) -> np.ndarray:
+        """A writable view of the array (no copy); takes a lease until ``release``."""
+        self._check_broker(handle)
+        held = self._held.get(handle.oid)
+        if held is None or held.generation != handle.generation:
+            reply = self._request("acquire", oid=handle.oid, gen=handle.generation)
+            held = Handle.from_wire(reply["handle"])
+            self._held[held.oid] = held
+        return self.view(held)
+
+    def tensor(self, handle: Handle) -> torch.Tensor:
+        """``torch.from_numpy(get(handle))``: zero-copy and writable."""
+        from workers.bridge import to_tensor
+
+        return to_tensor(self.get(handle))
+
+    def release(self, handles: Handle | Iterable[Handle]) -> None:
+        """Drop this client's reference(s); the block is freed with its last one."""
+        hs = [handles] if isinstance(handles, Handle) else list(handles)
+        for h in hs:
+            self._check_broker(h)
+            self._held.pop(h.oid, None)
+        self._request("release", refs=[[h.oid, h.generation] for h in hs])
+
+    def publish(self, name: str, handle: Handle) -> None:
+        """Make ``handle`` discoverable by ``name``; the broker keeps it alive until replaced."""
+        self._check_broker(handle)
+        self._request("publish", name=name, oid=handle.oid, gen=handle.generation)
+
+    def lookup(self, name: str, timeout: float = 5.0) -> Handle:
+        """Wait up to ``timeout`` s for a handle published under ``name``."""
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while True:
+            wire = self._request("lookup", name=name)["handle"]
+            if wire is not None:
+                return Handle.from_wire(wire)
+            if time.monotonic() + delay > deadline:
+                raise UnknownName(f"nothing was published as {name!r} within {timeout} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def stats(self) -> dict[str, Any]:
+        """Arena and pipeline statistics: capacity, used, peak, objects, stages, ..."""
+        return self._request("stats")["stats"]
+
+    def ping(self, timeout: float | None = None) -> float:
+        t = time.perf_counter()
+        self._request("ping", _timeout=timeout)
+        return time.perf_counter() - t
+
+    def shutdown(self) -> None:
+        """Ask the broker to stop (it removes its runtime directory)."""
+        self._request("shutdown")
+
+    # -- lifetime ---------------------------------------------------------------
+    def close(self) -> None:
+        if self._alive is not None:
+            self._alive.close()
+            self._alive = None
+        if self.region is not None:
+            self.region.close()
+            self.region = None
+        self._finalizer()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _close_sockets(sock: zmq.Socket, ctx: zmq.Context) -> None:
+    sock.close(0)
+    ctx.term()
+
+
+class Broker:
+    """Start a broker in its own process; stop it on exit. A context manager.
+
+    ``endpoint`` is where clients connect (``Client(b.endpoint)``); by default
+    an ipc socket in a fresh 0700 runtime directory.
+    """
+
+    def __init__(self, capacity: int = 256 * 2**20, *, endpoint: str | None = None,
+                 stages: list[dict[str, Any]] | None = None, max_inflight: int = 0,
+                 log_level: str = "WARNING", startup_timeout: float = 60.0) -> None:
+        cmd = [sys.executable, "-m", "broker.server", "--capacity", str(int(capacity)),
+               "--log-level", log_level, "--parent-pid", str(os.getpid()),
+               "--max-inflight", str(max_inflight)]
+        if endpoint:
+            cmd += ["--endpoint", endpoint]
+        if stages:
+            cmd += ["--stages", json.dumps(stages)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self._finalizer = weakref.finalize(self, _stop_process, self.proc)
+        try:
+            self.info = self._wait_ready(startup_timeout)
+        except BaseException:
+            self.close()
+            raise
+        self.endpoint: str = self.info["endpoint"]
+        self.pid: int = self.proc.pid
+
+    def _wait_ready(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else b""
+        if not line:
+            code = self.proc.poll()
+            why = f"exited with code {code}" if code is not None else f"not ready in {timeout} s"
+            raise BrokerError(f"the broker process {why}; its log is on stderr above")
+        info = json.loads(line)
+        if "error" in info:
+            raise BrokerError(f"the broker did not start: {info['error']}")
+        return info
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()

@@ -1,0 +1,169 @@
+"""The wire format: every message kind, the Handle, msgpack encode/decode with validation.
+
+Nothing else in the project calls ``msgpack``.
+
+Frames
+------
+Clients talk to the broker's ROUTER socket through a DEALER; the broker's
+events go out on a PUB socket::
+
+    client DEALER                       broker ROUTER
+    [payload] ───────────────────────▶  [identity][payload]
+    [payload] ◀───────────────────────  [identity][payload]    (reply or task)
+
+    broker PUB  ──▶ [topic][payload]     topic: b"publish" | b"stats"
+
+``payload`` is one msgpack map::
+
+    {"v": 1, "op": <kind>, "rid": <request id, 0 if unsolicited>, <fields>}
+
+Every request gets exactly one reply with the same ``rid``: ``{"op": "ok", ...}``
+or ``{"op": "error", "code": <BrokerError subclass name>, "message": ...}``.
+The broker also sends unsolicited ``task`` messages (rid 0) to workers and
+to the pipeline driver, which credit-based flow control bounds.
+
+A payload that is not msgpack, not a map, of another version, of an unknown
+kind, or whose fields have the wrong type is refused by ``decode`` with
+``ProtocolError``; the broker answers it with an error and keeps serving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+MAX_MESSAGE = 1 << 20  # bytes; handles are ~100 B, a task a few hundred
+
+__all__ = ["VERSION", "MAX_MESSAGE", "Handle", "ProtocolError", "KINDS", "encode", "decode"]
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be decoded or does not match its kind's schema."""
+
+
+_INT = (int,)
+_NUM = (int, float)
+_STR = (str,)
+_LIST = (list,)
+_OPT_INT = (int, type(None))
+_OPT_NUM = (int, float, type(None))
+
+# kind -> {field: allowed Python types}. Every field listed is required.
+KINDS: dict[str, dict[str, tuple[type, ...]]] = {
+    # client -> broker
+    "hello": {"name": _STR, "pid": _INT, "role": _STR},
+    "ping": {},
+    "alloc": {"nbytes": _INT, "dtype": _STR, "shape": _LIST, "timeout": _OPT_NUM},
+    "acquire": {"oid": _INT, "gen": _INT},
+    "release": {"refs": _LIST},
+    "publish": {"name": _STR, "oid": _INT, "gen": _INT},
+    "lookup": {"name": _STR},
+    "stats": {},
+    "pipeline": {"stages": _LIST, "max_inflight": _INT},
+    "register": {"stage": _STR, "credits": _INT, "device": _STR},
+    "reserve": {"stage": _INT, "items": _LIST, "shape": _LIST, "dtype": _STR,
+                "timeout": _OPT_NUM},
+    "commit": {"rsv": _INT},
+    "done": {"task": _INT, "rsv": _OPT_INT, "credit": _INT, "busy": _NUM},
+    "fail": {"task": _INT, "error": _STR, "trace": _STR, "credit": _INT},
+    "eof": {"items": _INT},
+    "shutdown": {},
+    # broker -> client
+    "ok": {},
+    "error": {"code": _STR, "message": _STR},
+    "task": {"task": _INT, "stage": _INT, "items": _LIST, "handle": _LIST, "rows": _INT},
+    "failure": {"stage": _STR, "items": _LIST, "error": _STR, "trace": _STR, "fatal": _INT},
+}
+
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+def encode(op: str, rid: int = 0, **fields: Any) -> bytes:
+    """Build one payload; ``fields`` are the kind's fields (extra ones allowed on replies)."""
+    fields["v"] = VERSION
+    fields["op"] = op
+    fields["rid"] = rid
+    return _packer.pack(fields)
+
+
+def decode(payload: bytes) -> dict[str, Any]:
+    """Decode and validate one payload, or raise ``ProtocolError`` saying why."""
+    if len(payload) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(payload)} bytes exceeds the {MAX_MESSAGE} byte limit")
+    try:
+        msg = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises a zoo of types on garbage
+        raise ProtocolError(f"not a msgpack message: {type(e).__name__}: {e}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"message must be a map, got {type(msg).__name__}")
+    if msg.get("v") != VERSION:
+        raise ProtocolError(f"protocol version {msg.get('v')!r} is not supported (want {VERSION})")
+    op, rid = msg.get("op"), msg.get("rid")
+    if not isinstance(rid, int) or isinstance(rid, bool):
+        raise ProtocolError(f"field 'rid' must be an integer, got {type(rid).__name__}")
+    spec = KINDS.get(op) if isinstance(op, str) else None
+    if spec is None:
+        raise ProtocolError(f"unknown message kind {op!r}")
+    for name, types in spec.items():
+        value = msg.get(name, _MISSING)
+        if value is _MISSING:
+            raise ProtocolError(f"{op}: missing field {name!r}")
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            want = " or ".join(t.__name__ for t in types)
+            raise ProtocolError(f"{op}: field {name!r} must be {want}, got {type(value).__name__}")
+    return msg
+
+
+_MISSING = object()
+
+
+def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) > 32:
+        raise ProtocolError(f"handle {what} must be a list of at most 32 integers")
+    out = tuple(value)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
+        raise ProtocolError(f"handle {what} must hold integers, got {value!r}")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Handle:
+    """A reference to an array in a broker's arena: ~100 bytes on the wire.
+
+    Pass it to any process (msgpack via ``to_wire``, or pickle); ``Client.get``
+    there resolves it against the broker's own table, which checks
+    ``broker``, ``oid`` and ``generation`` so a handle to a released or reused
+    block is refused, never read as garbage. Arrays in the arena are
+    C-contiguous; ``strides`` are recorded for the consumer's convenience.
+    """
+
+    broker: str
+    oid: int
+    generation: int
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+
+    def to_wire(self) -> list[Any]:
+        return [self.broker, self.oid, self.generation, self.offset, self.nbytes,
+                self.dtype, list(self.shape), list(self.strides)]
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> Handle:
+        if not isinstance(wire, (list, tuple)) or len(wire) != 8:
+            raise ProtocolError(f"a handle is a list of 8 fields, got {wire!r:.80}")
+        broker, oid, gen, offset, nbytes, dtype, shape, strides = wire
+        if not isinstance(broker, str) or not isinstance(dtype, str):
+            raise ProtocolError("handle broker and dtype must be strings")
+        ints = _int_tuple([oid, gen, offset, nbytes], "ids")
+        if min(ints) < 0:
+            raise ProtocolError(f"handle fields must be non-negative, got {ints}")
+        return cls(broker, *ints, dtype, _int_tuple(shape, "shape"), _int_tuple(strides, "strides"))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Handle.from_wire, (self.to_wire(),))

@@ -1,0 +1,922 @@
+"""The broker's event loop: object table, leases, stage queues, dispatch with credits, client liveness.
+
+How an item moves (every arrow is a handle, bytes move only where noted)::
+
+    driver ──reserve(stage 0)──▶ broker allocates a slot (or rows of a batch slot)
+    driver writes the item into the slot           (copy 1: the source's write)
+    driver ──commit──▶ broker: Task(stage 0) ──▶ queue[0]
+                                   │  dispatch to a worker with credit > 0
+                                   ▼
+    worker: view → torch.from_numpy → .to(device) → fn → reserve(stage 1)
+    worker writes the result into the slot          (copy 2: the stage's write)
+    worker ──done(task, rsv)──▶ broker: releases the input, commits the output
+                                   ▼
+                   queue[1] ... queue[S] (S = the sink) ──▶ driver ──done──▶ freed
+
+A reservation for a batched stage gets rows of a ``[N, ...]`` batch slot, so
+a batch is collated in place; the broker dispatches it when its N rows are
+committed, or as a partial batch once nothing upstream can add to it.
+
+Liveness: each client holds a Unix-socket connection to the broker (the one
+the arena's descriptor came through). The kernel closes it when the client
+dies, however it dies; the broker then drops the client's leases and
+re-queues the tasks it held (at-least-once; the driver de-duplicates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import math
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from .arena import Allocator, Block, SharedRegion, check_capacity, format_bytes, send_fd
+from .errors import ArenaFull, BadRequest, BrokerError, ItemTooLarge, StaleHandle
+from .protocol import Handle, ProtocolError, decode, encode
+from .rundir import RunDir, cleanup
+
+log = logging.getLogger("shmbroker.broker")
+
+SINK = "__sink__"
+DEFAULT_WAIT = 60.0  # seconds a request may wait for arena space when it names no timeout
+
+
+@dataclass(slots=True, eq=False)
+class Obj:
+    """An array in the arena: a whole block or a view of rows inside one."""
+
+    oid: int
+    block: Block
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+    refs: int = 1
+
+
+def check_array_spec(dtype: str, shape: Any) -> tuple[np.dtype, tuple[int, ...], int]:
+    """Validate a dtype string and shape from the wire; return (dtype, shape, nbytes)."""
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError):
+        raise BadRequest(f"unknown dtype {dtype!r}") from None
+    if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
+        raise BadRequest(f"dtype {dtype!r} cannot live in shared memory (object or structured)")
+    if not isinstance(shape, (list, tuple)) or len(shape) > 32 or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**48 for d in shape
+    ):
+        raise BadRequest(f"shape must be a list of at most 32 non-negative integers, got {shape!r}")
+    nbytes = dt.itemsize * math.prod(shape)
+    return dt, tuple(shape), nbytes
+
+
+class Table:
+    """Objects, their blocks and refcounts, and published names. No I/O."""
+
+    def __init__(self, allocator: Allocator, token: str) -> None:
+        self.alloc = allocator
+        self.token = token
+        self.objects: dict[int, Obj] = {}
+        self._block_objs: dict[int, int] = {}
+        self.names: dict[str, Obj] = {}
+        self._next = 1
+
+    def new(self, nbytes: int, dtype: str, shape: tuple[int, ...]) -> Obj | None:
+        if nbytes > self.alloc.capacity:
+            raise ItemTooLarge(
+                f"an array of {format_bytes(nbytes)} ({dtype}{list(shape)}) is larger than the "
+                f"whole arena ({format_bytes(self.alloc.capacity)}); raise broker.capacity"
+            )
+        block = self.alloc.alloc(nbytes)
+        if block is None:
+            return None
+        return self._add(block, block.offset, nbytes, dtype, shape)
+
+    def view(self, parent: Obj, offset: int, dtype: str, shape: tuple[int, ...]) -> Obj:
+        nbytes = np.dtype(dtype).itemsize * math.prod(shape)
+        assert parent.offset <= offset and offset + nbytes <= parent.offset + parent.nbytes
+        return self._add(parent.block, offset, nbytes, dtype, shape)
+
+    def _add(self, block: Block, offset: int, nbytes: int, dtype: str, shape: tuple[int, ...]) -> Obj:
+        obj = Obj(self._next, block, offset, nbytes, dtype, shape)
+        self._next += 1
+        self.objects[obj.oid] = obj
+        self._block_objs[block.offset] = self._block_objs.get(block.offset, 0) + 1
+        return obj
+
+    def decref(self, obj: Obj) -> bool:
+        """Drop one reference; free the block with its last object. True if freed."""
+        obj.refs -= 1
+        if obj.refs > 0:
+            return False
+        del self.objects[obj.oid]
+        left = self._block_objs[obj.block.offset] - 1
+        if left:
+            self._block_objs[obj.block.offset] = left
+            return False
+        del self._block_objs[obj.block.offset]
+        self.alloc.free(obj.block)
+        return True
+
+    def get(self, oid: Any, gen: Any) -> Obj:
+        obj = self.objects.get(oid) if isinstance(oid, int) else None
+        if obj is None or obj.block.generation != gen:
+            raise StaleHandle(
+                f"handle (object {oid}, generation {gen}) is stale: the array was released "
+                f"or its memory reused; keep a reference (do not release) while it is in use"
+            )
+        return obj
+
+    def handle(self, obj: Obj) -> list[Any]:
+        strides, step = [], np.dtype(obj.dtype).itemsize
+        for dim in reversed(obj.shape):
+            strides.append(step)
+            step *= dim
+        strides.reverse()
+        return Handle(self.token, obj.oid, obj.block.generation, obj.offset, obj.nbytes,
+                      obj.dtype, obj.shape, tuple(strides)).to_wire()
+
+
+@dataclass(eq=False)
+class Task:
+    tid: int
+    stage: int
+    items: list[int]
+    obj: Obj
+    rows: int
+    valid: list[int] | None = None
+    attempts: int = 0
+
+
+@dataclass(eq=False)
+class Batch:
+    obj: Obj
+    shape: tuple[int, ...]
+    dtype: str
+    size: int
+    rowbytes: int
+    items: list[int | None]
+    opened: float
+    assigned: int = 0
+    committed: int = 0
+    holes: list[int] = field(default_factory=list)
+    closed: bool = False
+
+
+@dataclass(eq=False)
+class Segment:
+    obj: Obj
+    items: list[int]
+    batch: Batch | None = None
+    row: int = 0
+
+
+@dataclass(eq=False)
+class Reservation:
+    rsv: int
+    stage: int
+    segments: list[Segment]
+
+
+@dataclass(eq=False)
+class Stage:
+    name: str
+    batch: int = 0
+    on_error: str = "fail"
+    retries: int = 0
+    batch_timeout: float = 0.05
+    queue: collections.deque[Task] = field(default_factory=collections.deque)
+    batches: list[Batch] = field(default_factory=list)
+    inflight: int = 0
+    reserved: int = 0
+    done: int = 0
+    failed: int = 0
+    busy: float = 0.0
+    first: float = 0.0
+    last: float = 0.0
+
+
+@dataclass(eq=False)
+class Conn:
+    cid: int
+    identity: bytes
+    name: str
+    pid: int
+    role: str
+    key: str
+    sock: socket.socket | None = None
+    leases: set[int] = field(default_factory=set)
+    stage: int = -1
+    credits: int = 0
+    device: str = ""
+    tasks: dict[int, Task] = field(default_factory=dict)
+    reservations: dict[int, Reservation] = field(default_factory=dict)
+    done: int = 0
+    busy: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(order=True)
+class Pending:
+    priority: int
+    seq: int
+    deadline: float = field(compare=False)
+    conn: Conn = field(compare=False)
+    msg: dict[str, Any] = field(compare=False)
+
+
+class BrokerServer:
+    """The broker process's state and loop. ``serve()`` runs until stopped."""
+
+    def __init__(self, capacity: int, rundir: RunDir, endpoint: str | None = None,
+                 events: str | None = None, hwm: int = 10_000) -> None:
+        check_capacity(capacity)
+        self.rundir = rundir
+        self.token = rundir.token
+        self.region = SharedRegion.create(capacity, self.token)
+        self.table = Table(Allocator(capacity), self.token)
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.SNDHWM, hwm)
+        self.router.setsockopt(zmq.RCVHWM, hwm)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.endpoint = endpoint or f"ipc://{rundir.file('broker.sock')}"
+        self.router.bind(self.endpoint)
+        if self.endpoint.startswith("tcp://") and self.endpoint.endswith(":0"):
+            self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.events = events or f"ipc://{rundir.file('events.sock')}"
+        self.pub.bind(self.events)
+        self.fd_path = rundir.file("fd.sock")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.fd_path)
+        os.chmod(self.fd_path, 0o600)
+        self.listener.listen(128)
+        self.listener.setblocking(False)
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self.poller.register(self.listener.fileno(), zmq.POLLIN)
+        self.conns: dict[bytes, Conn] = {}
+        self.by_fd: dict[int, Conn] = {}
+        self._next_cid = 1
+        self._next_id = 1
+        self.stages: list[Stage] = []
+        self.max_inflight = 0
+        self.inflight_items = 0
+        self.eof = False
+        self.pending: list[Pending] = []
+        self.stopping = False
+        self.started = time.time()
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.parent_pid = 0
+
+    # -- plumbing ---------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "endpoint": self.endpoint, "events": self.events,
+                "capacity": self.table.alloc.capacity, "token": self.token,
+                "fd_path": self.fd_path, "memfd": self.region.name, "started": self.started}
+
+    def _id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def send(self, conn: Conn, payload: bytes) -> None:
+        try:
+            self.router.send_multipart([conn.identity, payload], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or its queue full
+            log.warning("cannot send to client %s (pid %d): %s", conn.name, conn.pid, e)
+
+    def reply(self, identity: bytes, rid: int, **fields: Any) -> None:
+        try:
+            self.router.send_multipart([identity, encode("ok", rid, **fields)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.warning("cannot reply to %r: %s", identity, e)
+
+    def reply_error(self, identity: bytes, rid: int, err: BaseException) -> None:
+        code = type(err).__name__ if isinstance(err, BrokerError) else "BadRequest"
+        try:
+            self.router.send_multipart(
+                [identity, encode("error", rid, code=code, message=str(err))], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    # -- the loop ---------------------------------------------------------------
+    def serve(self) -> None:
+        log.info("broker pid %d serving %s, arena %s (%s)", os.getpid(), self.endpoint,
+                 format_bytes(self.table.alloc.capacity), self.region.name)
+        while not self.stopping:
+            if self.parent_pid and os.getppid() != self.parent_pid:
+                log.error("parent process %d is gone; stopping", self.parent_pid)
+                break
+            timeout = 10 if (self.pending or any(s.batches for s in self.stages)) else 500
+            for sock, _ev in self.poller.poll(timeout):
+                if sock is self.router:
+                    self._drain_router()
+                elif sock == self.listener.fileno():
+                    self._accept()
+                else:
+                    conn = self.by_fd.get(sock)
+                    if conn is not None:
+                        self._check_alive(conn)
+            self._tick()
+
+    def _drain_router(self) -> None:
+        for _ in range(1000):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self.counters["bad_frames"] += 1
+                if frames:
+                    self.reply_error(frames[0], 0, BadRequest(f"expected 1 frame, got {len(frames) - 1}"))
+                continue
+            identity, payload = frames
+            try:
+                msg = decode(payload)
+            except ProtocolError as e:
+                self.counters["bad_messages"] += 1
+                self.reply_error(identity, 0, BadRequest(str(e)))
+                continue
+            try:
+                self.handle(identity, msg)
+            except BrokerError as e:
+                self.reply_error(identity, msg["rid"], e)
+            except Exception as e:  # a bug must not take the broker down; report it
+                log.exception("error handling %s", msg.get("op"))
+                self.reply_error(identity, msg["rid"], BrokerError(f"internal error: {e!r}"))
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        sock.settimeout(2.0)
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            _pid, uid, _gid = np.frombuffer(creds, dtype=np.int32)
+            key = sock.recv(64).decode(errors="replace")
+            conn = next((c for c in self.conns.values() if c.key == key and c.sock is None), None)
+            if conn is None or uid != os.getuid():
+                raise PermissionError("unknown key or other user")
+            send_fd(sock, self.region.fd, json.dumps(
+                {"capacity": self.table.alloc.capacity, "name": self.region.name}).encode())
+        except (OSError, PermissionError) as e:
+            log.warning("refused a descriptor request: %s", e)
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn.sock = sock
+        self.by_fd[sock.fileno()] = conn
+        self.poller.register(sock.fileno(), zmq.POLLIN)
+
+    def _check_alive(self, conn: Conn) -> None:
+        assert conn.sock is not None
+        try:
+            data = conn.sock.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.drop(conn, "its connection closed (process exited)")
+
+    def drop(self, conn: Conn, why: str) -> None:
+        """Forget a client: release its leases, re-queue its tasks, cancel its reservations."""
+        log.info("client %s (pid %d) gone: %s; %d leases, %d tasks in flight", conn.name,
+                 conn.pid, why, len(conn.leases), len(conn.tasks))
+        self.conns.pop(conn.identity, None)
+        if conn.sock is not None:
+            self.by_fd.pop(conn.sock.fileno(), None)
+            self.poller.unregister(conn.sock.fileno())
+            conn.sock.close()
+        for rsv in list(conn.reservations.values()):
+            self._cancel(rsv)
+        for task in conn.tasks.values():
+            st = self.stages[task.stage]
+            st.inflight -= 1
+            task.attempts += 1
+            st.queue.appendleft(task)
+            self.counters["requeued"] += 1
+        for oid in conn.leases:
+            obj = self.table.objects.get(oid)
+            if obj is not None:
+                self.table.decref(obj)
+        conn.leases.clear()
+        self.pending = [p for p in self.pending if p.conn is not conn]
+        if conn.stage >= 0:
+            self.counters["workers_lost"] += 1
+        self._dispatch()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self.pending:
+            self._retry_pending(now)
+        for s, st in enumerate(self.stages):
+            for b in list(st.batches):
+                if b.closed or b.assigned == 0 or b.committed + len(b.holes) < b.assigned:
+                    continue
+                if self._upstream_idle(s) and (self.eof or now - b.opened >= st.batch_timeout):
+                    b.closed = True
+                    self._batch_ready(s, b)
+        self._dispatch()
+
+    # -- requests ---------------------------------------------------------------
+    def handle(self, identity: bytes, msg: dict[str, Any]) -> None:
+        op, rid = msg["op"], msg["rid"]
+        if op == "hello":
+            return self._hello(identity, msg)
+        if op == "ping":
+            return self.reply(identity, rid)
+        if op == "stats":
+            return self.reply(identity, rid, stats=self.stats())
+        conn = self.conns.get(identity)
+        if conn is None:
+            raise BadRequest(f"{op}: say hello first (unknown client)")
+        getattr(self, f"_op_{op}", self._op_unknown)(conn, msg)
+
+    def _op_unknown(self, conn: Conn, msg: dict[str, Any]) -> None:
+        raise BadRequest(f"{msg['op']!r} is not a request")
+
+    def _hello(self, identity: bytes, msg: dict[str, Any]) -> None:
+        old = self.conns.get(identity)
+        if old is not None:
+            self.drop(old, "it said hello again")
+        conn = Conn(self._next_cid, identity, msg["name"], msg["pid"], msg["role"],
+                    secrets.token_hex(16))
+        self._next_cid += 1
+        self.conns[identity] = conn
+        self.reply(identity, msg["rid"], cid=conn.cid, key=conn.key, fd_path=self.fd_path,
+                   capacity=self.table.alloc.capacity, broker=self.token)
+
+    def _op_alloc(self, conn: Conn, msg: dict[str, Any]) -> None:
+        _dt, shape, nbytes = check_array_spec(msg["dtype"], msg["shape"])
+        if nbytes != msg["nbytes"]:
+            raise BadRequest(f"alloc: nbytes {msg['nbytes']} does not match {msg['dtype']}{list(shape)}")
+        obj = self.table.new(nbytes, msg["dtype"], shape)
+        if obj is None:
+            return self._park(conn, msg, priority=0)
+        conn.leases.add(obj.oid)
+        self.reply(conn.identity, msg["rid"], handle=self.table.handle(obj))
+
+    def _op_acquire(self, conn: Conn, msg: dict[str, Any]) -> None:
+        obj = self.table.get(msg["oid"], msg["gen"])
+        if obj.oid not in conn.leases:
+            conn.leases.add(obj.oid)
+            obj.refs += 1
+        self.reply(conn.identity, msg["rid"], handle=self.table.handle(obj))
+
+    def _op_release(self, conn: Conn, msg: dict[str, Any]) -> None:
+        stale = 0
+        for ref in msg["refs"][:100_000]:
+            oid = ref[0] if isinstance(ref, list) and len(ref) == 2 else None
+            if oid not in conn.leases:
+                stale += 1
+                continue
+            obj = self.table.get(oid, ref[1])
+            conn.leases.discard(oid)
+            self.table.decref(obj)
+        self.reply(conn.identity, msg["rid"], stale=stale)
+        if self.pending:
+            self._retry_pending(time.monotonic())
+
+    def _op_publish(self, conn: Conn, msg: dict[str, Any]) -> None:
+        obj = self.table.get(msg["oid"], msg["gen"])
+        old = self.table.names.get(msg["name"])
+        obj.refs += 1
+        self.table.names[msg["name"]] = obj
+        if old is not None:
+            self.table.decref(old)
+        wire = self.table.handle(obj)
+        self.pub.send_multipart([b"publish", encode("ok", 0, name=msg["name"], handle=wire)])
+        self.reply(conn.identity, msg["rid"])
+
+    def _op_lookup(self, conn: Conn, msg: dict[str, Any]) -> None:
+        obj = self.table.names.get(msg["name"])
+        self.reply(conn.identity, msg["rid"], handle=None if obj is None else self.table.handle(obj))
+
+    def _op_shutdown(self, conn: Conn, msg: dict[str, Any]) -> None:
+        self.reply(conn.identity, msg["rid"])
+        self.stopping = True
+
+    # -- pipeline ---------------------------------------------------------------
+    def configure(self, stages: list[dict[str, Any]], max_inflight: int) -> None:
+        if self.stages:
+            names = [s.name for s in self.stages[:-1]]
+            if names != [s.get("name") for s in stages]:
+                raise BadRequest(f"pipeline: this broker already runs stages {names}")
+            self.max_inflight = max_inflight or self.max_inflight
+            return
+        out = []
+        for i, s in enumerate(stages):
+            if not isinstance(s, dict) or not isinstance(s.get("name"), str):
+                raise BadRequest(f"pipeline: stages[{i}] must be a map with a name")
+            batch, retries = s.get("batch", 0), s.get("retries", 0)
+            if not isinstance(batch, int) or batch < 0 or not isinstance(retries, int):
+                raise BadRequest(f"pipeline: stages[{i}].batch/retries must be non-negative integers")
+            on_error = s.get("on_error", "fail")
+            if on_error not in ("fail", "skip", "retry"):
+                raise BadRequest(f"pipeline: stages[{i}].on_error must be fail, skip or retry")
+            out.append(Stage(s["name"], batch if batch > 1 else 0, on_error, retries,
+                             float(s.get("batch_timeout", 0.05))))
+        out.append(Stage(SINK))
+        self.stages = out
+        self.max_inflight = max_inflight
+
+    def _op_pipeline(self, conn: Conn, msg: dict[str, Any]) -> None:
+        self.configure(msg["stages"], msg["max_inflight"])
+        self.eof = False
+        self.reply(conn.identity, msg["rid"], stages=[s.name for s in self.stages])
+
+    def _op_register(self, conn: Conn, msg: dict[str, Any]) -> None:
+        names = [s.name for s in self.stages]
+        if msg["stage"] not in names:
+            raise BadRequest(f"register: no stage {msg['stage']!r}; this pipeline has {names[:-1]}")
+        conn.stage = names.index(msg["stage"])
+        conn.credits = max(1, min(msg["credits"], 1024))
+        conn.device = msg["device"]
+        self.reply(conn.identity, msg["rid"], stage=conn.stage)
+        self._dispatch()
+
+    def _op_eof(self, conn: Conn, msg: dict[str, Any]) -> None:
+        self.eof = True
+        self.reply(conn.identity, msg["rid"])
+
+    def _op_reserve(self, conn: Conn, msg: dict[str, Any]) -> None:
+        s = msg["stage"]
+        if not 0 <= s < len(self.stages):
+            raise BadRequest(f"reserve: stage {s} out of range (0..{len(self.stages) - 1})")
+        items = msg["items"]
+        if not items or len(items) > 65536 or not all(isinstance(i, int) for i in items):
+            raise BadRequest("reserve: items must be a non-empty list of at most 65536 item ids")
+        check_array_spec(msg["dtype"], msg["shape"])
+        if not self._try_reserve(conn, msg):
+            self._park(conn, msg, priority=-s - 1)
+
+    def _source_gated(self, conn: Conn, msg: dict[str, Any]) -> bool:
+        """The source may hold at most ``max_inflight`` items and half the arena."""
+        if msg["stage"] != 0 or conn.stage >= 0:
+            return False
+        n = len(msg["items"])
+        if self.max_inflight and self.inflight_items and self.inflight_items + n > self.max_inflight:
+            return True
+        alloc = self.table.alloc
+        return bool(self.inflight_items) and alloc.used * 2 > alloc.capacity
+
+    def _try_reserve(self, conn: Conn, msg: dict[str, Any]) -> bool:
+        if self._source_gated(conn, msg):
+            return False
+        s, items, dtype = msg["stage"], msg["items"], msg["dtype"]
+        shape = tuple(msg["shape"])
+        st = self.stages[s]
+        segs = self._segments_batched(st, items, shape, dtype) if st.batch else \
+            self._segments_plain(items, shape, dtype)
+        if segs is None:
+            return False
+        rsv = Reservation(self._id(), s, segs)
+        conn.reservations[rsv.rsv] = rsv
+        st.reserved += len(items)
+        if s == 0 and conn.stage < 0:
+            self.inflight_items += len(items)
+        wire = [[self.table.handle(g.obj), len(g.items)] for g in segs]
+        self.reply(conn.identity, msg["rid"], rsv=rsv.rsv, segments=wire)
+        return True
+
+    def _segments_plain(self, items: list[int], shape: tuple[int, ...], dtype: str) -> list[Segment] | None:
+        full = (len(items), *shape)
+        obj = self.table.new(np.dtype(dtype).itemsize * math.prod(full), dtype, full)
+        return None if obj is None else [Segment(obj, list(items))]
+
+    def _segments_batched(self, st: Stage, items: list[int], shape: tuple[int, ...],
+                          dtype: str) -> list[Segment] | None:
+        rowbytes = np.dtype(dtype).itemsize * math.prod(shape)
+        fits = [b for b in st.batches if b.shape == shape and b.dtype == dtype and not b.closed]
+        room = sum(len(b.holes) + b.size - b.assigned for b in fits)
+        new: list[Batch] = []
+        while room + len(new) * st.batch < len(items):
+            full = (st.batch, *shape)
+            obj = self.table.new(rowbytes * st.batch, dtype, full)
+            if obj is None:
+                for b in new:
+                    self.table.decref(b.obj)
+                return None
+            new.append(Batch(obj, shape, dtype, st.batch, rowbytes, [None] * st.batch,
+                             time.monotonic()))
+        for b in st.batches:  # a reservation of another shape closes the open batches
+            if b not in fits and not b.closed:
+                b.closed = True
+        st.batches.extend(new)
+        segs, todo = [], list(items)
+        for b in fits + new:
+            while b.holes and todo:
+                row = b.holes.pop()
+                segs.append(self._rows(b, row, [todo.pop(0)]))
+            n = min(b.size - b.assigned, len(todo))
+            if n:
+                segs.append(self._rows(b, b.assigned, todo[:n]))
+                b.assigned += n
+                del todo[:n]
+        assert not todo
+        return segs
+
+    def _rows(self, b: Batch, row: int, items: list[int]) -> Segment:
+        for i, item in enumerate(items):
+            b.items[row + i] = item
+        obj = self.table.view(b.obj, b.obj.offset + row * b.rowbytes, b.dtype, (len(items), *b.shape))
+        return Segment(obj, items, b, row)
+
+    def _op_commit(self, conn: Conn, msg: dict[str, Any]) -> None:
+        rsv = conn.reservations.pop(msg["rsv"], None)
+        if rsv is None:
+            raise BadRequest(f"commit: no open reservation {msg['rsv']}")
+        self._commit(rsv)
+        self.reply(conn.identity, msg["rid"])
+        self._dispatch()
+
+    def _commit(self, rsv: Reservation) -> None:
+        st = self.stages[rsv.stage]
+        for seg in rsv.segments:
+            st.reserved -= len(seg.items)
+            if seg.batch is None:
+                rowshape = seg.obj.shape[1:]
+                rowbytes = seg.obj.nbytes // max(1, len(seg.items))
+                for i, item in enumerate(seg.items):
+                    row = self.table.view(seg.obj, seg.obj.offset + i * rowbytes, seg.obj.dtype, rowshape)
+                    st.queue.append(Task(self._id(), rsv.stage, [item], row, 1))
+            else:
+                b = seg.batch
+                b.committed += len(seg.items)
+                if b.assigned == b.size:
+                    b.closed = True
+                if b.closed and b.committed + len(b.holes) == b.assigned:
+                    self._batch_ready(rsv.stage, b)
+            self.table.decref(seg.obj)
+
+    def _cancel(self, rsv: Reservation) -> None:
+        st = self.stages[rsv.stage]
+        for seg in rsv.segments:
+            st.reserved -= len(seg.items)
+            if seg.batch is not None:
+                for r in range(seg.row, seg.row + len(seg.items)):
+                    seg.batch.items[r] = None
+                    seg.batch.holes.append(r)
+            self.table.decref(seg.obj)
+
+    def _batch_ready(self, s: int, b: Batch) -> None:
+        st = self.stages[s]
+        st.batches.remove(b)
+        valid = [r for r in range(b.assigned) if b.items[r] is not None]
+        if not valid:
+            self.table.decref(b.obj)
+            return
+        task = Task(self._id(), s, [b.items[r] for r in valid], b.obj, b.assigned,  # type: ignore[misc]
+                    None if len(valid) == b.assigned else valid)
+        st.queue.append(task)
+
+    def _upstream_idle(self, s: int) -> bool:
+        return all(not st.queue and not st.inflight and not st.reserved and not st.batches
+                   for st in self.stages[:s])
+
+    def _dispatch(self) -> None:
+        if not self.stages:
+            return
+        workers = [c for c in self.conns.values() if c.stage >= 0 and c.credits > 0]
+        for s, st in enumerate(self.stages):
+            if not st.queue:
+                continue
+            pool = [c for c in workers if c.stage == s]
+            while st.queue and pool:
+                pool.sort(key=lambda c: (len(c.tasks), -c.credits))
+                conn = pool[0]
+                task = st.queue.popleft()
+                conn.tasks[task.tid] = task
+                conn.credits -= 1
+                st.inflight += 1
+                if not st.first:
+                    st.first = time.monotonic()
+                extra = {"valid": task.valid} if task.valid is not None else {}
+                self.send(conn, encode("task", 0, task=task.tid, stage=s, items=task.items,
+                                       handle=self.table.handle(task.obj), rows=task.rows, **extra))
+                if conn.credits == 0:
+                    pool.pop(0)
+
+    def _finish(self, conn: Conn, msg: dict[str, Any]) -> Task:
+        task = conn.tasks.pop(msg["task"], None)
+        if task is None:
+            raise BadRequest(f"{msg['op']}: task {msg['task']} is not assigned to this client")
+        st = self.stages[task.stage]
+        st.inflight -= 1
+        conn.credits += max(0, min(msg["credit"], 1024))
+        self.table.decref(task.obj)
+        return task
+
+    def _op_done(self, conn: Conn, msg: dict[str, Any]) -> None:
+        rsv = None
+        if msg["rsv"] is not None:
+            rsv = conn.reservations.pop(msg["rsv"], None)
+            if rsv is None:
+                raise BadRequest(f"done: no open reservation {msg['rsv']}")
+        task = self._finish(conn, msg)
+        if rsv is not None:
+            self._commit(rsv)
+        st = self.stages[task.stage]
+        st.done += len(task.items)
+        st.busy += float(msg["busy"])
+        st.last = time.monotonic()
+        conn.done += len(task.items)
+        conn.busy += float(msg["busy"])
+        if task.stage == len(self.stages) - 1:
+            self.inflight_items -= len(task.items)
+        self.reply(conn.identity, msg["rid"])
+        if self.pending:
+            self._retry_pending(time.monotonic())
+        self._dispatch()
+
+    def _op_fail(self, conn: Conn, msg: dict[str, Any]) -> None:
+        for rsv in list(conn.reservations.values()):
+            self._cancel(rsv)
+        conn.reservations.clear()
+        task = conn.tasks.get(msg["task"])
+        if task is None:
+            raise BadRequest(f"fail: task {msg['task']} is not assigned to this client")
+        st = self.stages[task.stage]
+        task.attempts += 1
+        if st.on_error == "retry" and task.attempts <= st.retries:
+            conn.tasks.pop(task.tid)
+            st.inflight -= 1
+            conn.credits += max(0, min(msg["credit"], 1024))
+            st.queue.append(task)
+            self.counters["retried"] += 1
+        else:
+            self._finish(conn, msg)
+            st.failed += len(task.items)
+            self.inflight_items -= len(task.items)
+            fatal = st.on_error != "skip"
+            self.counters["skipped" if not fatal else "failed"] += len(task.items)
+            self._notify_failure(st.name, task.items, msg["error"], msg["trace"], fatal)
+        self.reply(conn.identity, msg["rid"])
+        self._dispatch()
+
+    def _notify_failure(self, stage: str, items: list[int], error: str, trace: str, fatal: bool) -> None:
+        payload = encode("failure", 0, stage=stage, items=items, error=error, trace=trace, fatal=int(fatal))
+        for c in self.conns.values():
+            if c.stage == len(self.stages) - 1:
+                self.send(c, payload)
+
+    # -- waiting for space ------------------------------------------------------
+    def _park(self, conn: Conn, msg: dict[str, Any], priority: int) -> None:
+        timeout = msg.get("timeout")
+        wait = DEFAULT_WAIT if timeout is None else float(timeout)
+        if wait <= 0:
+            raise self._full_error(msg)
+        p = Pending(priority, self._id(), time.monotonic() + wait, conn, msg)
+        self.pending.append(p)
+        self.pending.sort()
+
+    def _full_error(self, msg: dict[str, Any]) -> ArenaFull:
+        alloc = self.table.alloc
+        return ArenaFull(
+            f"{msg['op']} of {msg['dtype']}{msg['shape']}: the arena stayed full "
+            f"({format_bytes(alloc.used)} of {format_bytes(alloc.capacity)} used, largest free block "
+            f"{format_bytes(alloc.largest_free)}) until the timeout; consumers are not releasing "
+            f"fast enough: release handles you no longer need, lower max_inflight or raise capacity"
+        )
+
+    def _retry_pending(self, now: float) -> None:
+        keep = []
+        for p in self.pending:
+            try:
+                if p.msg["op"] == "alloc":
+                    _dt, shape, nbytes = check_array_spec(p.msg["dtype"], p.msg["shape"])
+                    obj = self.table.new(nbytes, p.msg["dtype"], shape)
+                    done = obj is not None
+                    if obj is not None:
+                        p.conn.leases.add(obj.oid)
+                        self.reply(p.conn.identity, p.msg["rid"], handle=self.table.handle(obj))
+                else:
+                    done = self._try_reserve(p.conn, p.msg)
+            except BrokerError as e:
+                self.reply_error(p.conn.identity, p.msg["rid"], e)
+                continue
+            if not done and now >= p.deadline:
+                self.reply_error(p.conn.identity, p.msg["rid"], self._full_error(p.msg))
+            elif not done:
+                keep.append(p)
+        self.pending = keep
+
+    # -- stats ------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        alloc = self.table.alloc
+        now = time.monotonic()
+        stages = []
+        for i, st in enumerate(self.stages):
+            workers = [{"pid": c.pid, "name": c.name, "device": c.device, "done": c.done,
+                        "busy": c.busy / max(1e-9, now - c.started)}
+                       for c in self.conns.values() if c.stage == i]
+            span = (st.last - st.first) if st.last > st.first else 0.0
+            stages.append({"name": st.name, "batch": st.batch, "queue": len(st.queue),
+                           "inflight": st.inflight, "done": st.done, "failed": st.failed,
+                           "busy": st.busy, "rate": st.done / span if span else 0.0,
+                           "workers": workers})
+        return {"capacity": alloc.capacity, "used": alloc.used, "peak": alloc.peak,
+                "free": alloc.free_bytes, "largest_free": alloc.largest_free,
+                "objects": len(self.table.objects), "blocks": alloc.blocks,
+                "clients": len(self.conns), "names": len(self.table.names),
+                "pending": len(self.pending), "inflight_items": self.inflight_items,
+                "stages": stages, "counters": dict(self.counters), "pid": os.getpid(),
+                "uptime": time.time() - self.started, "memfd": self.region.name}
+
+    def close(self) -> None:
+        for conn in list(self.conns.values()):
+            if conn.sock is not None:
+                conn.sock.close()
+        self.listener.close()
+        self.router.close(0)
+        self.pub.close(0)
+        self.ctx.term()
+        self.region.close()
+        self.rundir.remove()
+
+
+def _stop_on_signals(server: BrokerServer) -> dict[int, Any]:
+    def stop(_sig: int, _frame: Any) -> None:
+        server.stopping = True  # a flag only; the loop notices within its poll timeout
+
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def run_broker(capacity: int, endpoint: str | None = None, events: str | None = None,
+               stages: list[dict[str, Any]] | None = None, max_inflight: int = 0,
+               announce: Any = None, parent_pid: int = 0) -> int:
+    """Run a broker in this process until SIGTERM/SIGINT or a shutdown request."""
+    swept = cleanup()
+    if swept:
+        log.info("removed %d runtime directories of brokers that are gone", len(swept))
+    rundir = RunDir()
+    try:
+        server = BrokerServer(capacity, rundir, endpoint, events)
+    except BaseException as e:
+        rundir.remove()
+        if announce:
+            announce({"error": f"{type(e).__name__}: {e}"})
+        raise
+    server.parent_pid = parent_pid
+    previous = _stop_on_signals(server)
+    try:
+        if stages:
+            server.configure(stages, max_inflight)
+        rundir.write_info(server.info())
+        if announce:
+            announce(server.info())
+        server.serve()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.close()
+        log.info("broker pid %d stopped", os.getpid())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m broker.server``: what ``Broker()`` starts; prints one JSON line when ready."""
+    ap = argparse.ArgumentParser(prog="python -m broker.server")
+    ap.add_argument("--capacity", type=int, required=True)
+    ap.add_argument("--endpoint")
+    ap.add_argument("--events")
+    ap.add_argument("--stages", help="JSON list of stage maps")
+    ap.add_argument("--max-inflight", type=int, default=0)
+    ap.add_argument("--log-level", default="WARNING")
+    ap.add_argument("--parent-pid", type=int, default=0, help="stop when this process is gone")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s")
+
+    def announce(info: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(info) + "\n")
+        sys.stdout.flush()
+
+    try:
+        return run_broker(args.capacity, args.endpoint, args.events,
+                          json.loads(args.stages) if args.stages else None,
+                          args.max_inflight, announce, args.parent_pid)
+    except (MemoryError, OSError, BrokerError) as e:
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
