@@ -1,0 +1,36 @@
+# Two entry points, each from a fresh clone:  make demo   and   make test
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU build of torch; on a GPU host use your CUDA build: make demo TORCH_SPEC="torch"
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint bench soak clean
+
+$(BIN)/shmbroker: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/shmbroker
+
+demo: install
+	$(BIN)/shmbroker run configs/demo.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check broker workers tests benchmarks
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python benchmarks/handoff.py
+
+soak: install
+	$(BIN)/python -m pytest -q -m soak -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) build *.egg-info
