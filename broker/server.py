@@ -204,6 +204,7 @@ class Stage:
     done: int = 0
     failed: int = 0
     busy: float = 0.0
+    copied: int = 0
     first: float = 0.0
     last: float = 0.0
 
@@ -736,6 +737,8 @@ class BrokerServer:
         st = self.stages[task.stage]
         st.done += len(task.items)
         st.busy += float(msg["busy"])
+        copied = msg.get("copied", 0)
+        st.copied += copied if isinstance(copied, int) and copied > 0 else 0
         st.last = time.monotonic()
         conn.done += len(task.items)
         conn.busy += float(msg["busy"])
@@ -830,7 +833,7 @@ class BrokerServer:
             span = (st.last - st.first) if st.last > st.first else 0.0
             stages.append({"name": st.name, "batch": st.batch, "queue": len(st.queue),
                            "inflight": st.inflight, "done": st.done, "failed": st.failed,
-                           "busy": st.busy, "rate": st.done / span if span else 0.0,
+                           "busy": st.busy, "copied": st.copied, "rate": st.done / span if span else 0.0,
                            "workers": workers})
         return {"capacity": alloc.capacity, "used": alloc.used, "peak": alloc.peak,
                 "free": alloc.free_bytes, "largest_free": alloc.largest_free,
@@ -900,10 +903,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", help="JSON list of stage maps")
     ap.add_argument("--max-inflight", type=int, default=0)
     ap.add_argument("--log-level", default="WARNING")
+    ap.add_argument("--log-json", action="store_true")
     ap.add_argument("--parent-pid", type=int, default=0, help="stop when this process is gone")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s")
+    from .logs import setup_logging
+
+    setup_logging(args.log_level, args.log_json, role="broker")
 
     def announce(info: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(info) + "\n")

@@ -1,0 +1,216 @@
+"""The ``shmbroker`` command: run, broker, worker, status, validate, cleanup."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from .arena import format_bytes
+from .errors import BrokerError
+
+log = logging.getLogger("shmbroker.cli")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="shmbroker", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("run", help="run a pipeline from a YAML file to the end of its source")
+    p.add_argument("file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value, e.g. --set stages.infer.batch=8")
+    p.add_argument("--require-gpu", action="store_true", help="fail instead of falling back to the CPU")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _common(p)
+
+    p = sub.add_parser("broker", help="start only the broker (for workers attached separately)")
+    p.add_argument("--config", help="pipeline file whose broker and stages to use")
+    p.add_argument("--capacity", help="arena size, e.g. 512MiB (without --config)")
+    p.add_argument("--endpoint", help="ipc://PATH or tcp://127.0.0.1:PORT")
+    p.add_argument("--set", action="append", default=[])
+    _common(p)
+
+    p = sub.add_parser("worker", help="attach one worker for a stage to a running broker")
+    p.add_argument("--config", required=True)
+    p.add_argument("--stage", required=True)
+    p.add_argument("--device", help="override the stage's device, e.g. cuda:1")
+    p.add_argument("--endpoint", help="the broker's endpoint (default: the one live broker)")
+    p.add_argument("--set", action="append", default=[])
+    _common(p)
+
+    p = sub.add_parser("status", help="show a running broker: arena, stages, workers")
+    p.add_argument("--endpoint")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS")
+    _common(p)
+
+    p = sub.add_parser("validate", help="check a pipeline file and exit")
+    p.add_argument("file")
+    p.add_argument("--set", action="append", default=[])
+    _common(p)
+
+    p = sub.add_parser("cleanup", help="remove runtime directories of brokers that are gone")
+    p.add_argument("--dry-run", action="store_true")
+    _common(p)
+    return ap
+
+
+def find_endpoint(endpoint: str | None) -> str:
+    """The given endpoint, else the one live broker's in the runtime directory."""
+    if endpoint:
+        return endpoint
+    from .rundir import base_dir, list_rundirs
+
+    live = [e for e in list_rundirs() if e.live and "endpoint" in e.info]
+    if not live:
+        raise BrokerError(f"no running broker found in {base_dir()}; start one "
+                          f"(`shmbroker broker --config FILE`) or pass --endpoint")
+    if len(live) > 1:
+        eps = ", ".join(e.info["endpoint"] for e in live)
+        raise BrokerError(f"{len(live)} brokers are running ({eps}); pass --endpoint")
+    return str(live[0].info["endpoint"])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .launcher import Pipeline
+
+    with Pipeline.from_yaml(args.file, args.set, require_gpu=args.require_gpu, log_level=args.log_level,
+                            log_json=args.log_json, progress=not args.no_progress) as p:
+        summary = p.run()
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.__dict__.items()}, default=str))
+    else:
+        Console().print(summary.render())
+    if summary.skipped:
+        log.warning("%d item(s) skipped: %s", len(summary.skipped), summary.skipped[:20])
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from .config import load_config, parse_size
+    from .server import run_broker
+
+    stages, inflight = None, 0
+    capacity = parse_size(args.capacity or "256MiB")
+    endpoint = args.endpoint
+    if args.config:
+        cfg = load_config(args.config, args.set)
+        capacity = parse_size(args.capacity) if args.capacity else int(cfg.broker.capacity)
+        endpoint = endpoint or cfg.broker.endpoint
+        stages, inflight = [s.to_broker() for s in cfg.stages], cfg.broker.max_inflight
+
+    def announce(info: dict[str, Any]) -> None:
+        print(f"broker pid {info['pid']} ready at {info['endpoint']} "
+              f"(arena {format_bytes(info['capacity'])})", flush=True)
+
+    return run_broker(capacity, endpoint, None, stages, inflight, announce)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.devices import cuda_count, plan_devices
+    from workers.runtime import worker_main
+
+    from .config import load_config
+
+    cfg = load_config(args.config, args.set)
+    stage = cfg.stage(args.stage)
+    index = cfg.stages.index(stage)
+    device = args.device or plan_devices(stage.model_copy(update={"replicas": 1}), cuda_count(),
+                                         warn=log.warning)[0]
+    return worker_main(find_endpoint(args.endpoint), stage.model_dump(), index, device,
+                       args.log_level, args.log_json)
+
+
+def render_status(st: dict[str, Any]) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+
+    head = Table(title=f"broker pid {st['pid']} up {st['uptime']:.0f} s ({st['memfd']})")
+    for col in ("capacity", "used", "peak", "objects", "clients", "in flight", "pending"):
+        head.add_column(col, justify="right")
+    head.add_row(format_bytes(st["capacity"]), format_bytes(st["used"]), format_bytes(st["peak"]),
+                 str(st["objects"]), str(st["clients"]), str(st["inflight_items"]), str(st["pending"]))
+    stages = Table(title="stages")
+    for col in ("stage", "batch", "queue", "in flight", "done", "failed", "items/s", "workers"):
+        stages.add_column(col, justify="left" if col == "stage" else "right")
+    workers = Table(title="workers")
+    for col in ("stage", "pid", "device", "done", "busy %"):
+        workers.add_column(col, justify="left" if col in ("stage", "device") else "right")
+    for s in st["stages"]:
+        stages.add_row(s["name"], str(s["batch"] or "-"), str(s["queue"]), str(s["inflight"]),
+                       str(s["done"]), str(s["failed"]), f"{s['rate']:.1f}", str(len(s["workers"])))
+        for w in s["workers"]:
+            workers.add_row(s["name"], str(w["pid"]), w["device"], str(w["done"]), f"{100 * w['busy']:.0f}")
+    return Group(head, stages, workers)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .client import Client
+
+    console = Console()
+    with Client(find_endpoint(args.endpoint), role="status", timeout=5.0) as c:
+        while True:
+            st = c.stats()
+            if args.json:
+                print(json.dumps(st), flush=True)
+            else:
+                console.print(render_status(st))
+            if not args.watch:
+                return 0
+            time.sleep(args.watch)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.file, args.set)
+    print(f"{args.file}: ok: {len(cfg.stages)} stage(s) "
+          f"({', '.join(s.name for s in cfg.stages)}), arena {format_bytes(int(cfg.broker.capacity))}")
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from .rundir import base_dir, cleanup, list_rundirs
+
+    for e in list_rundirs():
+        if e.live:
+            print(f"live   {e.path} (pid {e.info.get('pid', '?')}): kept")
+    removed = cleanup(dry_run=args.dry_run)
+    for e in removed:
+        print(f"{'would remove' if args.dry_run else 'removed'} {e.path} (pid {e.info.get('pid', '?')})")
+    if not removed:
+        print(f"nothing to remove in {base_dir()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .logs import setup_logging
+
+    args = _parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_json, role=args.cmd)
+    handler = globals()[f"cmd_{args.cmd}"]
+    try:
+        return int(handler(args))
+    except BrokerError as e:
+        print(f"shmbroker {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""The YAML pipeline schema (pydantic) and loading with errors that name the file, the key path and what was expected."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, \
+    model_validator
+
+from .arena import format_bytes, host_memory_limit
+from .errors import ConfigError
+
+__all__ = ["PipelineConfig", "StageConfig", "load_config", "parse_size", "resolve", "apply_overrides"]
+
+_DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+_FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def parse_size(value: Any) -> int:
+    """``'512MiB' -> 536870912``; ints pass through."""
+    from pydantic import TypeAdapter
+
+    return int(TypeAdapter(ByteSize).validate_python(value))
+
+
+class BrokerConfig(_Strict):
+    capacity: ByteSize = Field(default=ByteSize(256 * 2**20), description="arena size, e.g. 512MiB")
+    endpoint: str | None = Field(default=None, description="ipc://PATH or tcp://127.0.0.1:PORT")
+    allow_remote: bool = False
+    max_inflight: int = Field(default=64, ge=1, description="items the source may have in flight")
+    wait_timeout: float = Field(default=60.0, gt=0, description="seconds to wait for arena space")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(ipc://.+|tcp://[^:]+:\d+)$", v):
+            raise ValueError("expected ipc://PATH or tcp://HOST:PORT")
+        return v
+
+    @model_validator(mode="after")
+    def _loopback(self) -> BrokerConfig:
+        ep = self.endpoint or ""
+        if ep.startswith("tcp://") and not self.allow_remote:
+            host = ep[6:].rsplit(":", 1)[0]
+            if host not in ("127.0.0.1", "localhost", "[::1]"):
+                raise ValueError(f"tcp endpoint {ep} is not loopback; set allow_remote: true to expose it")
+        return self
+
+
+class SyntheticSource(_Strict):
+    type: Literal["synthetic"]
+    count: int = Field(ge=0)
+    shape: list[Annotated[int, Field(ge=0)]]
+    dtype: str = "float32"
+    seed: int = 0
+
+
+class NpySource(_Strict):
+    type: Literal["npy"]
+    path: str = Field(description="a glob of .npy files, sorted; item index = position")
+
+
+class PythonSource(_Strict):
+    type: Literal["python"]
+    fn: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class NpySink(_Strict):
+    type: Literal["npy"]
+    path: str
+
+
+class NullSink(_Strict):
+    type: Literal["null"]
+
+
+class PythonSink(_Strict):
+    type: Literal["python"]
+    fn: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+Source = Annotated[Union[SyntheticSource, NpySource, PythonSource], Field(discriminator="type")]
+Sink = Annotated[Union[NpySink, NullSink, PythonSink], Field(discriminator="type")]
+
+
+class StageConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    fn: str | None = None
+    factory: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    device: str = "cpu"
+    devices: Literal["all"] | list[Annotated[int, Field(ge=0)]] | None = None
+    replicas: int = Field(default=1, ge=0)
+    replicas_per_device: int | None = Field(default=None, ge=1)
+    batch: int = Field(default=1, ge=1)
+    dtype: str | None = None
+    credits: int = Field(default=2, ge=1, le=64)
+    threads: int | None = Field(default=None, ge=1)
+    on_error: Literal["fail", "skip", "retry"] = "fail"
+    retries: int = Field(default=2, ge=0)
+    batch_timeout: float = Field(default=0.05, ge=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError("expected cpu, cuda, cuda:N or auto")
+        return v
+
+    @field_validator("fn", "factory")
+    @classmethod
+    def _fn(cls, v: str | None) -> str | None:
+        if v is not None and not _FN.match(v):
+            raise ValueError("expected module:function, e.g. workers.stages:normalize")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is not None:
+            import numpy as np
+
+            try:
+                np.dtype(v)
+            except TypeError:
+                raise ValueError(f"unknown dtype {v!r}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _one_callable(self) -> StageConfig:
+        if (self.fn is None) == (self.factory is None):
+            raise ValueError("a stage names exactly one of fn or factory")
+        return self
+
+    def to_broker(self) -> dict[str, Any]:
+        """What the broker needs to know of this stage."""
+        return {"name": self.name, "batch": self.batch, "on_error": self.on_error,
+                "retries": self.retries, "batch_timeout": self.batch_timeout}
+
+
+class PipelineConfig(_Strict):
+    name: str = "pipeline"
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    source: Source
+    stages: list[StageConfig] = Field(min_length=1)
+    sink: Sink = Field(default_factory=lambda: NullSink(type="null"))
+
+    @model_validator(mode="after")
+    def _unique(self) -> PipelineConfig:
+        names = [s.name for s in self.stages]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"stage names must be unique; repeated: {sorted(dup)}")
+        return self
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ConfigError(f"no stage named {name!r}; the stages are {[s.name for s in self.stages]}")
+
+
+def resolve(spec: str) -> Callable[..., Any]:
+    """Import ``module:function``."""
+    module, _, attr = spec.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{spec} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("synthetic", "npy", "python", "null") and out in ("source", "sink"):
+            continue  # the discriminator pydantic inserts
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set key.path=value`` (``stages.infer.batch=8`` or ``stages[1].batch=8``)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        parts = [p for p in re.split(r"\.|\[(\d+)\]", key) if p]
+        node: Any = raw
+        for i, part in enumerate(parts[:-1]):
+            node = _step(node, part, key, parts[i + 1])
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_index(node, last, key)] = yaml.safe_load(value)
+        else:
+            node[last] = yaml.safe_load(value)
+    return raw
+
+
+def _index(node: list[Any], part: str, key: str) -> int:
+    if part.isdigit() and int(part) < len(node):
+        return int(part)
+    for i, x in enumerate(node):
+        if isinstance(x, dict) and x.get("name") == part:
+            return i
+    raise ConfigError(f"--set {key}: no list entry {part!r}")
+
+
+def _step(node: Any, part: str, key: str, nxt: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, key)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {key}: {part!r} is not inside a map")
+    return node.setdefault(part, [] if nxt.isdigit() else {})
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, check_host: bool = True,
+                check_imports: bool = True) -> PipelineConfig:
+    """Read, override, validate; every problem is a ``ConfigError`` naming file and key path."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a map of name, broker, source, stages, sink")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{path}: {_key_path(err['loc'])}: {err['msg']}"
+                 + (f" (got {err['input']!r:.60})" if err["type"] != "missing" else "")
+                 for err in e.errors()]
+        raise ConfigError("\n".join(lines)) from None
+    if check_imports:
+        for i, st in enumerate(cfg.stages):
+            key = "fn" if st.fn else "factory"
+            try:
+                resolve(st.fn or st.factory or "")
+            except (ImportError, AttributeError, TypeError) as e:
+                raise ConfigError(f"{path}: stages[{i}].{key}: cannot import "
+                                  f"{st.fn or st.factory!r}: {e}") from None
+        for where, fn in (("source.fn", getattr(cfg.source, "fn", None)),
+                          ("sink.fn", getattr(cfg.sink, "fn", None))):
+            if fn:
+                try:
+                    resolve(fn)
+                except (ImportError, AttributeError, TypeError) as e:
+                    raise ConfigError(f"{path}: {where}: cannot import {fn!r}: {e}") from None
+    if check_host:
+        limit, where = host_memory_limit()
+        if cfg.broker.capacity > limit:
+            raise ConfigError(
+                f"{path}: broker.capacity: {format_bytes(cfg.broker.capacity)} is more than the "
+                f"{format_bytes(limit)} available ({where}); lower it or raise the limit")
+    return cfg

@@ -1,0 +1,449 @@
+"""Start a broker and the workers a config names, drive a source to a sink, supervise, summarize.
+
+``Pipeline`` is the Python face of ``shmbroker run``::
+
+    with Pipeline.from_yaml("configs/demo.yaml") as p:
+        summary = p.run()                 # source -> stages -> sink
+    with Pipeline.from_yaml("cfg.yaml") as p:
+        for out in p.map(arrays):         # in input order
+            ...
+
+The driver (this process) is the source and the sink: it reserves a slot for
+each item in stage 0 (waiting while ``max_inflight`` items are in flight or
+half the arena is taken: backpressure), writes the item once, and receives
+finished items from the broker as tasks of the sink stage. It de-duplicates
+by item index, so a re-run after a worker's death delivers each item once.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import inspect
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from .arena import format_bytes
+from .client import Broker, Client, array_spec
+from .config import NpySink, NpySource, PipelineConfig, PythonSink, PythonSource, SyntheticSource, \
+    load_config, resolve
+from .errors import BrokerError, BrokerTimeout, ItemTooLarge, StageFailed, error_from_wire
+from .protocol import Handle
+
+__all__ = ["Pipeline", "Summary", "source_items"]
+
+log = logging.getLogger("shmbroker.launcher")
+
+MAX_RESTARTS = 5
+
+
+def source_items(cfg: PipelineConfig) -> tuple[Iterator[tuple[int, np.ndarray]], int | None]:
+    """The items of the config's source as ``(index, array)``, and their count if known."""
+    src = cfg.source
+    if isinstance(src, SyntheticSource):
+        def synthetic() -> Iterator[tuple[int, np.ndarray]]:
+            rng = np.random.default_rng(src.seed)
+            dt = np.dtype(src.dtype)
+            for i in range(src.count):
+                if dt.kind == "f":
+                    yield i, rng.standard_normal(src.shape).astype(dt, copy=False)
+                else:
+                    yield i, rng.integers(0, 100, src.shape).astype(dt)
+        return synthetic(), src.count
+    if isinstance(src, NpySource):
+        files = sorted(glob.glob(src.path))
+        if not files:
+            raise BrokerError(f"source.path {src.path!r} matches no files")
+        return ((i, np.load(f, mmap_mode="r")) for i, f in enumerate(files)), len(files)
+    assert isinstance(src, PythonSource)
+    gen = resolve(src.fn)(**src.args)
+    return ((i, np.asarray(a)) for i, a in enumerate(gen)), None
+
+
+@dataclass
+class Summary:
+    """What a run did; ``render()`` draws it as a table."""
+
+    name: str
+    items: int
+    skipped: list[int]
+    duplicates: int
+    seconds: float
+    bytes_in: int
+    stages: list[dict[str, Any]]
+    arena_peak: int
+    capacity: int
+    restarts: dict[str, int]
+    copied_per_item: float
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def items_per_s(self) -> float:
+        return self.items / self.seconds if self.seconds else 0.0
+
+    def render(self) -> Any:
+        from rich.table import Table
+
+        t = Table(title=f"{self.name}: {self.items} items in {self.seconds:.2f} s "
+                        f"({self.items_per_s:.1f} items/s, "
+                        f"{self.bytes_in / max(self.seconds, 1e-9) / 1e6:.1f} MB/s in)")
+        for col in ("stage", "device", "workers", "items", "items/s", "busy s", "restarts", "copied/item"):
+            t.add_column(col, justify="left" if col in ("stage", "device") else "right")
+        for st in self.stages:
+            t.add_row(st["name"], st["device"], str(st["workers"]), str(st["done"]),
+                      f"{st['rate']:.1f}", f"{st['busy']:.2f}", str(self.restarts.get(st["name"], 0)),
+                      format_bytes(int(st["copied"] / max(1, st["done"]))))
+        t.caption = (f"arena peak {format_bytes(self.arena_peak)} of {format_bytes(self.capacity)}; "
+                     f"bytes copied per item {format_bytes(int(self.copied_per_item))} "
+                     f"(source write + stage writes); skipped {len(self.skipped)}, "
+                     f"duplicates dropped {self.duplicates}")
+        return t
+
+
+@dataclass(eq=False)
+class WorkerProc:
+    stage: int
+    name: str
+    device: str
+    proc: multiprocessing.process.BaseProcess | None = None
+    restarts: int = 0
+    restart_at: float = 0.0
+
+
+class Pipeline:
+    """A broker, its workers and a driver for one pipeline config. A context manager."""
+
+    def __init__(self, cfg: PipelineConfig, *, path: str | None = None, require_gpu: bool = False,
+                 log_level: str = "WARNING", log_json: bool = False, progress: bool = False,
+                 sink_credits: int = 16) -> None:
+        self.cfg = cfg
+        self.path = path
+        self.require_gpu = require_gpu
+        self.log_level = log_level
+        self.log_json = log_json
+        self.progress = progress
+        self.sink_credits = sink_credits
+        self.broker: Broker | None = None
+        self.client: Client | None = None
+        self.workers: list[WorkerProc] = []
+        self.restarts: collections.Counter[str] = collections.Counter()
+        self.warnings: list[str] = []
+        self._ctx = multiprocessing.get_context("spawn")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Iterable[str] = (), **kw: Any) -> Pipeline:
+        return cls(load_config(path, list(overrides)), path=str(path), **kw)
+
+    # -- lifetime ---------------------------------------------------------------
+    def plan(self) -> list[WorkerProc]:
+        """One ``WorkerProc`` per (stage, device, replica), CUDA fallback decided here."""
+        from workers.devices import cuda_count, plan_devices
+
+        count = cuda_count() if any(s.device != "cpu" for s in self.cfg.stages) else 0
+        out = []
+        for i, st in enumerate(self.cfg.stages):
+            for j, dev in enumerate(plan_devices(st, count, self.require_gpu, warn=self._warn)):
+                out.append(WorkerProc(i, f"worker:{st.name}:{j}", dev))
+        return out
+
+    def _warn(self, text: str) -> None:
+        self.warnings.append(text)
+        log.warning("%s", text)
+
+    def start(self) -> Pipeline:
+        cfg = self.cfg
+        self.workers = self.plan()
+        self.broker = Broker(int(cfg.broker.capacity), endpoint=cfg.broker.endpoint,
+                             stages=[s.to_broker() for s in cfg.stages],
+                             max_inflight=cfg.broker.max_inflight, log_level=self.log_level)
+        for w in self.workers:
+            self._spawn(w)
+        self.client = Client(self.broker.endpoint, role="driver", name=f"driver:{cfg.name}")
+        self.client._request("register", stage="__sink__", credits=self.sink_credits, device="host")
+        return self
+
+    def _spawn(self, w: WorkerProc) -> None:
+        from workers.runtime import worker_main
+
+        assert self.broker is not None
+        st = self.cfg.stages[w.stage]
+        w.proc = self._ctx.Process(
+            target=worker_main, name=w.name, daemon=True,
+            args=(self.broker.endpoint, st.model_dump(), w.stage, w.device, self.log_level, self.log_json))
+        w.proc.start()
+
+    def supervise(self) -> None:
+        """Restart workers that exited, with back-off; fail after ``MAX_RESTARTS`` per worker."""
+        now = time.monotonic()
+        for w in self.workers:
+            if w.proc is None or w.proc.exitcode is None:
+                continue
+            if w.restart_at == 0.0:
+                code = w.proc.exitcode
+                st = self.cfg.stages[w.stage].name
+                if w.restarts >= MAX_RESTARTS:
+                    raise BrokerError(
+                        f"worker {w.name} on {w.device} exited with code {code} "
+                        f"{w.restarts + 1} times (a signal if negative: -9 is SIGKILL, often the "
+                        f"OOM killer); giving up; see its log above")
+                w.restart_at = now + min(0.1 * 2 ** w.restarts, 5.0)
+                log.warning("worker %s exited with code %s; restarting (%d)", w.name, code, w.restarts + 1)
+                self.restarts[st] += 1
+            elif now >= w.restart_at:
+                w.restarts += 1
+                w.restart_at = 0.0
+                self._spawn(w)
+
+    def close(self) -> None:
+        for w in self.workers:
+            if w.proc is not None and w.proc.exitcode is None:
+                w.proc.terminate()
+        for w in self.workers:
+            if w.proc is not None:
+                w.proc.join(5)
+                if w.proc.exitcode is None:
+                    w.proc.kill()
+                    w.proc.join()
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.broker is not None:
+            self.broker.close()
+            self.broker = None
+
+    def __enter__(self) -> Pipeline:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- driving ----------------------------------------------------------------
+    def _drive(self, items: Iterator[tuple[int, np.ndarray]], total: int | None,
+               state: _DriveState) -> Iterator[tuple[int, np.ndarray, int]]:
+        """Feed ``items`` into stage 0; yield ``(index, view, task)`` as the sink receives them.
+
+        The caller sends ``done`` for the task when it has finished with the view.
+        """
+        c = self.client
+        assert c is not None
+        cap, wait = int(self.cfg.broker.capacity), self.cfg.broker.wait_timeout
+        outstanding: dict[int, Any] = {}
+        reserving = 0
+        exhausted = eof_sent = False
+        last_progress = time.monotonic()
+        while True:
+            while not exhausted and reserving < 2:
+                try:
+                    idx, arr = next(items)
+                except StopIteration:
+                    exhausted = True
+                    break
+                dt = array_spec(arr.dtype)
+                if arr.nbytes > cap:
+                    raise ItemTooLarge(f"item {idx} of {format_bytes(arr.nbytes)} ({arr.dtype}"
+                                       f"{list(arr.shape)}) is larger than the arena ({format_bytes(cap)})")
+                rid = c.send("reserve", stage=0, items=[idx], shape=list(arr.shape), dtype=dt.str,
+                             timeout=wait)
+                outstanding[rid] = ("reserve", idx, arr)
+                reserving += 1
+                state.submitted += 1
+            if exhausted and not eof_sent and not reserving:
+                outstanding[c.send("eof", items=state.submitted)] = ("eof",)
+                eof_sent = True
+            if exhausted and not outstanding and state.finished >= state.submitted:
+                return
+            msg = c.inbox.popleft() if c.inbox else c.recv(0.2)
+            self.supervise()
+            if msg is None:
+                if time.monotonic() - last_progress > max(wait, 60.0) * 2:
+                    raise BrokerTimeout(f"no progress for {max(wait, 60.0) * 2:.0f} s; "
+                                        f"stage state: {self._stage_state()}")
+                continue
+            last_progress = time.monotonic()
+            op = msg["op"]
+            if op == "task":
+                idx = msg["items"][0]
+                if idx in state.delivered or idx in state.skipped:
+                    state.duplicates += 1
+                    outstanding[c.send("done", task=msg["task"], rsv=None, credit=1, busy=0.0)] = ("done",)
+                    continue
+                state.delivered.add(idx)
+                yield idx, c.view(Handle.from_wire(msg["handle"])), msg["task"]
+            elif op == "failure":
+                self._on_failure(msg, state)
+            elif msg["rid"] in outstanding:
+                kind = outstanding.pop(msg["rid"])
+                if op == "error":
+                    raise error_from_wire(msg["code"], msg["message"])
+                if kind[0] == "reserve":
+                    reserving -= 1
+                    self._write_item(kind[2], msg, state)
+                    outstanding[c.send("commit", rsv=msg["rsv"])] = ("commit",)
+            elif op == "error":
+                raise error_from_wire(msg["code"], msg["message"])
+
+    def _write_item(self, arr: np.ndarray, reply: dict[str, Any], state: _DriveState) -> None:
+        assert self.client is not None
+        (wire, _n), = reply["segments"]
+        slot = self.client.view(Handle.from_wire(wire))
+        np.copyto(slot[0], arr, casting="no" if arr.dtype.isnative else "equiv")
+        state.bytes_in += slot.nbytes
+
+    def _on_failure(self, msg: dict[str, Any], state: _DriveState) -> None:
+        if msg["fatal"]:
+            raise StageFailed(f"stage {msg['stage']!r} failed on item(s) {msg['items']}: {msg['error']}\n"
+                              f"--- worker traceback ---\n{msg['trace']}")
+        log.warning("stage %s skipped item(s) %s: %s", msg["stage"], msg["items"], msg["error"])
+        for i in msg["items"]:
+            state.skipped.add(i)
+        state.failures.append({"stage": msg["stage"], "items": msg["items"], "error": msg["error"],
+                               "trace": msg["trace"]})
+
+    def _stage_state(self) -> str:
+        assert self.client is not None
+        try:
+            st = self.client.stats()
+        except BrokerError as e:
+            return f"(stats unavailable: {e})"
+        return ", ".join(f"{s['name']}: queue {s['queue']} inflight {s['inflight']} workers "
+                         f"{len(s['workers'])}" for s in st["stages"])
+
+    def _done(self, task: int) -> None:
+        assert self.client is not None
+        self.client.send("done", task=task, rsv=None, credit=1, busy=0.0)
+
+    def run(self, sink: Callable[[int, np.ndarray], None] | None = None) -> Summary:
+        """Drive the config's source through the stages to its sink; return the summary."""
+        items, total = source_items(self.cfg)
+        write = sink or _make_sink(self.cfg, total)
+        state = _DriveState()
+        t0 = time.perf_counter()
+        bar = _Progress(total, self.progress)
+        try:
+            for idx, view, task in self._drive(items, total, state):
+                write(idx, view)
+                self._done(task)
+                bar.update(len(state.delivered), state.bytes_in)
+        finally:
+            bar.close()
+        return self._summary(state, time.perf_counter() - t0)
+
+    def map(self, arrays: Iterable[Any], copy: bool = True) -> Iterator[np.ndarray]:
+        """Feed arrays through the stages; yield results in input order.
+
+        With ``copy=True`` (default) each result is the caller's own array. With
+        ``copy=False`` it is a view of the arena, valid only until the next
+        iteration (its slot is then released and reused).
+        """
+        state = _DriveState()
+        items = ((i, np.asarray(a)) for i, a in enumerate(arrays))
+        ready: dict[int, tuple[np.ndarray, int]] = {}
+        nxt = 0
+        for idx, view, task in self._drive(items, None, state):
+            if copy:
+                ready[idx] = (view.copy(), -1)
+                self._done(task)
+            else:
+                ready[idx] = (view, task)
+            while True:
+                while nxt in state.skipped:
+                    nxt += 1
+                if nxt not in ready:
+                    break
+                out, t = ready.pop(nxt)
+                nxt += 1
+                yield out
+                if t >= 0:
+                    self._done(t)
+        self.last_summary = self._summary(state, 0.0)
+
+    def _summary(self, state: _DriveState, seconds: float) -> Summary:
+        assert self.client is not None and self.broker is not None
+        # let the last dones land before reading the stage counters
+        self.client._request("ping")
+        stats = self.client.stats()
+        stages = []
+        for i, st in enumerate(stats["stages"][:-1]):
+            devices = sorted({w.device for w in self.workers if w.stage == i})
+            stages.append({**st, "device": ",".join(devices), "workers": len(st["workers"])})
+        copied = state.bytes_in + sum(s["copied"] for s in stages)
+        n = max(1, len(state.delivered))
+        return Summary(self.cfg.name, len(state.delivered), sorted(state.skipped), state.duplicates,
+                       seconds, state.bytes_in, stages, stats["peak"], stats["capacity"],
+                       dict(self.restarts), copied / n, state.failures)
+
+
+@dataclass
+class _DriveState:
+    submitted: int = 0
+    delivered: set[int] = field(default_factory=set)
+    skipped: set[int] = field(default_factory=set)
+    duplicates: int = 0
+    bytes_in: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> int:
+        return len(self.delivered) + len(self.skipped)
+
+
+def _make_sink(cfg: PipelineConfig, total: int | None) -> Callable[[int, np.ndarray], None]:
+    sink = cfg.sink
+    if isinstance(sink, NpySink):
+        out = Path(sink.path)
+        out.mkdir(parents=True, exist_ok=True)
+        digits = max(6, len(str(max(0, (total or 1) - 1))))
+
+        def write_npy(idx: int, arr: np.ndarray) -> None:
+            final = out / f"{idx:0{digits}d}.npy"
+            tmp = out / f".{final.name}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+            os.replace(tmp, final)  # atomic: a reader never sees half a file
+
+        return write_npy
+    if isinstance(sink, PythonSink):
+        fn = resolve(sink.fn)
+        takes_index = len(inspect.signature(fn).parameters) - len(sink.args) >= 2
+        if takes_index:
+            return lambda i, a: fn(a, i, **sink.args)
+        return lambda i, a: fn(a, **sink.args)
+    return lambda i, a: None
+
+
+class _Progress:
+    """A live progress line on a terminal (rich); nothing otherwise."""
+
+    def __init__(self, total: int | None, enabled: bool) -> None:
+        self.bar: Any = None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+                TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("[bold]items"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("items", total=total, rate="")
+            self.t0 = time.perf_counter()
+
+    def update(self, done: int, nbytes: int) -> None:
+        if self.bar is not None:
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(self.task, completed=done,
+                            rate=f"{done / dt:.1f} items/s {nbytes / dt / 1e6:.1f} MB/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,67 @@
+"""Built-in stage functions used by the example configs: scale, normalize, cast, and a small linear model.
+
+A stage function takes a tensor already on the stage's device (``[N, ...]``
+for a batched stage) and keyword ``args`` from the YAML, and returns a tensor
+or a NumPy array. A factory is called once per worker process and returns
+such a function (load a model there).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["scale", "normalize", "cast", "linear", "matmul", "identity", "fail_on"]
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def scale(x: torch.Tensor, factor: float = 2.0) -> torch.Tensor:
+    return x * factor
+
+
+def normalize(x: torch.Tensor, mean: float | None = None, std: float | None = None,
+              eps: float = 1e-6) -> torch.Tensor:
+    """``(x - mean) / std``; without ``mean``/``std``, standardize each item over its own values."""
+    if mean is not None and std is not None:
+        return (x - mean) / std
+    dims = tuple(range(1, x.dim())) if x.dim() > 1 else None
+    if dims is None:
+        return (x - x.mean()) / (x.std(unbiased=False) + eps)
+    return (x - x.mean(dim=dims, keepdim=True)) / (x.std(dim=dims, keepdim=True, unbiased=False) + eps)
+
+
+def cast(x: torch.Tensor, dtype: str = "float32") -> torch.Tensor:
+    """The tutorials' ``.type(torch.float32)``."""
+    return x.type(getattr(torch, dtype))
+
+
+def matmul(x: torch.Tensor, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """``x @ W`` with a fixed random ``W`` of ``[x.shape[-1], size]`` (the CPU "model")."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(x.shape[-1], size, generator=g, dtype=x.dtype).to(x.device)
+    return x @ w
+
+
+def linear(in_features: int, out_features: int, seed: int = 0, device: str = "cpu",
+           activation: str | None = "relu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """A factory: a seeded ``nn.Linear`` (+ ReLU) on ``device``, built once per worker."""
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(in_features, out_features).to(device).eval()
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            y = layer(x.to(layer.weight.dtype))
+            return torch.relu(y) if activation == "relu" else y
+
+    return apply
+
+
+def fail_on(x: torch.Tensor, value: float = 13.0) -> torch.Tensor:
+    """For tests and demos of ``on_error``: raise on items whose first element equals ``value``."""
+    if float(x.reshape(-1)[0]) == value:
+        raise ValueError(f"refusing an item whose first element is {value}")
+    return x
