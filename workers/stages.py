@@ -25,13 +25,14 @@ def scale(x: torch.Tensor, factor: float = 2.0) -> torch.Tensor:
 
 def normalize(x: torch.Tensor, mean: float | None = None, std: float | None = None,
               eps: float = 1e-6) -> torch.Tensor:
-    """``(x - mean) / std``; without ``mean``/``std``, standardize each item over its own values."""
+    """``(x - mean) / std``; without ``mean``/``std``, standardize each image plane (the last
+    two dimensions), so a batch ``[N, C, H, W]`` and an item ``[C, H, W]`` give the same rows."""
     if mean is not None and std is not None:
         return (x - mean) / std
-    dims = tuple(range(1, x.dim())) if x.dim() > 1 else None
-    if dims is None:
-        return (x - x.mean()) / (x.std(unbiased=False) + eps)
-    return (x - x.mean(dim=dims, keepdim=True)) / (x.std(dim=dims, keepdim=True, unbiased=False) + eps)
+    dims = (-2, -1) if x.dim() >= 2 else (-1,)
+    m = x.mean(dim=dims, keepdim=True)
+    s = x.std(dim=dims, keepdim=True, unbiased=False)
+    return (x - m) / (s + eps)
 
 
 def cast(x: torch.Tensor, dtype: str = "float32") -> torch.Tensor:

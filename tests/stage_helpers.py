@@ -1,0 +1,58 @@
+"""Stage functions the pipeline tests run inside worker processes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+
+def _arena_ranges() -> list[tuple[int, int]]:
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if "memfd:shmbroker-" in line:
+                lo, hi = line.split()[0].split("-")
+                out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+def probe(x: torch.Tensor) -> torch.Tensor:
+    """Return [in_arena, contiguous, rows, pid, first value] for the input tensor it was given."""
+    ptr = x.data_ptr()
+    inside = any(lo <= ptr and ptr + x.nbytes <= hi for lo, hi in _arena_ranges())
+    rows = x.shape[0] if x.dim() > 0 else 0
+    first = float(x.reshape(-1)[0]) if x.numel() else 0.0
+    return torch.tensor([float(inside), float(x.is_contiguous()), float(rows), float(os.getpid()), first],
+                        dtype=torch.float64)
+
+
+def probe_batched(x: torch.Tensor) -> torch.Tensor:
+    """Per row: [in_arena, rows in batch, row value]; proves a batch is a view of one arena slot."""
+    info = probe(x)
+    return torch.stack([torch.stack([info[0], info[2], x[i].reshape(-1)[0].double()])
+                        for i in range(x.shape[0])])
+
+
+def slow(x: torch.Tensor, seconds: float = 0.02) -> torch.Tensor:
+    time.sleep(seconds)
+    return x + 1
+
+
+def boom_on(x: torch.Tensor, value: float = 3.0) -> torch.Tensor:
+    if float(x.reshape(-1)[0]) == value:
+        raise RuntimeError(f"boom on {value}")
+    return x * 10
+
+
+def counting_source(n: int = 5, shape: tuple[int, ...] = (4,)):
+    for i in range(n):
+        yield torch.full(shape, float(i), dtype=torch.float64).numpy()
+
+
+collected: list = []
+
+
+def collect(array, index):
+    collected.append((index, array.copy()))

@@ -1,0 +1,212 @@
+"""End-to-end pipelines through the Python API and the CLI: numbers, exactly-once, batching, zero copy."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from broker import Pipeline, StageFailed
+from broker.config import load_config
+from workers.stages import linear, normalize, scale
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def write_cfg(tmp_path: Path, cfg: dict, name: str = "p.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def synthetic(count: int, shape: list[int], dtype: str = "float64", seed: int = 3) -> dict:
+    return {"type": "synthetic", "count": count, "shape": shape, "dtype": dtype, "seed": seed}
+
+
+def reference_items(count: int, shape: list[int], dtype: str = "float64", seed: int = 3) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape).astype(dtype) for _ in range(count)]
+
+
+def test_run_to_npy_sink_matches_reference_with_partial_batch(tmp_path: Path) -> None:
+    count = 23  # 23 = 5 batches of 4 + a partial batch of 3
+    out = tmp_path / "out"
+    cfg = write_cfg(tmp_path, {
+        "name": "t",
+        "broker": {"capacity": "32MiB"},
+        "source": synthetic(count, [2, 8, 8]),
+        "stages": [
+            {"name": "pre", "fn": "workers.stages:scale", "args": {"factor": 3.0}, "replicas": 2},
+            {"name": "infer", "fn": "workers.stages:normalize", "device": "auto", "batch": 4},
+        ],
+        "sink": {"type": "npy", "path": str(out)},
+    })
+    with Pipeline.from_yaml(cfg) as p:
+        summary = p.run()
+    assert summary.items == count and not summary.skipped and summary.duplicates == 0
+    files = sorted(out.glob("*.npy"))
+    assert [f.name for f in files] == [f"{i:06d}.npy" for i in range(count)]
+    for i, x in enumerate(reference_items(count, [2, 8, 8])):
+        got = np.load(out / f"{i:06d}.npy")
+        assert got.dtype == np.float64  # float64 in, float64 out
+        ref = normalize(scale(torch.from_numpy(x)[None], 3.0))[0].numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+    infer = summary.stages[1]
+    assert infer["done"] == count
+    # bytes copied per item: the source's write + one write per stage, nothing more
+    assert summary.copied_per_item == pytest.approx(3 * 2 * 8 * 8 * 8)
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_map_yields_in_input_order_and_dtype_cast(tmp_path: Path) -> None:
+    cfg = write_cfg(tmp_path, {
+        "source": synthetic(1, [4]),
+        "stages": [
+            {"name": "slow", "fn": "stage_helpers:slow", "args": {"seconds": 0.005}, "replicas": 2},
+            {"name": "half", "fn": "workers.stages:identity", "dtype": "float32", "batch": 3},
+        ],
+    })
+    arrays = [np.full((5,), float(i)) for i in range(40)]
+    with Pipeline.from_yaml(cfg) as p:
+        got = list(p.map(arrays))
+    assert len(got) == 40
+    for i, y in enumerate(got):
+        assert y.dtype == np.float32
+        np.testing.assert_array_equal(y, np.full((5,), i + 1.0, dtype=np.float32))
+
+
+def test_worker_input_is_an_arena_view_and_batches_are_collated_in_place(tmp_path: Path) -> None:
+    cfg = write_cfg(tmp_path, {
+        "source": synthetic(1, [4]),
+        "stages": [
+            {"name": "one", "fn": "stage_helpers:probe"},
+            {"name": "batched", "fn": "stage_helpers:probe_batched", "batch": 4, "batch_timeout": 5.0},
+        ],
+    })
+    arrays = [np.full((3,), float(i)) for i in range(8)]
+    with Pipeline.from_yaml(cfg) as p:
+        out = list(p.map(arrays))
+    for i, rows in enumerate(out):
+        # the batched stage got the first stage's 5-value outputs as rows of one [4, 5] tensor
+        in_arena, nrows, first_stage_in_arena = rows
+        assert in_arena == 1.0, f"item {i}: the batch was not a view of the arena (a stacking copy)"
+        assert nrows == 4, f"item {i}: rows were not collated into one batch slot"
+        assert first_stage_in_arena == 1.0, f"item {i}: the first stage's input was a copy"
+
+
+def test_exactly_once_when_a_worker_is_killed_mid_run(tmp_path: Path) -> None:
+    count = 60
+    cfg = write_cfg(tmp_path, {
+        "source": synthetic(count, [8]),
+        "stages": [{"name": "slow", "fn": "stage_helpers:slow", "args": {"seconds": 0.02}, "replicas": 2}],
+    })
+    got: dict[int, np.ndarray] = {}
+    killed = []
+
+    def sink(idx: int, arr: np.ndarray) -> None:
+        assert idx not in got, f"item {idx} delivered twice"
+        got[idx] = arr.copy()
+        if len(got) == 10 and not killed:
+            victim = p.workers[0].proc
+            assert victim is not None
+            os.kill(victim.pid, signal.SIGKILL)
+            killed.append(victim.pid)
+
+    with Pipeline.from_yaml(cfg) as p:
+        summary = p.run(sink=sink)
+    assert killed and summary.restarts.get("slow", 0) >= 1
+    assert sorted(got) == list(range(count))
+    for i, x in enumerate(reference_items(count, [8])):
+        np.testing.assert_array_equal(got[i], x + 1)
+
+
+def test_on_error_skip_records_items_and_fail_stops_with_traceback(tmp_path: Path) -> None:
+    arrays = [np.full((2,), float(i)) for i in range(6)]
+    stage = {"name": "boom", "fn": "stage_helpers:boom_on", "args": {"value": 3.0}, "on_error": "skip"}
+    cfg = write_cfg(tmp_path, {"source": synthetic(1, [2]), "stages": [stage]})
+    with Pipeline.from_yaml(cfg) as p:
+        got = list(p.map(arrays))
+        assert p.last_summary.skipped == [3]
+    assert [float(g[0]) for g in got] == [0, 10, 20, 40, 50]
+    stage["on_error"] = "fail"
+    cfg = write_cfg(tmp_path, {"source": synthetic(1, [2]), "stages": [stage]}, "fail.yaml")
+    with Pipeline.from_yaml(cfg) as p, pytest.raises(StageFailed) as err:
+        list(p.map(arrays))
+    text = str(err.value)
+    assert "'boom'" in text and "[3]" in text and "RuntimeError: boom on 3.0" in text
+    assert "stage_helpers.py" in text  # the worker's traceback came back
+
+
+def test_cuda_stage_falls_back_to_cpu_with_one_warning(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA: the fallback does not apply")
+    cfg = write_cfg(tmp_path, {
+        "source": synthetic(5, [3]),
+        "stages": [{"name": "g", "fn": "workers.stages:scale", "device": "cuda", "replicas": 2}],
+    })
+    got = {}
+    with Pipeline.from_yaml(cfg) as p:
+        p.run(sink=lambda i, a: got.__setitem__(i, a.copy()))
+        assert len(p.warnings) == 1 and "no CUDA device" in p.warnings[0]
+        assert {w.device for w in p.workers} == {"cpu"}
+    for i, x in enumerate(reference_items(5, [3])):
+        np.testing.assert_array_equal(got[i], x * 2)
+    from broker.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="required but this host has no CUDA"):
+        Pipeline.from_yaml(cfg, require_gpu=True).plan()
+
+
+def test_cli_run_json_summary_and_config_error(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    cfg = write_cfg(tmp_path, {
+        "name": "cli", "source": synthetic(9, [4, 4]),
+        "stages": [{"name": "s", "fn": "workers.stages:scale", "args": {"factor": -1.0}}],
+        "sink": {"type": "npy", "path": str(out)},
+    })
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{TESTS}"}
+    cmd = [sys.executable, "-m", "broker.cli", "run", str(cfg), "--json", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["items"] == 9 and summary["skipped"] == []
+    for i, x in enumerate(reference_items(9, [4, 4])):
+        np.testing.assert_array_equal(np.load(out / f"{i:06d}.npy"), -x)
+
+    bad = write_cfg(tmp_path, {"source": synthetic(1, [1]),
+                               "stages": [{"name": "s", "fn": "workers.stages:scale", "replicas": "two"}]},
+                    "bad.yaml")
+    proc = subprocess.run([sys.executable, "-m", "broker.cli", "run", str(bad)], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert proc.returncode == 2
+    assert f"{bad}: stages[0].replicas:" in proc.stderr
+
+
+def test_set_overrides_apply_by_stage_name(tmp_path: Path) -> None:
+    cfg = write_cfg(tmp_path, {"source": synthetic(1, [1]),
+                               "stages": [{"name": "s", "fn": "workers.stages:scale"}]})
+    c = load_config(cfg, ["stages.s.batch=8", "broker.capacity=16MiB", "stages[0].args.factor=0.5"])
+    assert c.stages[0].batch == 8 and int(c.broker.capacity) == 16 * 2**20
+    assert c.stages[0].args == {"factor": 0.5}
+
+
+def test_demo_config_runs_as_shipped(tmp_path: Path) -> None:
+    with Pipeline.from_yaml(ROOT / "configs" / "demo.yaml",
+                            [f"sink.path={tmp_path}", "source.count=40"]) as p:
+        summary = p.run()
+    assert summary.items == 40 and len(list(tmp_path.glob("*.npy"))) == 40
+    rng = np.random.default_rng(0)
+    model = linear(64, 16, seed=0)
+    for i in range(40):
+        x = rng.standard_normal([3, 64, 64]).astype(np.float32)
+        ref = model(normalize(torch.from_numpy(x)[None]))[0].numpy()
+        np.testing.assert_allclose(np.load(tmp_path / f"{i:06d}.npy"), ref, rtol=1e-5, atol=1e-5)
