@@ -156,6 +156,14 @@ class PipelineConfig(_Strict):
     stages: list[StageConfig] = Field(min_length=1)
     sink: Sink = Field(default_factory=lambda: NullSink(type="null"))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_sink(cls, raw: Any) -> Any:
+        # YAML reads an unquoted `type: null` as None; it means the null sink
+        if isinstance(raw, dict) and isinstance(raw.get("sink"), dict) and raw["sink"].get("type", 0) is None:
+            raw = {**raw, "sink": {**raw["sink"], "type": "null"}}
+        return raw
+
     @model_validator(mode="after")
     def _unique(self) -> PipelineConfig:
         names = [s.name for s in self.stages]
