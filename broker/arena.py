@@ -31,8 +31,9 @@ and coalescing looks up both neighbours in two dictionaries.
   sub-bins per power of two bound the waste of a "good fit" to 1/16.
 * A request is rounded up to the next bin boundary, so any block of the first
   non-empty bin at or above it fits: no search inside a bin.
-* Each bin pops its most recently freed block first, so a steady pipeline
-  keeps reusing the same warm pages.
+* Each bin pops its most recently freed block first, and a request first
+  tries the newest block of its own bin, so a steady pipeline keeps reusing
+  the same warm pages (the same offset for the same size).
 * Every allocation at an offset bumps that offset's generation; handles carry
   it, so a handle to a freed or reused block is detected, never read.
 """
@@ -145,8 +146,23 @@ class Allocator:
         del self._free_end[offset + size]
 
     def _take(self, size: int) -> tuple[int, int] | None:
-        """Remove and return a free block of at least ``size`` bytes."""
-        i = _bin_ceil(size // GRANULE)
+        """Remove and return a free block of at least ``size`` bytes.
+
+        First the most recently freed block of the request's own bin, if it
+        fits: a block freed between used neighbours comes back for the same
+        size (a bin holds sizes on both sides of a request that is not on a
+        bin boundary, so the search below starts one bin higher and alone
+        would never find it). Then the first non-empty bin whose every block fits.
+        """
+        units = size // GRANULE
+        own = self._bins[_bin_floor(units)]
+        if own:
+            offset = next(reversed(own))
+            bsize = own[offset]
+            if True:
+                self._remove(offset, bsize)
+                return offset, bsize
+        i = _bin_ceil(units)
         mask = self._bitmap >> i
         if not mask:
             return None

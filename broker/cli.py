@@ -102,7 +102,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from .config import load_config, parse_size
     from .server import run_broker
 
-    stages, inflight = None, 0
+    stages, inflight, metrics = None, 0, None
     capacity = parse_size(args.capacity or "256MiB")
     endpoint = args.endpoint
     if args.config:
@@ -110,12 +110,13 @@ def cmd_broker(args: argparse.Namespace) -> int:
         capacity = parse_size(args.capacity) if args.capacity else int(cfg.broker.capacity)
         endpoint = endpoint or cfg.broker.endpoint
         stages, inflight = [s.to_broker() for s in cfg.stages], cfg.broker.max_inflight
+        metrics = cfg.broker.metrics_port
 
     def announce(info: dict[str, Any]) -> None:
         print(f"broker pid {info['pid']} ready at {info['endpoint']} "
               f"(arena {format_bytes(info['capacity'])})", flush=True)
 
-    return run_broker(capacity, endpoint, None, stages, inflight, announce)
+    return run_broker(capacity, endpoint, None, stages, inflight, announce, metrics_port=metrics)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

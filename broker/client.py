@@ -282,7 +282,8 @@ class Broker:
 
     def __init__(self, capacity: int = 256 * 2**20, *, endpoint: str | None = None,
                  stages: list[dict[str, Any]] | None = None, max_inflight: int = 0,
-                 log_level: str = "WARNING", startup_timeout: float = 60.0) -> None:
+                 log_level: str = "WARNING", metrics_port: int | None = None,
+                 startup_timeout: float = 60.0) -> None:
         cmd = [sys.executable, "-m", "broker.server", "--capacity", str(int(capacity)),
                "--log-level", log_level, "--parent-pid", str(os.getpid()),
                "--max-inflight", str(max_inflight)]
@@ -290,6 +291,8 @@ class Broker:
             cmd += ["--endpoint", endpoint]
         if stages:
             cmd += ["--stages", json.dumps(stages)]
+        if metrics_port is not None:
+            cmd += ["--metrics-port", str(metrics_port)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         self._finalizer = weakref.finalize(self, _stop_process, self.proc)
         try:

@@ -163,7 +163,8 @@ class Pipeline:
         self.workers = self.plan()
         self.broker = Broker(int(cfg.broker.capacity), endpoint=cfg.broker.endpoint,
                              stages=[s.to_broker() for s in cfg.stages],
-                             max_inflight=cfg.broker.max_inflight, log_level=self.log_level)
+                             max_inflight=cfg.broker.max_inflight, log_level=self.log_level,
+                             metrics_port=cfg.broker.metrics_port)
         for w in self.workers:
             self._spawn(w)
         self.client = Client(self.broker.endpoint, role="driver", name=f"driver:{cfg.name}")

@@ -284,6 +284,8 @@ class BrokerServer:
         self.started = time.time()
         self.counters: collections.Counter[str] = collections.Counter()
         self.parent_pid = 0
+        self.metrics: Any = None
+        self._metrics_at = 0.0
 
     # -- plumbing ---------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -425,6 +427,9 @@ class BrokerServer:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        if self.metrics is not None and now - self._metrics_at > 0.25:
+            self.metrics.update(self.stats())
+            self._metrics_at = now
         if self.pending:
             self._retry_pending(now)
         for s, st in enumerate(self.stages):
@@ -570,7 +575,7 @@ class BrokerServer:
 
     def _source_gated(self, conn: Conn, msg: dict[str, Any]) -> bool:
         """The source may hold at most ``max_inflight`` items and half the arena."""
-        if msg["stage"] != 0 or conn.stage >= 0:
+        if msg["stage"] != 0:  # only sources write into stage 0; workers write downstream
             return False
         n = len(msg["items"])
         if self.max_inflight and self.inflight_items and self.inflight_items + n > self.max_inflight:
@@ -591,7 +596,7 @@ class BrokerServer:
         rsv = Reservation(self._id(), s, segs)
         conn.reservations[rsv.rsv] = rsv
         st.reserved += len(items)
-        if s == 0 and conn.stage < 0:
+        if s == 0:
             self.inflight_items += len(items)
         wire = [[self.table.handle(g.obj), len(g.items)] for g in segs]
         self.reply(conn.identity, msg["rid"], rsv=rsv.rsv, segments=wire)
@@ -792,8 +797,15 @@ class BrokerServer:
 
     def _full_error(self, msg: dict[str, Any]) -> ArenaFull:
         alloc = self.table.alloc
+        what = f"{msg['op']} of {msg['dtype']}{msg['shape']}"
+        if msg["op"] == "reserve" and msg["stage"] == 0 and self.max_inflight and \
+                self.inflight_items + len(msg["items"]) > self.max_inflight:
+            return ArenaFull(
+                f"{what}: {self.inflight_items} items stayed in flight (max_inflight "
+                f"{self.max_inflight}) until the timeout; the stages or the sink are not keeping up "
+                f"(is a stage without workers? `shmbroker status`)")
         return ArenaFull(
-            f"{msg['op']} of {msg['dtype']}{msg['shape']}: the arena stayed full "
+            f"{what}: the arena stayed full "
             f"({format_bytes(alloc.used)} of {format_bytes(alloc.capacity)} used, largest free block "
             f"{format_bytes(alloc.largest_free)}) until the timeout; consumers are not releasing "
             f"fast enough: release handles you no longer need, lower max_inflight or raise capacity"
@@ -864,7 +876,7 @@ def _stop_on_signals(server: BrokerServer) -> dict[int, Any]:
 
 def run_broker(capacity: int, endpoint: str | None = None, events: str | None = None,
                stages: list[dict[str, Any]] | None = None, max_inflight: int = 0,
-               announce: Any = None, parent_pid: int = 0) -> int:
+               announce: Any = None, parent_pid: int = 0, metrics_port: int | None = None) -> int:
     """Run a broker in this process until SIGTERM/SIGINT or a shutdown request."""
     swept = cleanup()
     if swept:
@@ -878,6 +890,12 @@ def run_broker(capacity: int, endpoint: str | None = None, events: str | None = 
             announce({"error": f"{type(e).__name__}: {e}"})
         raise
     server.parent_pid = parent_pid
+    stop_metrics = None
+    if metrics_port is not None:
+        from .metrics import serve_metrics
+
+        server.metrics, stop_metrics = serve_metrics(metrics_port)
+        server.metrics.update(server.stats())
     previous = _stop_on_signals(server)
     try:
         if stages:
@@ -890,6 +908,8 @@ def run_broker(capacity: int, endpoint: str | None = None, events: str | None = 
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         server.close()
+        if stop_metrics is not None:
+            stop_metrics()
         log.info("broker pid %d stopped", os.getpid())
     return 0
 
@@ -904,6 +924,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-inflight", type=int, default=0)
     ap.add_argument("--log-level", default="WARNING")
     ap.add_argument("--log-json", action="store_true")
+    ap.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
     ap.add_argument("--parent-pid", type=int, default=0, help="stop when this process is gone")
     args = ap.parse_args(argv)
     from .logs import setup_logging
@@ -917,7 +938,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_broker(args.capacity, args.endpoint, args.events,
                           json.loads(args.stages) if args.stages else None,
-                          args.max_inflight, announce, args.parent_pid)
+                          args.max_inflight, announce, args.parent_pid,
+                          args.metrics_port)
     except (MemoryError, OSError, BrokerError) as e:
         log.error("%s", e)
         return 2

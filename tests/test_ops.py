@@ -1,0 +1,123 @@
+"""Observability: `shmbroker status` and the Prometheus endpoint report the broker's real state; cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from broker import Broker, Client
+from broker.protocol import Handle
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def queue_items(c: Client, n: int, shape: tuple[int, ...] = (256,)) -> None:
+    """Play the driver: put ``n`` items into stage 0, where no worker takes them."""
+    c._request("register", stage="__sink__", credits=1, device="host")
+    for i in range(n):
+        reply = c._request("reserve", stage=0, items=[i], shape=list(shape), dtype="<f4", timeout=1.0)
+        (wire, _), = reply["segments"]
+        c.view(Handle.from_wire(wire))[0] = i
+        c._request("commit", rsv=reply["rsv"])
+
+
+STAGES = [{"name": "prep", "batch": 0}, {"name": "infer", "batch": 4}]
+
+
+def test_status_json_and_table_match_the_broker_state() -> None:
+    with Broker(capacity=16 * 2**20, stages=STAGES) as b, Client(b.endpoint, role="driver") as c:
+        queue_items(c, 3)
+        held = c.put(np.zeros(1000, np.float64))
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        out = subprocess.run([sys.executable, "-m", "broker.cli", "status", "--json", "--endpoint", b.endpoint],
+                             capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 0, out.stderr
+        st = json.loads(out.stdout)
+        ours = c.stats()
+        assert st["used"] == ours["used"] > 0
+        assert st["objects"] == ours["objects"] == 4  # 3 queued items + the put
+        assert [s["name"] for s in st["stages"]] == ["prep", "infer", "__sink__"]
+        assert st["stages"][0]["queue"] == 3 and st["stages"][1]["queue"] == 0
+        assert st["inflight_items"] == 3
+        text = subprocess.run([sys.executable, "-m", "broker.cli", "status", "--endpoint", b.endpoint],
+                              capture_output=True, text=True, timeout=60, env={**env, "COLUMNS": "160"})
+        assert text.returncode == 0, text.stderr
+        prep_row = next(line for line in text.stdout.splitlines() if "prep" in line)
+        assert prep_row.split("│")[3].strip() == "3"  # the queue column
+        c.release(held)
+
+
+def test_status_without_a_broker_fails_clearly(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SHMBROKER_RUNTIME_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "broker.cli", "status"], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode == 2
+    assert "no running broker found" in out.stderr
+
+
+def scrape(port: int) -> dict[str, float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in body.splitlines() if line.startswith("shmbroker_")}
+
+
+def test_prometheus_endpoint_reports_queue_depth_and_arena_use() -> None:
+    port = free_port()
+    with Broker(capacity=16 * 2**20, stages=STAGES, metrics_port=port) as b, \
+            Client(b.endpoint, role="driver") as c:
+        queue_items(c, 5)
+        used = c.stats()["used"]
+        deadline = time.monotonic() + 10
+        while True:  # the snapshot refreshes every 0.25 s
+            m = scrape(port)
+            if m.get('shmbroker_stage_queue_depth{stage="prep"}') == 5 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert m['shmbroker_stage_queue_depth{stage="prep"}'] == 5
+        assert m['shmbroker_stage_queue_depth{stage="infer"}'] == 0
+        assert m["shmbroker_arena_used_bytes"] == used
+        assert m["shmbroker_arena_capacity_bytes"] == 16 * 2**20
+        assert m['shmbroker_stage_items_total{stage="prep"}'] == 0
+        assert m["shmbroker_inflight_items"] == 5
+
+
+def test_cleanup_cli_keeps_a_live_broker(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with Broker(capacity=4 * 2**20) as b:
+        out = subprocess.run([sys.executable, "-m", "broker.cli", "cleanup"], capture_output=True, text=True,
+                             timeout=60, env=env)
+        assert out.returncode == 0, out.stderr
+        assert "kept" in out.stdout
+        with Client(b.endpoint) as c:
+            c.ping()
+
+
+def test_source_backpressure_waits_then_fails_with_the_reason() -> None:
+    import pytest
+
+    from broker import ArenaFull
+
+    with Broker(capacity=16 * 2**20, stages=STAGES, max_inflight=2) as b, \
+            Client(b.endpoint, role="driver") as c:
+        queue_items(c, 2)
+        t = time.monotonic()
+        with pytest.raises(ArenaFull, match=r"2 items stayed in flight \(max_inflight 2\)"):
+            c._request("reserve", stage=0, items=[9], shape=[4], dtype="<f4", timeout=0.5)
+        assert time.monotonic() - t >= 0.45  # it waited for room before giving up
+        # a worker-side write (downstream) is not gated by the source's limit
+        reply = c._request("reserve", stage=1, items=[0], shape=[4], dtype="<f4", timeout=0.5)
+        assert reply["segments"]
