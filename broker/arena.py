@@ -159,7 +159,7 @@ class Allocator:
         if own:
             offset = next(reversed(own))
             bsize = own[offset]
-            if True:
+            if bsize >= size:
                 self._remove(offset, bsize)
                 return offset, bsize
         i = _bin_ceil(units)

@@ -172,12 +172,12 @@ class Pipeline:
         return self
 
     def _spawn(self, w: WorkerProc) -> None:
-        from workers.runtime import worker_main
+        from workers.runtime import worker_process
 
         assert self.broker is not None
         st = self.cfg.stages[w.stage]
         w.proc = self._ctx.Process(
-            target=worker_main, name=w.name, daemon=True,
+            target=worker_process, name=w.name, daemon=True,
             args=(self.broker.endpoint, st.model_dump(), w.stage, w.device, self.log_level, self.log_json))
         w.proc.start()
 

@@ -99,7 +99,7 @@ def decode(payload: bytes) -> dict[str, Any]:
         raise ProtocolError(f"not a msgpack message: {type(e).__name__}: {e}") from None
     if not isinstance(msg, dict):
         raise ProtocolError(f"message must be a map, got {type(msg).__name__}")
-    if msg.get("v") != VERSION:
+    if type(msg.get("v")) is not int or msg["v"] != VERSION:  # True and 1.0 equal 1 too
         raise ProtocolError(f"protocol version {msg.get('v')!r} is not supported (want {VERSION})")
     op, rid = msg.get("op"), msg.get("rid")
     if not isinstance(rid, int) or isinstance(rid, bool):
@@ -124,8 +124,8 @@ def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or len(value) > 32:
         raise ProtocolError(f"handle {what} must be a list of at most 32 integers")
     out = tuple(value)
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
-        raise ProtocolError(f"handle {what} must hold integers, got {value!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in out):
+        raise ProtocolError(f"handle {what} must hold non-negative integers, got {value!r:.80}")
     return out
 
 
@@ -161,9 +161,10 @@ class Handle:
         if not isinstance(broker, str) or not isinstance(dtype, str):
             raise ProtocolError("handle broker and dtype must be strings")
         ints = _int_tuple([oid, gen, offset, nbytes], "ids")
-        if min(ints) < 0:
-            raise ProtocolError(f"handle fields must be non-negative, got {ints}")
-        return cls(broker, *ints, dtype, _int_tuple(shape, "shape"), _int_tuple(strides, "strides"))
+        shape, strides = _int_tuple(shape, "shape"), _int_tuple(strides, "strides")
+        if len(strides) != len(shape):
+            raise ProtocolError(f"handle has {len(shape)} dimensions but {len(strides)} strides")
+        return cls(broker, *ints, dtype, shape, strides)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Handle.from_wire, (self.to_wire(),))

@@ -31,7 +31,7 @@ from broker.protocol import Handle
 from .bridge import cast, numpy_dtype, to_tensor, write_into
 from .devices import pin_memory
 
-__all__ = ["load_stage", "Worker", "worker_main"]
+__all__ = ["load_stage", "Worker", "worker_main", "worker_process"]
 
 log = logging.getLogger("shmbroker.worker")
 
@@ -87,6 +87,8 @@ class Worker:
         t0 = time.perf_counter()
         try:
             rsv, copied = self._compute_and_write(task)
+        except (BrokerGone, BrokerTimeout):
+            raise  # the broker's trouble, not the stage's
         except Exception as e:
             log.warning("stage %s failed on items %s: %r", self.stage.name, task["items"][:8], e)
             self.client._request("fail", task=task["task"], error=f"{type(e).__name__}: {e}",
@@ -159,3 +161,10 @@ def worker_main(endpoint: str, stage_json: dict[str, Any], index: int, device: s
             signal.signal(s, h)
         if worker is not None:
             worker.client.close()
+
+
+def worker_process(*args: Any) -> None:
+    """``multiprocessing`` target: ``worker_main`` with its return value as the exit code."""
+    import sys
+
+    sys.exit(worker_main(*args))
