@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[])
     _common(p)
 
+    p = sub.add_parser("doctor", help="check this host against a pipeline file and print fixes")
+    p.add_argument("file", nargs="?")
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--require-gpu", action="store_true")
+    _common(p)
+
     p = sub.add_parser("cleanup", help="remove runtime directories of brokers that are gone")
     p.add_argument("--dry-run", action="store_true")
     _common(p)
@@ -86,8 +92,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .launcher import Pipeline
 
-    with Pipeline.from_yaml(args.file, args.set, require_gpu=args.require_gpu, log_level=args.log_level,
-                            log_json=args.log_json, progress=not args.no_progress) as p:
+    from .config import load_config
+
+    cfg = load_config(args.file, args.set)
+    preflight(cfg, args.require_gpu)
+    with Pipeline(cfg, path=args.file, require_gpu=args.require_gpu, log_level=args.log_level,
+                  log_json=args.log_json, progress=not args.no_progress) as p:
         summary = p.run()
     if args.json:
         print(json.dumps({k: v for k, v in summary.__dict__.items()}, default=str))
@@ -182,6 +192,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"{args.file}: ok: {len(cfg.stages)} stage(s) "
           f"({', '.join(s.name for s in cfg.stages)}), arena {format_bytes(int(cfg.broker.capacity))}")
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .config import load_config
+    from .doctor import render, run_checks
+
+    cfg = load_config(args.file, args.set, check_host=False) if args.file else None
+    checks = run_checks(cfg, args.require_gpu)
+    Console().print(render(checks))
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+def preflight(cfg: Any, require_gpu: bool) -> None:
+    """What ``run`` checks before starting anything; failures stop it with their fixes."""
+    from .doctor import run_checks
+
+    failed = [c for c in run_checks(cfg, require_gpu) if c.status == "fail"]
+    if failed:
+        raise BrokerError("preflight failed:\n" + "\n".join(
+            f"  {c.name}: {c.detail}\n    fix: {c.fix}" for c in failed))
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:

@@ -1,0 +1,66 @@
+"""`shmbroker doctor`: each misconfiguration is found and comes with its fix."""
+
+from __future__ import annotations
+
+import resource
+import socket
+from pathlib import Path
+
+import pytest
+
+from broker import doctor
+from broker.cli import main, preflight
+from broker.config import load_config
+from broker.errors import BrokerError
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def by_name(checks: list[doctor.Check]) -> dict[str, doctor.Check]:
+    return {c.name: c for c in checks}
+
+
+def test_demo_passes_on_this_host() -> None:
+    checks = doctor.run_checks(load_config(DEMO))
+    assert all(c.status != "fail" for c in checks), checks
+
+
+def test_capacity_above_the_limit_fails_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(doctor, "host_memory_limit", lambda: (64 * 2**20, "the container's memory limit"))
+    cfg = load_config(DEMO, check_host=False)  # the demo asks for 128 MiB
+    mem = by_name(doctor.run_checks(cfg))["memory"]
+    assert mem.status == "fail"
+    assert "128.0 MiB > 64.0 MiB" in mem.detail and "broker.capacity" in mem.fix
+    with pytest.raises(BrokerError, match="preflight failed"):
+        preflight(cfg, False)
+
+
+def test_low_open_file_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = resource.getrlimit
+    monkeypatch.setattr(doctor.resource, "getrlimit",
+                        lambda r: (32, 4096) if r == resource.RLIMIT_NOFILE else real(r))
+    c = by_name(doctor.run_checks(load_config(DEMO)))["open files"]
+    assert c.status == "fail" and c.fix.startswith("ulimit -n ")
+
+
+def test_busy_tcp_endpoint(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cfg = load_config(DEMO, [f"broker.endpoint=tcp://127.0.0.1:{port}"])
+        c = by_name(doctor.run_checks(cfg))["endpoint"]
+    assert c.status == "fail" and "cannot be bound" in c.detail
+
+
+def test_impossible_gpu_is_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("workers.devices.cuda_count", lambda: 2)
+    cfg = load_config(DEMO, ["stages.infer.device=cuda:5"])
+    c = by_name(doctor.run_checks(cfg))["devices of infer"]
+    assert c.status == "fail" and "cuda:5 does not exist" in c.detail
+
+
+def test_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor", str(DEMO)]) == 0
+    assert main(["doctor", str(DEMO), "--set", "broker.capacity=100TiB"]) == 1
+    assert "fail" in capsys.readouterr().out
