@@ -210,3 +210,26 @@ def test_demo_config_runs_as_shipped(tmp_path: Path) -> None:
         x = rng.standard_normal([3, 64, 64]).astype(np.float32)
         ref = model(normalize(torch.from_numpy(x)[None]))[0].numpy()
         np.testing.assert_allclose(np.load(tmp_path / f"{i:06d}.npy"), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_worker_attached_from_another_terminal_is_picked_up(tmp_path: Path) -> None:
+    # the stage has no workers of its own (replicas: 0): only the attached one can finish the run
+    cfg = write_cfg(tmp_path, {
+        "source": synthetic(12, [4]),
+        "stages": [{"name": "ext", "fn": "workers.stages:scale", "args": {"factor": 5.0}, "replicas": 0}],
+    })
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{TESTS}"}
+    got: dict[int, np.ndarray] = {}
+    with Pipeline.from_yaml(cfg) as p:
+        assert p.broker is not None and not p.workers
+        attached = subprocess.Popen([sys.executable, "-m", "broker.cli", "worker", "--config", str(cfg),
+                                     "--stage", "ext", "--endpoint", p.broker.endpoint], env=env)
+        try:
+            p.run(sink=lambda i, a: got.__setitem__(i, a.copy()))
+            stats = p.client.stats() if p.client else {}
+        finally:
+            attached.terminate()
+            attached.wait(30)
+    assert [w["pid"] for w in stats["stages"][0]["workers"]] == [attached.pid]
+    for i, x in enumerate(reference_items(12, [4])):
+        np.testing.assert_array_equal(got[i], x * 5)
