@@ -332,6 +332,9 @@ class SharedRegion:
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, capacity)
+            # Take the memory now: the arena's pages are charged to the broker (and its
+            # container's limit) at start, and a later write can never SIGBUS for want of one.
+            os.posix_fallocate(fd, 0, capacity)
             return cls(fd, capacity, name, owner=True)
         except BaseException:
             os.close(fd)

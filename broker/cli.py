@@ -135,7 +135,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from .config import load_config
 
-    cfg = load_config(args.config, args.set)
+    # the broker's container holds the arena; this one's memory limit need not cover it
+    cfg = load_config(args.config, args.set, check_host=False)
     stage = cfg.stage(args.stage)
     index = cfg.stages.index(stage)
     device = args.device or plan_devices(stage.model_copy(update={"replicas": 1}), cuda_count(),

@@ -64,7 +64,7 @@ class Client:
                  timeout: float = 30.0) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
-        self.name = name or f"{role}-{os.getpid()}"
+        self.name = name or f"{role}-{socket.gethostname()}-{os.getpid()}"
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
