@@ -265,6 +265,9 @@ class Pipeline:
                 eof_sent = True
             if exhausted and not outstanding and state.finished >= state.submitted:
                 return
+            if self.progress and time.monotonic() - state.stats_at > 1.0:
+                state.stats_at = time.monotonic()
+                outstanding[c.send("stats")] = ("stats",)
             msg = c.inbox.popleft() if c.inbox else c.recv(0.2)
             self.supervise()
             if msg is None:
@@ -288,7 +291,10 @@ class Pipeline:
                 kind = outstanding.pop(msg["rid"])
                 if op == "error":
                     raise error_from_wire(msg["code"], msg["message"])
-                if kind[0] == "reserve":
+                if kind[0] == "stats":
+                    state.queues = " ".join(f"{st['name']}:{st['queue'] + st['inflight']}"
+                                            for st in msg["stats"]["stages"][:-1])
+                elif kind[0] == "reserve":
                     reserving -= 1
                     self._write_item(kind[2], msg, state)
                     outstanding[c.send("commit", rsv=msg["rsv"])] = ("commit",)
@@ -336,7 +342,7 @@ class Pipeline:
             for idx, view, task in self._drive(items, total, state):
                 write(idx, view)
                 self._done(task)
-                bar.update(len(state.delivered), state.bytes_in)
+                bar.update(len(state.delivered), state.bytes_in, state.queues)
         finally:
             bar.close()
         return self._summary(state, time.perf_counter() - t0)
@@ -394,6 +400,8 @@ class _DriveState:
     duplicates: int = 0
     bytes_in: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
+    stats_at: float = 0.0
+    queues: str = ""
 
     @property
     def finished(self) -> int:
@@ -439,11 +447,11 @@ class _Progress:
             self.task = self.bar.add_task("items", total=total, rate="")
             self.t0 = time.perf_counter()
 
-    def update(self, done: int, nbytes: int) -> None:
+    def update(self, done: int, nbytes: int, queues: str) -> None:
         if self.bar is not None:
             dt = max(time.perf_counter() - self.t0, 1e-9)
             self.bar.update(self.task, completed=done,
-                            rate=f"{done / dt:.1f} items/s {nbytes / dt / 1e6:.1f} MB/s")
+                            rate=f"{done / dt:.1f} items/s {nbytes / dt / 1e6:.1f} MB/s queues {queues}")
 
     def close(self) -> None:
         if self.bar is not None:
