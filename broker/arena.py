@@ -44,6 +44,7 @@ import mmap
 import os
 import secrets
 import socket
+import weakref
 from dataclasses import dataclass
 
 GRANULE = 64
@@ -324,6 +325,8 @@ class SharedRegion:
         self.owner = owner
         self.mmap = mmap.mmap(fd, capacity, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.buffer = memoryview(self.mmap)
+        # the safety net: a region dropped without close() must not keep the memfd open
+        self._close_fd = weakref.finalize(self, os.close, fd)
 
     @classmethod
     def create(cls, capacity: int, token: str | None = None) -> SharedRegion:
@@ -353,7 +356,7 @@ class SharedRegion:
             self.mmap.close()
         except BufferError:
             pass  # live views remain; the mapping goes with the last of them
-        os.close(self.fd)
+        self._close_fd()
         self.fd = -1
 
     def __enter__(self) -> SharedRegion:

@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--require-gpu", action="store_true")
     _common(p)
 
+    p = sub.add_parser("keys", help="make CURVE certificates for a broker and its clients")
+    p.add_argument("dir")
+    _common(p)
+
     p = sub.add_parser("cleanup", help="remove runtime directories of brokers that are gone")
     p.add_argument("--dry-run", action="store_true")
     _common(p)
@@ -112,7 +116,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from .config import load_config, parse_size
     from .server import run_broker
 
-    stages, inflight, metrics = None, 0, None
+    stages, inflight, metrics, curve = None, 0, None, None
     capacity = parse_size(args.capacity or "256MiB")
     endpoint = args.endpoint
     if args.config:
@@ -121,12 +125,14 @@ def cmd_broker(args: argparse.Namespace) -> int:
         endpoint = endpoint or cfg.broker.endpoint
         stages, inflight = [s.to_broker() for s in cfg.stages], cfg.broker.max_inflight
         metrics = cfg.broker.metrics_port
+        curve = cfg.broker.curve.broker_args() if cfg.broker.curve else None
 
     def announce(info: dict[str, Any]) -> None:
         print(f"broker pid {info['pid']} ready at {info['endpoint']} "
               f"(arena {format_bytes(info['capacity'])})", flush=True)
 
-    return run_broker(capacity, endpoint, None, stages, inflight, announce, metrics_port=metrics)
+    return run_broker(capacity, endpoint, None, stages, inflight, announce, metrics_port=metrics,
+                      curve=curve)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -141,8 +147,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     index = cfg.stages.index(stage)
     device = args.device or plan_devices(stage.model_copy(update={"replicas": 1}), cuda_count(),
                                          warn=log.warning)[0]
-    return worker_main(find_endpoint(args.endpoint), stage.model_dump(), index, device,
-                       args.log_level, args.log_json)
+    return worker_main(find_endpoint(args.endpoint or cfg.broker.endpoint), stage.model_dump(), index,
+                       device, args.log_level, args.log_json,
+                       cfg.broker.curve.client_args() if cfg.broker.curve else None)
 
 
 def render_status(st: dict[str, Any]) -> Any:
@@ -215,6 +222,24 @@ def preflight(cfg: Any, require_gpu: bool) -> None:
     if failed:
         raise BrokerError("preflight failed:\n" + "\n".join(
             f"  {c.name}: {c.detail}\n    fix: {c.fix}" for c in failed))
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+
+    import zmq.auth
+
+    os.makedirs(os.path.join(args.dir, "authorized"), mode=0o700, exist_ok=True)
+    server_public, server_secret = zmq.auth.create_certificates(args.dir, "broker")
+    client_public, client_secret = zmq.auth.create_certificates(args.dir, "client")
+    shutil.copy(client_public, os.path.join(args.dir, "authorized"))
+    for path in (server_secret, client_secret):
+        os.chmod(path, 0o600)
+    print(f"broker:\n  curve:\n    server_secret: {server_secret}\n    authorized: "
+          f"{os.path.join(args.dir, 'authorized')}\n    server_public: {server_public}\n"
+          f"    client_secret: {client_secret}")
+    return 0
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:

@@ -61,13 +61,18 @@ class Client:
     """
 
     def __init__(self, endpoint: str, *, name: str | None = None, role: str = "client",
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, curve: tuple[str, str] | None = None) -> None:
+        """``curve=(broker_public_key_file, own_secret_key_file)`` for a CURVE-protected broker."""
         self.endpoint = endpoint
         self.timeout = timeout
         self.name = name or f"{role}-{socket.gethostname()}-{os.getpid()}"
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            from .security import secure_client
+
+            secure_client(self._sock, *curve)
         self._sock.connect(endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
@@ -99,6 +104,7 @@ class Client:
             raise BrokerGone(f"could not get the arena from the broker at {fd_path}: {e}") from e
         alive.setblocking(False)
         self._alive = alive
+        weakref.finalize(self, alive.close)  # a client dropped without close() still lets go
         self._poller.register(alive.fileno(), zmq.POLLIN)
         self.region = SharedRegion.attach(fd, json.loads(meta)["name"])
 
@@ -283,7 +289,7 @@ class Broker:
     def __init__(self, capacity: int = 256 * 2**20, *, endpoint: str | None = None,
                  stages: list[dict[str, Any]] | None = None, max_inflight: int = 0,
                  log_level: str = "WARNING", metrics_port: int | None = None,
-                 startup_timeout: float = 60.0) -> None:
+                 curve: dict[str, str] | None = None, startup_timeout: float = 60.0) -> None:
         cmd = [sys.executable, "-m", "broker.server", "--capacity", str(int(capacity)),
                "--log-level", log_level, "--parent-pid", str(os.getpid()),
                "--max-inflight", str(max_inflight)]
@@ -293,6 +299,8 @@ class Broker:
             cmd += ["--stages", json.dumps(stages)]
         if metrics_port is not None:
             cmd += ["--metrics-port", str(metrics_port)]
+        if curve:
+            cmd += ["--curve-secret", curve["secret"], "--curve-authorized", curve["authorized"]]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         self._finalizer = weakref.finalize(self, _stop_process, self.proc)
         try:

@@ -31,6 +31,21 @@ def parse_size(value: Any) -> int:
     return int(TypeAdapter(ByteSize).validate_python(value))
 
 
+class CurveConfig(_Strict):
+    """CURVE keys (``zmq.auth`` certificate files; ``shmbroker keys DIR`` makes them)."""
+
+    server_secret: str = Field(description="the broker's NAME.key_secret")
+    authorized: str = Field(description="directory of authorized clients' NAME.key files")
+    server_public: str = Field(description="the broker's NAME.key, for clients")
+    client_secret: str = Field(description="the clients' NAME.key_secret")
+
+    def broker_args(self) -> dict[str, str]:
+        return {"secret": self.server_secret, "authorized": self.authorized}
+
+    def client_args(self) -> tuple[str, str]:
+        return (self.server_public, self.client_secret)
+
+
 class BrokerConfig(_Strict):
     capacity: ByteSize = Field(default=ByteSize(256 * 2**20), description="arena size, e.g. 512MiB")
     endpoint: str | None = Field(default=None, description="ipc://PATH or tcp://127.0.0.1:PORT")
@@ -38,6 +53,7 @@ class BrokerConfig(_Strict):
     max_inflight: int = Field(default=64, ge=1, description="items the source may have in flight")
     wait_timeout: float = Field(default=60.0, gt=0, description="seconds to wait for arena space")
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    curve: CurveConfig | None = None
 
     @field_validator("endpoint")
     @classmethod
@@ -53,6 +69,9 @@ class BrokerConfig(_Strict):
             host = ep[6:].rsplit(":", 1)[0]
             if host not in ("127.0.0.1", "localhost", "[::1]"):
                 raise ValueError(f"tcp endpoint {ep} is not loopback; set allow_remote: true to expose it")
+        if self.allow_remote and self.curve is None:
+            raise ValueError("allow_remote: true needs curve keys (server_secret, authorized, "
+                             "server_public, client_secret): remote endpoints are authenticated")
         return self
 
 

@@ -164,12 +164,18 @@ class Pipeline:
         self.broker = Broker(int(cfg.broker.capacity), endpoint=cfg.broker.endpoint,
                              stages=[s.to_broker() for s in cfg.stages],
                              max_inflight=cfg.broker.max_inflight, log_level=self.log_level,
-                             metrics_port=cfg.broker.metrics_port)
+                             metrics_port=cfg.broker.metrics_port,
+                             curve=cfg.broker.curve.broker_args() if cfg.broker.curve else None)
         for w in self.workers:
             self._spawn(w)
-        self.client = Client(self.broker.endpoint, role="driver", name=f"driver:{cfg.name}")
+        self.client = Client(self.broker.endpoint, role="driver", name=f"driver:{cfg.name}",
+                             curve=self._curve())
         self.client._request("register", stage="__sink__", credits=self.sink_credits, device="host")
         return self
+
+    def _curve(self) -> tuple[str, str] | None:
+        curve = self.cfg.broker.curve
+        return curve.client_args() if curve else None
 
     def _spawn(self, w: WorkerProc) -> None:
         from workers.runtime import worker_process
@@ -178,7 +184,8 @@ class Pipeline:
         st = self.cfg.stages[w.stage]
         w.proc = self._ctx.Process(
             target=worker_process, name=w.name, daemon=True,
-            args=(self.broker.endpoint, st.model_dump(), w.stage, w.device, self.log_level, self.log_json))
+            args=(self.broker.endpoint, st.model_dump(), w.stage, w.device, self.log_level, self.log_json,
+                  self._curve()))
         w.proc.start()
 
     def supervise(self) -> None:

@@ -242,7 +242,12 @@ class BrokerServer:
     """The broker process's state and loop. ``serve()`` runs until stopped."""
 
     def __init__(self, capacity: int, rundir: RunDir, endpoint: str | None = None,
-                 events: str | None = None, hwm: int = 10_000) -> None:
+                 events: str | None = None, hwm: int = 10_000,
+                 curve: dict[str, str] | None = None) -> None:
+        from .security import check_bind, secure_server
+
+        if endpoint:
+            check_bind(endpoint, bool(curve))
         check_capacity(capacity)
         self.rundir = rundir
         self.token = rundir.token
@@ -254,6 +259,9 @@ class BrokerServer:
         self.router.setsockopt(zmq.SNDHWM, hwm)
         self.router.setsockopt(zmq.RCVHWM, hwm)
         self.router.setsockopt(zmq.LINGER, 0)
+        self.auth = None
+        if curve:
+            self.auth = secure_server(self.ctx, self.router, curve["secret"], curve["authorized"])
         self.endpoint = endpoint or f"ipc://{rundir.file('broker.sock')}"
         self.router.bind(self.endpoint)
         if self.endpoint.startswith("tcp://") and self.endpoint.endswith(":0"):
@@ -453,6 +461,8 @@ class BrokerServer:
         conn = self.conns.get(identity)
         if conn is None:
             raise BadRequest(f"{op}: say hello first (unknown client)")
+        if conn.sock is None:  # leases are reclaimed when that connection closes: no lease without it
+            raise BadRequest(f"{op}: fetch the arena's descriptor from {self.fd_path} first")
         getattr(self, f"_op_{op}", self._op_unknown)(conn, msg)
 
     def _op_unknown(self, conn: Conn, msg: dict[str, Any]) -> None:
@@ -862,6 +872,8 @@ class BrokerServer:
         self.listener.close()
         self.router.close(0)
         self.pub.close(0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
         self.region.close()
         self.rundir.remove()
@@ -876,14 +888,15 @@ def _stop_on_signals(server: BrokerServer) -> dict[int, Any]:
 
 def run_broker(capacity: int, endpoint: str | None = None, events: str | None = None,
                stages: list[dict[str, Any]] | None = None, max_inflight: int = 0,
-               announce: Any = None, parent_pid: int = 0, metrics_port: int | None = None) -> int:
+               announce: Any = None, parent_pid: int = 0, metrics_port: int | None = None,
+               curve: dict[str, str] | None = None) -> int:
     """Run a broker in this process until SIGTERM/SIGINT or a shutdown request."""
     swept = cleanup()
     if swept:
         log.info("removed %d runtime directories of brokers that are gone", len(swept))
     rundir = RunDir()
     try:
-        server = BrokerServer(capacity, rundir, endpoint, events)
+        server = BrokerServer(capacity, rundir, endpoint, events, curve=curve)
     except BaseException as e:
         rundir.remove()
         if announce:
@@ -924,6 +937,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-inflight", type=int, default=0)
     ap.add_argument("--log-level", default="WARNING")
     ap.add_argument("--log-json", action="store_true")
+    ap.add_argument("--curve-secret", help="the broker's CURVE .key_secret file")
+    ap.add_argument("--curve-authorized", help="directory of authorized client public keys")
     ap.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
     ap.add_argument("--parent-pid", type=int, default=0, help="stop when this process is gone")
     args = ap.parse_args(argv)
@@ -939,7 +954,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_broker(args.capacity, args.endpoint, args.events,
                           json.loads(args.stages) if args.stages else None,
                           args.max_inflight, announce, args.parent_pid,
-                          args.metrics_port)
+                          args.metrics_port,
+                          {"secret": args.curve_secret, "authorized": args.curve_authorized}
+                          if args.curve_secret else None)
     except (MemoryError, OSError, BrokerError) as e:
         log.error("%s", e)
         return 2

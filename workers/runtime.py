@@ -53,7 +53,7 @@ class Worker:
     """State of one worker process; ``run()`` loops until stopped or the broker goes."""
 
     def __init__(self, endpoint: str, stage: StageConfig, index: int, device: str,
-                 name: str | None = None) -> None:
+                 name: str | None = None, curve: tuple[str, str] | None = None) -> None:
         import torch
 
         self.torch = torch
@@ -62,7 +62,8 @@ class Worker:
         self.device = torch.device(device)
         if stage.threads:
             torch.set_num_threads(stage.threads)
-        self.client = Client(endpoint, role="worker", name=name or f"{stage.name}-{os.getpid()}")
+        self.client = Client(endpoint, role="worker", name=name or f"{stage.name}-{os.getpid()}",
+                             curve=curve)
         self.fn = load_stage(stage, device)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
@@ -137,7 +138,8 @@ class Worker:
 
 
 def worker_main(endpoint: str, stage_json: dict[str, Any], index: int, device: str,
-                log_level: str = "WARNING", log_json: bool = False) -> int:
+                log_level: str = "WARNING", log_json: bool = False,
+                curve: tuple[str, str] | None = None) -> int:
     """Entry point of a worker process (``multiprocessing`` spawn target and ``shmbroker worker``)."""
     from broker.logs import setup_logging
 
@@ -151,7 +153,7 @@ def worker_main(endpoint: str, stage_json: dict[str, Any], index: int, device: s
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        worker = Worker(endpoint, stage, index, device)
+        worker = Worker(endpoint, stage, index, device, curve=curve)
         return worker.run()
     except (BrokerGone, BrokerTimeout) as e:
         log.error("worker for stage %s stops: %s", stage.name, e)
