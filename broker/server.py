@@ -281,6 +281,7 @@ class BrokerServer:
         self.poller.register(self.listener.fileno(), zmq.POLLIN)
         self.conns: dict[bytes, Conn] = {}
         self.by_fd: dict[int, Conn] = {}
+        self.unkeyed: dict[int, tuple[socket.socket, float]] = {}
         self._next_cid = 1
         self._next_id = 1
         self.stages: list[Stage] = []
@@ -339,6 +340,8 @@ class BrokerServer:
                     self._drain_router()
                 elif sock == self.listener.fileno():
                     self._accept()
+                elif sock in self.unkeyed:
+                    self._handshake(sock)
                 else:
                     conn = self.by_fd.get(sock)
                     if conn is not None:
@@ -372,11 +375,18 @@ class BrokerServer:
                 self.reply_error(identity, msg["rid"], BrokerError(f"internal error: {e!r}"))
 
     def _accept(self) -> None:
+        """Accept a descriptor request; its key is read when it arrives (never blocking the loop)."""
         try:
             sock, _ = self.listener.accept()
         except BlockingIOError:
             return
-        sock.settimeout(2.0)
+        sock.setblocking(False)
+        self.unkeyed[sock.fileno()] = (sock, time.monotonic() + 5.0)
+        self.poller.register(sock.fileno(), zmq.POLLIN)
+
+    def _handshake(self, fd: int) -> None:
+        sock, _deadline = self.unkeyed.pop(fd)
+        self.poller.unregister(fd)
         try:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             _pid, uid, _gid = np.frombuffer(creds, dtype=np.int32)
@@ -384,16 +394,25 @@ class BrokerServer:
             conn = next((c for c in self.conns.values() if c.key == key and c.sock is None), None)
             if conn is None or uid != os.getuid():
                 raise PermissionError("unknown key or other user")
+            sock.settimeout(2.0)
             send_fd(sock, self.region.fd, json.dumps(
                 {"capacity": self.table.alloc.capacity, "name": self.region.name}).encode())
+            sock.setblocking(False)
         except (OSError, PermissionError) as e:
             log.warning("refused a descriptor request: %s", e)
             sock.close()
             return
-        sock.setblocking(False)
         conn.sock = sock
         self.by_fd[sock.fileno()] = conn
         self.poller.register(sock.fileno(), zmq.POLLIN)
+
+    def _expire_unkeyed(self, now: float) -> None:
+        for fd, (sock, deadline) in list(self.unkeyed.items()):
+            if now > deadline:
+                del self.unkeyed[fd]
+                self.poller.unregister(fd)
+                sock.close()
+                log.warning("closed a descriptor request that sent no key within 5 s")
 
     def _check_alive(self, conn: Conn) -> None:
         assert conn.sock is not None
@@ -435,6 +454,8 @@ class BrokerServer:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        if self.unkeyed:
+            self._expire_unkeyed(now)
         if self.metrics is not None and now - self._metrics_at > 0.25:
             self.metrics.update(self.stats())
             self._metrics_at = now
@@ -869,6 +890,8 @@ class BrokerServer:
         for conn in list(self.conns.values()):
             if conn.sock is not None:
                 conn.sock.close()
+        for sock, _ in self.unkeyed.values():
+            sock.close()
         self.listener.close()
         self.router.close(0)
         self.pub.close(0)

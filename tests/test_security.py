@@ -65,3 +65,20 @@ def test_runtime_dir_and_sockets_are_private() -> None:
         rundir = Path(b.info["fd_path"]).parent
         assert stat.S_IMODE(rundir.stat().st_mode) == 0o700
         assert stat.S_IMODE(Path(b.info["fd_path"]).stat().st_mode) == 0o600
+
+
+def test_a_silent_descriptor_request_does_not_stall_the_broker() -> None:
+    import time
+
+    with Broker(capacity=4 * 2**20) as b, Client(b.endpoint) as c:
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.connect(b.info["fd_path"])  # connects, never sends its key
+        try:
+            t = time.perf_counter()
+            for _ in range(5):
+                c.ping()
+            assert time.perf_counter() - t < 0.5
+            with Client(b.endpoint) as c2:  # a real client still gets the arena meanwhile
+                assert c2.get(c.put(np.ones(3))).sum() == 3
+        finally:
+            silent.close()

@@ -1,0 +1,219 @@
+"""Shared fixtures: a private runtime directory, brokers and clients, and a leak check on every test.
+
+The leak check fails a test that leaves behind
+
+* a process descended from this test process (a broker, a ``multiprocessing``
+  child, a worker): found by walking parent pids in ``/proc/*/stat``,
+  zombies included (a child nobody reaped is a leak too);
+* a runtime directory whose broker is gone (``rundir.list_rundirs`` says it
+  is not live: its ``flock`` is free), or any runtime directory at all once
+  every broker started by the test has stopped;
+* a new ``/dev/shm`` entry (the arena is a memfd and must never need one).
+
+Offending processes are killed and stale directories removed after the
+failure is reported, so one leaking test does not fail the ones after it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+# Before anything imports broker.rundir: every broker of this session lives
+# under one private base directory that the leak check can inspect.
+_RUNTIME_BASE = Path(tempfile.mkdtemp(prefix="shmbroker-tests-"))
+os.environ["SHMBROKER_RUNTIME_DIR"] = str(_RUNTIME_BASE)
+
+from broker import Broker, Client  # noqa: E402
+from broker.rundir import list_rundirs  # noqa: E402
+
+CAPACITY = 64 * 2**20
+LEAK_GRACE = 5.0  # seconds a finished test's children get to exit before it is called a leak
+
+
+# -- helpers ------------------------------------------------------------------------------
+def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition",
+             interval: float = 0.005) -> object:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = interval
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def _helper_pids() -> set[int]:
+    """Long-lived helpers multiprocessing starts once per session (not leaks)."""
+    pids = set()
+    try:
+        from multiprocessing import resource_tracker
+
+        pid = getattr(resource_tracker._resource_tracker, "_pid", None)
+        if pid:
+            pids.add(pid)
+    except Exception:
+        pass
+    try:
+        from multiprocessing import forkserver
+
+        pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+        if pid:
+            pids.add(pid)
+    except Exception:
+        pass
+    return pids
+
+
+def descendants() -> dict[int, str]:
+    """``{pid: state}`` of this process's descendants, zombies included."""
+    parent, state = {}, {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # exited while we looked
+        fields = stat.rsplit(")", 1)[1].split()
+        pid = int(entry.name)
+        parent[pid], state[pid] = int(fields[1]), fields[0]
+    out, todo = {}, [os.getpid()]
+    while todo:
+        ppid = todo.pop()
+        for pid, pp in parent.items():
+            if pp == ppid and pid not in out:
+                out[pid] = state[pid]
+                todo.append(pid)
+    for pid in _helper_pids():
+        out.pop(pid, None)
+    return out
+
+
+def memfd_links(pid: int | str = "self") -> list[str]:
+    """The ``memfd:shmbroker-*`` descriptors open in process ``pid``."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if "memfd:shmbroker-" in link:
+            found.append(link)
+    return found
+
+
+def dev_shm() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except FileNotFoundError:
+        return set()
+
+
+def _new_dev_shm(before: set[str]) -> set[str]:
+    # multiprocessing's own semaphores (sem.mp-*) come and go with Queue/Lock objects of any
+    # process on the host; they are not ours to judge here.
+    return {n for n in dev_shm() - before if not n.startswith("sem.")}
+
+
+def _reap(pids: set[int], timeout: float) -> dict[int, str]:
+    """Wait up to ``timeout`` for ``pids`` to exit and be reaped; return those still there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        multiprocessing.active_children()  # joins (reaps) finished multiprocessing children
+        left = {p: s for p, s in descendants().items() if p in pids}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.02)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+    except OSError:
+        return "?"
+
+
+# -- the leak check ----------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
+    before_children = set(descendants())
+    before_shm = dev_shm()
+    yield
+    problems = []
+    leaked = _reap(set(descendants()) - before_children, LEAK_GRACE)
+    if leaked:
+        desc = ", ".join(f"pid {p} ({'zombie, never reaped' if s == 'Z' else 'state ' + s}: "
+                         f"{_cmdline(p)})" for p, s in leaked.items())
+        problems.append(f"child processes left behind: {desc}")
+        for pid in leaked:  # only the ones this test started, by pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+    live_children = set(descendants())
+    for entry in list_rundirs(_RUNTIME_BASE):
+        owner = entry.path.name.split("-", 1)[0]
+        if not entry.live:
+            problems.append(f"runtime directory of a dead broker left behind: {entry.path}")
+        elif not owner.isdigit() or int(owner) not in live_children:
+            problems.append(f"runtime directory of a broker that is not ours: {entry.path}")
+        else:
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+    shm = _new_dev_shm(before_shm)
+    if shm:
+        problems.append(f"/dev/shm entries created: {sorted(shm)}")
+    if problems:
+        pytest.fail(f"{request.node.nodeid} leaked:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def runtime_base() -> Iterator[Path]:
+    """The session's runtime base directory; it must be empty when the session ends."""
+    yield _RUNTIME_BASE
+    left = sorted(p.name for p in _RUNTIME_BASE.iterdir())
+    shutil.rmtree(_RUNTIME_BASE, ignore_errors=True)
+    assert not left, f"runtime directories left behind at the end of the session: {left}"
+
+
+# -- brokers and clients -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def broker() -> Iterator[Broker]:
+    """One 64 MiB broker shared by a module's tests (tests release what they allocate)."""
+    with Broker(capacity=CAPACITY) as b:
+        yield b
+
+
+@pytest.fixture
+def fresh_broker() -> Iterator[Broker]:
+    """A 64 MiB broker of this test's own, for tests that fill, count or kill it."""
+    with Broker(capacity=CAPACITY) as b:
+        yield b
+
+
+@pytest.fixture
+def client(broker: Broker) -> Iterator[Client]:
+    with Client(broker.endpoint, timeout=20.0) as c:
+        yield c
+
+
+@pytest.fixture
+def poll() -> Callable[..., object]:
+    """``poll(condition, timeout=10, what="...")``: wait for a condition with a deadline."""
+    return wait_for
