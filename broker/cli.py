@@ -94,9 +94,8 @@ def find_endpoint(endpoint: str | None) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .launcher import Pipeline
-
     from .config import load_config
+    from .launcher import Pipeline
 
     cfg = load_config(args.file, args.set)
     preflight(cfg, args.require_gpu)

@@ -24,8 +24,15 @@ import numpy as np
 import zmq
 
 from .arena import SharedRegion, recv_fd
-from .errors import BrokerError, BrokerGone, BrokerTimeout, StaleHandle, UnknownName, \
-    UnsupportedArray, error_from_wire
+from .errors import (
+    BrokerError,
+    BrokerGone,
+    BrokerTimeout,
+    StaleHandle,
+    UnknownName,
+    UnsupportedArray,
+    error_from_wire,
+)
 from .protocol import Handle, decode, encode
 
 if TYPE_CHECKING:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import importlib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Union
+from typing import Annotated, Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, \
-    model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .arena import format_bytes, host_memory_limit
 from .errors import ConfigError
@@ -109,8 +108,8 @@ class PythonSink(_Strict):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
-Source = Annotated[Union[SyntheticSource, NpySource, PythonSource], Field(discriminator="type")]
-Sink = Annotated[Union[NpySink, NullSink, PythonSink], Field(discriminator="type")]
+Source = Annotated[SyntheticSource | NpySource | PythonSource, Field(discriminator="type")]
+Sink = Annotated[NpySink | NullSink | PythonSink, Field(discriminator="type")]
 
 
 class StageConfig(_Strict):
@@ -206,7 +205,7 @@ def resolve(spec: str) -> Callable[..., Any]:
         obj = getattr(obj, part)
     if not callable(obj):
         raise TypeError(f"{spec} is not callable")
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:

@@ -57,7 +57,7 @@ def _rundir() -> Check:
         if os.access(parent, os.W_OK):
             return Check("runtime dir", "ok", f"{base} will be created (mode 0700)")
         return Check("runtime dir", "fail", f"cannot create {base}: {parent} is not writable",
-                     f"export SHMBROKER_RUNTIME_DIR=<a directory you own>")
+                     "export SHMBROKER_RUNTIME_DIR=<a directory you own>")
     st = base.stat()
     if st.st_uid != os.getuid():
         return Check("runtime dir", "fail", f"{base} belongs to uid {st.st_uid}, not {os.getuid()}",

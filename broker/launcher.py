@@ -33,8 +33,16 @@ import numpy as np
 
 from .arena import format_bytes
 from .client import Broker, Client, array_spec
-from .config import NpySink, NpySource, PipelineConfig, PythonSink, PythonSource, SyntheticSource, \
-    load_config, resolve
+from .config import (
+    NpySink,
+    NpySource,
+    PipelineConfig,
+    PythonSink,
+    PythonSource,
+    SyntheticSource,
+    load_config,
+    resolve,
+)
 from .errors import BrokerError, BrokerTimeout, ItemTooLarge, StageFailed, error_from_wire
 from .protocol import Handle
 
@@ -445,8 +453,7 @@ class _Progress:
     def __init__(self, total: int | None, enabled: bool) -> None:
         self.bar: Any = None
         if enabled and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-                TimeElapsedColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.bar = Progress(TextColumn("[bold]items"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), transient=True)

@@ -160,11 +160,11 @@ class Handle:
         broker, oid, gen, offset, nbytes, dtype, shape, strides = wire
         if not isinstance(broker, str) or not isinstance(dtype, str):
             raise ProtocolError("handle broker and dtype must be strings")
-        ints = _int_tuple([oid, gen, offset, nbytes], "ids")
+        oid, gen, offset, nbytes = _int_tuple([oid, gen, offset, nbytes], "ids")
         shape, strides = _int_tuple(shape, "shape"), _int_tuple(strides, "strides")
         if len(strides) != len(shape):
             raise ProtocolError(f"handle has {len(shape)} dimensions but {len(strides)} strides")
-        return cls(broker, *ints, dtype, shape, strides)
+        return cls(broker, oid, gen, offset, nbytes, dtype, shape, strides)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Handle.from_wire, (self.to_wire(),))

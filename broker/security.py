@@ -9,8 +9,6 @@ the broker's public one. Generate them with ``shmbroker keys DIR``.
 
 from __future__ import annotations
 
-from typing import Any
-
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator

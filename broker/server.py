@@ -265,7 +265,7 @@ class BrokerServer:
         self.endpoint = endpoint or f"ipc://{rundir.file('broker.sock')}"
         self.router.bind(self.endpoint)
         if self.endpoint.startswith("tcp://") and self.endpoint.endswith(":0"):
-            self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self.endpoint = self.router.get_string(zmq.LAST_ENDPOINT)
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.events = events or f"ipc://{rundir.file('events.sock')}"

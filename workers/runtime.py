@@ -43,7 +43,7 @@ def load_stage(stage: StageConfig, device: str) -> Callable[[Any], Any]:
         args = dict(stage.args)
         if "device" in inspect.signature(factory).parameters:
             args.setdefault("device", device)
-        return factory(**args)  # type: ignore[no-any-return]
+        return factory(**args)
     fn = resolve(stage.fn or "")
     args = stage.args
     return (lambda x: fn(x, **args)) if args else fn
