@@ -10,6 +10,18 @@ import time
 __all__ = ["setup_logging"]
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it may be replaced, e.g. by pytest)."""
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
@@ -30,7 +42,7 @@ def setup_logging(level: str = "WARNING", as_json: bool = False, role: str = "ma
         return record
 
     logging.setLogRecordFactory(factory)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(_JsonFormatter() if as_json else logging.Formatter(
         "%(asctime)s %(levelname)-7s %(role)s[%(process)d] %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()

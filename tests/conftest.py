@@ -123,10 +123,20 @@ def dev_shm() -> set[str]:
         return set()
 
 
+def _foreign(name: str) -> bool:
+    """An entry that names a live process outside this test's tree (``torch_<pid>_...``)."""
+    parts = name.split("_")
+    if len(parts) < 2 or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    return pid != os.getpid() and pid not in descendants() and os.path.exists(f"/proc/{pid}")
+
+
 def _new_dev_shm(before: set[str]) -> set[str]:
     # multiprocessing's own semaphores (sem.mp-*) come and go with Queue/Lock objects of any
-    # process on the host; they are not ours to judge here.
-    return {n for n in dev_shm() - before if not n.startswith("sem.")}
+    # process on the host, and other programs on a shared machine (a benchmark with
+    # torch.multiprocessing, say) make their own entries: neither is ours to judge here.
+    return {n for n in dev_shm() - before if not n.startswith("sem.") and not _foreign(n)}
 
 
 def _reap(pids: set[int], timeout: float) -> dict[int, str]:

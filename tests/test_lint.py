@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("cmd", [
-    ["ruff", "check", "broker", "workers", "tests", "benchmarks"],
+    ["ruff", "check", "."],
     ["mypy"],
 ])
 def test_clean(cmd: list[str]) -> None:
