@@ -115,7 +115,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from .config import load_config, parse_size
     from .server import run_broker
 
-    stages, inflight, metrics, curve = None, 0, None, None
+    stages, inflight, metrics, curve, hwm = None, 0, None, None, 10_000
     capacity = parse_size(args.capacity or "256MiB")
     endpoint = args.endpoint
     if args.config:
@@ -124,6 +124,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         endpoint = endpoint or cfg.broker.endpoint
         stages, inflight = [s.to_broker() for s in cfg.stages], cfg.broker.max_inflight
         metrics = cfg.broker.metrics_port
+        hwm = cfg.broker.hwm
         curve = cfg.broker.curve.broker_args() if cfg.broker.curve else None
 
     def announce(info: dict[str, Any]) -> None:
@@ -131,7 +132,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
               f"(arena {format_bytes(info['capacity'])})", flush=True)
 
     return run_broker(capacity, endpoint, None, stages, inflight, announce, metrics_port=metrics,
-                      curve=curve)
+                      curve=curve, hwm=hwm)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

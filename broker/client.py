@@ -296,10 +296,11 @@ class Broker:
     def __init__(self, capacity: int = 256 * 2**20, *, endpoint: str | None = None,
                  stages: list[dict[str, Any]] | None = None, max_inflight: int = 0,
                  log_level: str = "WARNING", metrics_port: int | None = None,
-                 curve: dict[str, str] | None = None, startup_timeout: float = 60.0) -> None:
+                 curve: dict[str, str] | None = None, hwm: int = 10_000,
+                 startup_timeout: float = 60.0) -> None:
         cmd = [sys.executable, "-m", "broker.server", "--capacity", str(int(capacity)),
                "--log-level", log_level, "--parent-pid", str(os.getpid()),
-               "--max-inflight", str(max_inflight)]
+               "--max-inflight", str(max_inflight), "--hwm", str(hwm)]
         if endpoint:
             cmd += ["--endpoint", endpoint]
         if stages:

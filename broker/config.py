@@ -52,6 +52,7 @@ class BrokerConfig(_Strict):
     max_inflight: int = Field(default=64, ge=1, description="items the source may have in flight")
     wait_timeout: float = Field(default=60.0, gt=0, description="seconds to wait for arena space")
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    hwm: int = Field(default=10_000, ge=100, description="ZeroMQ high-water mark: messages queued per peer")
     curve: CurveConfig | None = None
 
     @field_validator("endpoint")

@@ -172,7 +172,7 @@ class Pipeline:
         self.broker = Broker(int(cfg.broker.capacity), endpoint=cfg.broker.endpoint,
                              stages=[s.to_broker() for s in cfg.stages],
                              max_inflight=cfg.broker.max_inflight, log_level=self.log_level,
-                             metrics_port=cfg.broker.metrics_port,
+                             metrics_port=cfg.broker.metrics_port, hwm=cfg.broker.hwm,
                              curve=cfg.broker.curve.broker_args() if cfg.broker.curve else None)
         for w in self.workers:
             self._spawn(w)

@@ -912,14 +912,14 @@ def _stop_on_signals(server: BrokerServer) -> dict[int, Any]:
 def run_broker(capacity: int, endpoint: str | None = None, events: str | None = None,
                stages: list[dict[str, Any]] | None = None, max_inflight: int = 0,
                announce: Any = None, parent_pid: int = 0, metrics_port: int | None = None,
-               curve: dict[str, str] | None = None) -> int:
+               curve: dict[str, str] | None = None, hwm: int = 10_000) -> int:
     """Run a broker in this process until SIGTERM/SIGINT or a shutdown request."""
     swept = cleanup()
     if swept:
         log.info("removed %d runtime directories of brokers that are gone", len(swept))
     rundir = RunDir()
     try:
-        server = BrokerServer(capacity, rundir, endpoint, events, curve=curve)
+        server = BrokerServer(capacity, rundir, endpoint, events, hwm=hwm, curve=curve)
     except BaseException as e:
         rundir.remove()
         if announce:
@@ -960,6 +960,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-inflight", type=int, default=0)
     ap.add_argument("--log-level", default="WARNING")
     ap.add_argument("--log-json", action="store_true")
+    ap.add_argument("--hwm", type=int, default=10_000, help="ZeroMQ high-water mark per peer")
     ap.add_argument("--curve-secret", help="the broker's CURVE .key_secret file")
     ap.add_argument("--curve-authorized", help="directory of authorized client public keys")
     ap.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
@@ -979,7 +980,7 @@ def main(argv: list[str] | None = None) -> int:
                           args.max_inflight, announce, args.parent_pid,
                           args.metrics_port,
                           {"secret": args.curve_secret, "authorized": args.curve_authorized}
-                          if args.curve_secret else None)
+                          if args.curve_secret else None, args.hwm)
     except (MemoryError, OSError, BrokerError) as e:
         log.error("%s", e)
         return 2
