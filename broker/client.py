@@ -332,7 +332,8 @@ class Broker:
             raise BrokerError(f"the broker did not start: {info['error']}")
         return info
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self) -> None:
+        """Stop the broker (SIGTERM, then SIGKILL after 10 s); it removes its runtime directory."""
         self._finalizer()
 
     def __enter__(self) -> Broker:
