@@ -233,3 +233,15 @@ def test_worker_attached_from_another_terminal_is_picked_up(tmp_path: Path) -> N
     assert [w["pid"] for w in stats["stages"][0]["workers"]] == [attached.pid]
     for i, x in enumerate(reference_items(12, [4])):
         np.testing.assert_array_equal(got[i], x * 5)
+
+
+def test_npy_files_config_runs_as_shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # the shipped config names its data relative to the repository
+    with Pipeline.from_yaml(ROOT / "configs" / "npy_files.yaml", [f"sink.path={tmp_path}"]) as p:
+        summary = p.run()
+    files = sorted((ROOT / "configs" / "data").glob("*.npy"))
+    assert summary.items == len(files) == 10
+    for i, f in enumerate(files):
+        got = np.load(tmp_path / f"{i:06d}.npy")
+        assert got.dtype == np.float32  # the infer stage casts; float64 came in
+        np.testing.assert_allclose(got, (np.load(f) * 2).astype(np.float32))
