@@ -1,0 +1,464 @@
+#!/usr/bin/env python
+"""The same preprocessing and the same CPU "model" through a shmbroker pipeline and a torch DataLoader.
+
+One command::
+
+    .venv/bin/python benchmarks/pipeline.py [--quick] [--sizes 64KiB,1MiB,16MiB] [--seconds S]
+                                            [--reps N] [--out benchmarks/results/pipeline.json]
+
+Workload (identical in both systems)
+------------------------------------
+* items: float32 ``[rows, 256]`` arrays of 64 KiB, 1 MiB and 16 MiB (rows = 64, 1024, 16384);
+  item ``i`` is ``pool[i % 4]``, four arrays made once per process
+  (``benchmarks._bench_stages.pool``), so neither system generates data in the
+  timed loop and both start from an array already in memory.
+* preprocess: ``workers.stages.normalize`` (standardize each item) on 2 CPU workers.
+* model: ``x.reshape(-1, 256) @ W`` with a fixed seeded ``W [256, 64]``
+  (``benchmarks._bench_stages.model_factory``) on batches of 16, under
+  ``torch.inference_mode()``; its output is dropped (null sink).
+* threads: ``torch.set_num_threads(1)`` everywhere (shmbroker: ``threads: 1`` on both
+  stages; the driver does no torch math. DataLoader: the main process calls it, and
+  DataLoader workers set 1 themselves), so the 2 cores are shared by processes, not
+  by intra-op threads.
+
+(a) shmbroker: driver (python source: the pool) -> ``preprocess`` (replicas 2, threads 1)
+    -> ``model`` (batch 16, threads 1) -> null sink, via ``Pipeline.run()``.
+(b) ``torch.utils.data.DataLoader(ds, batch_size=16, num_workers=2, persistent_workers=True)``
+    (fork, prefetch_factor 2, pin_memory False); ``ds[i]`` = normalize(pool[i % 4]);
+    the main process applies the model to each batch.
+
+Each (system, size) runs in its own child process (a fresh interpreter): start-up,
+warm-up runs (32 items, then 64, 128, ... until one takes >= 1 s; its rate sizes
+the item count so one timed run takes about ``--seconds``),
+then ``--reps`` timed runs. items/s = items / wall time of the run; MB/s = items x
+item bytes / s (input bytes).
+
+Bytes copied per item
+---------------------
+shmbroker: measured (the driver's write into stage 0 + every stage's write of its
+output into the arena; per run, from the broker's stage counters; the Summary's own
+``copied_per_item`` is also recorded, see PIPELINE_NOTES.md for why it is wrong from
+the second run of a Pipeline on). DataLoader, counted analytically: default_collate
+``torch.stack``s the 16 preprocessed items into a new shared-memory tensor
+(1 x item bytes); the batch goes to the main process as a file descriptor (no copy);
+the dataset reads the pool in place (no copy); the model's output stays in the main
+process (no copy). So 1 x item bytes. Neither count includes compute outputs
+(normalize's and the matmul's result tensors), which both systems produce alike.
+
+Memory: the parent samples the child's whole process tree (child + broker + workers,
+or child + DataLoader workers) every 50 ms (stretched so the sampler never takes more
+than 10% of a core: reading smaps_rollup of processes that map GiBs costs ~10-50 ms;
+the JSON records the actual mean interval and the sampler's CPU), summing ``Pss:`` from
+``/proc/PID/smaps_rollup`` (a page shared by k processes counts 1/k in each, so
+once in total); the table shows the median over runs of each run's peak.
+shmbroker's arena is a memfd that the broker ``posix_fallocate``s at start: all of
+its capacity is RAM from the start, but PSS counts only pages some process has
+mapped and touched. "footprint" adds that back: peak PSS - arena PSS at the end of
+the run + arena capacity (DataLoader: footprint = peak PSS). The arena is sized
+``--capacity-items`` (64) items, min 128 MiB: with max_inflight 64 that is about what
+the DataLoader holds in flight (2 workers x prefetch_factor 2 x 16 = 64 items).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._bench_util import (
+    RESULTS,
+    Foreign,
+    PssSampler,
+    cpu_seconds,
+    fmt_bytes,
+    fmt_rate,
+    machine_info,
+    mapping_pss,  # noqa: E402
+    maybe_plot,
+    parse_size,
+    proc_name,
+    pss_bytes,
+    summarize,
+    table,
+    tree,
+    write_json,
+)
+
+FEATURES = 256
+BATCH = 16
+
+
+def rows_for(nbytes: int) -> int:
+    return max(1, nbytes // (4 * FEATURES))
+
+
+def round16(n: float) -> int:
+    return max(BATCH * 2, int(round(n / BATCH)) * BATCH)
+
+
+def phase(name: str) -> None:
+    print(f"PHASE {name}", flush=True)
+
+
+def tree_cpu(root: int) -> dict[int, float]:
+    return {p: cpu_seconds(p) for p in tree(root)}
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(after[p] - before.get(p, 0.0) for p in after)
+
+
+# -- child: shmbroker ---------------------------------------------------------------
+CAPACITY_ITEMS = 64  # arena capacity in items (min 128 MiB); --capacity-items
+
+
+def capacity_for(nbytes: int, items: int | None = None) -> int:
+    return max(128 * 2**20, (items or CAPACITY_ITEMS) * nbytes)
+
+
+PIPELINE_YAML = """\
+name: bench-{rows}
+broker:
+  capacity: {capacity}
+  max_inflight: 64
+source:
+  type: python
+  fn: benchmarks._bench_stages:pool_source
+  args: {{count: 32, rows: {rows}}}
+stages:
+  - name: preprocess
+    fn: workers.stages:normalize
+    device: cpu
+    replicas: 2
+    threads: 1
+  - name: model
+    factory: benchmarks._bench_stages:model_factory
+    device: cpu
+    replicas: 1
+    batch: {batch}
+    threads: 1
+sink:
+  type: "null"
+"""
+
+
+def child_shmbroker(nbytes: int, target: float, reps: int, cap_items: int | None = None) -> dict[str, Any]:
+    import torch
+
+    from benchmarks._bench_stages import pool
+    from broker import Pipeline
+
+    torch.set_num_threads(1)
+    rows = rows_for(nbytes)
+    pool(rows)  # the source's arrays exist before the clock starts
+    tmp = tempfile.mkdtemp(prefix="shmb-pipe-")
+    path = Path(tmp) / "bench.yaml"
+    cap = capacity_for(nbytes, cap_items)
+    path.write_text(PIPELINE_YAML.format(rows=rows, capacity=cap, batch=BATCH))
+    out: dict[str, Any] = {"system": "shmbroker", "capacity": cap, "runs": []}
+    me = os.getpid()
+    with Pipeline.from_yaml(path) as p:
+        src = p.cfg.source
+        prev_copied = 0
+        prev_done = 0
+
+        def one(count: int) -> tuple[Any, float, float, dict[str, float]]:
+            nonlocal prev_copied, prev_done
+            src.args["count"] = count  # type: ignore[union-attr]
+            c0 = tree_cpu(me)
+            t = time.perf_counter()
+            s = p.run()
+            wall = time.perf_counter() - t
+            c1 = tree_cpu(me)
+            copied_stages = sum(st["copied"] for st in s.stages)
+            run_copied = s.bytes_in + copied_stages - prev_copied
+            prev_copied = copied_stages
+            roles = {"driver": c1.get(me, 0) - c0.get(me, 0),
+                     "broker": c1.get(p.broker.pid, 0) - c0.get(p.broker.pid, 0)}
+            for w in p.workers:
+                if w.proc is not None and w.proc.pid in c1:
+                    key = p.cfg.stages[w.stage].name
+                    roles[key] = roles.get(key, 0.0) + c1[w.proc.pid] - c0.get(w.proc.pid, 0.0)
+            roles["total"] = cpu_delta(c0, c1)
+            return s, wall, run_copied / max(1, s.items), roles
+
+        phase("warmup")
+        t = time.perf_counter()
+        one(32)  # workers start (spawn + import torch) and register here
+        out["startup_and_first_32_s"] = time.perf_counter() - t
+        w = 64  # calibrate: double until one run takes >= 1 s, then size the timed runs from its rate
+        while True:
+            s, wall, _, _ = one(w)
+            if wall >= 1.0 or w >= 1 << 16:
+                break
+            w *= 2
+        count = round16(target * s.items / wall)
+        out["count"] = count
+        for r in range(reps):
+            phase(f"rep{r}")
+            s, wall, copied, roles = one(count)
+            arena = sum(mapping_pss(pid, "shmbroker-") for pid in tree(me))
+            phase(f"after{r}")
+            out["runs"].append({
+                "items": s.items, "seconds": wall, "summary_seconds": s.seconds,
+                "items_s": s.items / wall, "mb_s": s.items * nbytes / wall / 1e6,
+                "copied_per_item": copied, "summary_copied_per_item": s.copied_per_item,
+                "arena_peak": s.arena_peak, "arena_pss_end": arena, "skipped": len(s.skipped),
+                "duplicates": s.duplicates, "cpu_s": roles,
+                "stage_rates": {st["name"]: st["rate"] for st in s.stages}})
+    return out
+
+
+# -- child: DataLoader ------------------------------------------------------------------
+class PoolDataset:
+    """``ds[i] = normalize(pool[i % 4])``: the same arrays and preprocessing as the shmbroker source/stage."""
+
+    def __init__(self, rows: int, n: int) -> None:
+        self.rows = rows
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        import torch
+
+        from benchmarks._bench_stages import pool
+        from workers.stages import normalize
+
+        items = pool(self.rows)
+        with torch.no_grad():
+            return normalize(torch.from_numpy(items[i % len(items)]))
+
+
+def child_dataloader(nbytes: int, target: float, reps: int, cap_items: int | None = None) -> dict[str, Any]:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from benchmarks._bench_stages import model_factory, pool
+
+    torch.set_num_threads(1)
+    rows = rows_for(nbytes)
+    pool(rows)  # made before the workers fork: shared copy-on-write, like a dataset in memory
+
+    ds = PoolDataset(rows, 32)
+    loader = DataLoader(ds, batch_size=BATCH, num_workers=2, persistent_workers=True, shuffle=False)
+    model = model_factory()
+    me = os.getpid()
+    out: dict[str, Any] = {"system": "dataloader", "runs": [],
+                           "settings": {"batch_size": BATCH, "num_workers": 2, "persistent_workers": True,
+                                        "prefetch_factor": loader.prefetch_factor,
+                                        "multiprocessing_context": str(loader.multiprocessing_context
+                                                                       or "default (fork)"),
+                                        "pin_memory": loader.pin_memory,
+                                        "sharing_strategy": torch.multiprocessing.get_sharing_strategy()}}
+
+    def one(count: int) -> tuple[int, float, dict[str, float]]:
+        ds.n = count
+        c0 = tree_cpu(me)
+        n = 0
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for batch in loader:
+                y = model(batch)
+                n += y.shape[0]
+        wall = time.perf_counter() - t
+        c1 = tree_cpu(me)
+        roles = {"main (model)": c1.get(me, 0) - c0.get(me, 0), "total": cpu_delta(c0, c1)}
+        roles["workers (preprocess+collate)"] = roles["total"] - roles["main (model)"]
+        return n, wall, roles
+
+    phase("warmup")
+    t = time.perf_counter()
+    one(32)
+    out["startup_and_first_32_s"] = time.perf_counter() - t
+    w = 64
+    while True:
+        n, wall, _ = one(w)
+        if wall >= 1.0 or w >= 1 << 16:
+            break
+        w *= 2
+    count = round16(target * n / wall)
+    out["count"] = count
+    for r in range(reps):
+        phase(f"rep{r}")
+        n, wall, roles = one(count)
+        phase(f"after{r}")
+        out["runs"].append({"items": n, "seconds": wall, "items_s": n / wall, "mb_s": n * nbytes / wall / 1e6,
+                            "copied_per_item": float(nbytes), "cpu_s": roles})
+    return out
+
+
+def child_main(system: str, nbytes: int, target: float, reps: int, cap_items: int | None) -> int:
+    fn = child_shmbroker if system == "shmbroker" else child_dataloader
+    res = fn(nbytes, target, reps, cap_items)
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0
+
+
+# -- parent ------------------------------------------------------------------------------
+def run_child(system: str, nbytes: int, target: float, reps: int, cap_items: int,
+              pss_interval: float = 0.05, pss_max_duty: float = 0.1) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", system, "--size", str(nbytes), "--seconds", str(target),
+           "--reps", str(reps), "--capacity-items", str(cap_items)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).parent.parent))
+    sampler = PssSampler(proc.pid, pss_interval, pss_max_duty)
+    sampler.start()
+    result: dict[str, Any] | None = None
+    assert proc.stdout is not None
+    breakdown: list[dict[str, Any]] = []
+    foreign: dict[str, dict[str, float]] = {}
+    fg = Foreign(os.getpid())
+    for line in proc.stdout:
+        if line.startswith("PHASE "):
+            sampler.phase = line.split()[1]
+            if sampler.phase.startswith("rep"):
+                fg.start()
+            elif sampler.phase.startswith("after"):
+                foreign[sampler.phase[5:]] = fg.stop()
+            if sampler.phase == "after0":  # what each process holds, once, right after the first run
+                breakdown = [{"pid": p, "cmd": proc_name(p), "pss": pss_bytes(p)} for p in tree(proc.pid)]
+        elif line.startswith("RESULT "):
+            result = json.loads(line[7:])
+        else:
+            sys.stdout.write(line)
+    code = proc.wait()
+    sampler.stop()
+    if result is None or code != 0:
+        raise RuntimeError(f"{system} {fmt_bytes(nbytes)}: child exited with {code} and no result")
+    for r, run in enumerate(result["runs"]):
+        run["peak_pss"] = sampler.peaks.get(f"rep{r}", 0)
+        run.update(foreign.get(str(r), {}))
+        run["procs"] = sampler.procs.get(f"rep{r}", 0)
+        if system == "shmbroker":
+            run["footprint"] = run["peak_pss"] - run["arena_pss_end"] + result["capacity"]
+        else:
+            run["footprint"] = run["peak_pss"]
+    result["pss_by_process_after_run0"] = breakdown
+    result["pss_samples"] = sampler.samples
+    result["pss_mean_interval_s"] = sampler.mean_interval
+    result["sampler_cpu_s"] = sampler.cpu
+    result["pss_peak_warmup"] = sampler.peaks.get("warmup", 0)
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="runs of ~1.5 s instead of ~5 s")
+    ap.add_argument("--sizes", default="64KiB,1MiB,16MiB")
+    ap.add_argument("--systems", default="shmbroker,dataloader")
+    ap.add_argument("--seconds", type=float, default=None, help="target seconds per timed run (default 5)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--capacity-items", type=int, default=CAPACITY_ITEMS,
+                    help="shmbroker arena capacity = this many items (min 128 MiB)")
+    ap.add_argument("--pss-interval", type=float, default=0.05, help="seconds between PSS samples")
+    ap.add_argument("--pss-max-duty", type=float, default=0.1,
+                    help="stretch the interval so sampling takes at most this share of one core (1 = never)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "pipeline.json")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    target = args.seconds or (1.5 if args.quick else 5.0)
+    reps = max(3, args.reps)
+    if args.child:
+        return child_main(args.child, args.size, target, reps, args.capacity_items)
+
+    machine = machine_info(with_torch=True)
+    t_start = time.monotonic()
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    systems = args.systems.split(",")
+    results: dict[str, dict[str, Any]] = {}
+    for nbytes in sizes:
+        for system in systems:
+            print(f"{system} {fmt_bytes(nbytes)} ...", flush=True)
+            res = run_child(system, nbytes, target, reps, args.capacity_items, args.pss_interval,
+                            args.pss_max_duty)
+            runs = res["runs"]
+            res["stats"] = {k: summarize([r[k] for r in runs]) for k in
+                            ("items_s", "mb_s", "copied_per_item", "peak_pss", "footprint", "seconds",
+                             "foreign_cores", "steal_cores")}
+            res["stats"]["cpu_ms_per_item"] = {
+                role: summarize([r["cpu_s"][role] / r["items"] * 1e3 for r in runs]) for role in runs[0]["cpu_s"]}
+            results[f"{system}/{nbytes}"] = res
+            print(f"  {res['stats']['items_s']['median']:.1f} items/s (count {res['count']}, "
+                  f"peak PSS {fmt_bytes(res['stats']['peak_pss']['median'])})", flush=True)
+
+    rows = []
+    for nbytes in sizes:
+        for system in systems:
+            res = results[f"{system}/{nbytes}"]
+            st = res["stats"]
+            cpu = st["cpu_ms_per_item"]
+            rows.append([f"{system}", fmt_bytes(nbytes), str(res["count"]), fmt_rate(st["items_s"], 1),
+                         f"{st['items_s']['spread_pct']:.0f}%", f"{st['mb_s']['median']:.0f}",
+                         f"{fmt_bytes(st['copied_per_item']['median'])} ({st['copied_per_item']['median'] / nbytes:.2f}x)",
+                         fmt_bytes(st["peak_pss"]["median"]), fmt_bytes(st["footprint"]["median"]),
+                         f"{cpu['total']['median']:.2f}",
+                         f"{st['foreign_cores']['median'] + st['steal_cores']['median']:.2f}"])
+        a = results.get(f"shmbroker/{nbytes}")
+        b = results.get(f"dataloader/{nbytes}")
+        if a and b:
+            ratio = a["stats"]["items_s"]["median"] / b["stats"]["items_s"]["median"]
+            rows.append(["  shmbroker/DataLoader", "", "", f"{ratio:.2f}x", "", "", "", "", "", "", ""])
+    hdr = ["system", "item", "items/run", "items/s median (min-max)", "spread", "MB/s", "copied/item",
+           "peak PSS", "footprint", "CPU ms/item", "others' cores"]
+    text = table(hdr, rows, title=f"preprocess(normalize, 2 workers) -> model(x.reshape(-1,256) @ W, batch 16), "
+                                  f"{reps} runs of ~{target:.0f} s each, torch threads 1")
+    print()
+    print(text)
+    cpu_rows = []
+    for key, res in results.items():
+        system, nbytes = key.split("/")
+        for role, s in res["stats"]["cpu_ms_per_item"].items():
+            cpu_rows.append([system, fmt_bytes(int(nbytes)), role, f"{s['median']:.3f}"])
+    cpu_text = table(["system", "item", "process", "CPU ms/item (median)"], cpu_rows,
+                     title="where the CPU goes (utime+stime per process over each run / items)")
+    print()
+    print(cpu_text)
+    data = {"machine": machine,
+            "config": {"sizes": sizes, "systems": systems, "target_seconds": target, "reps": reps,
+                       "quick": args.quick, "batch": BATCH, "features": FEATURES, "out_features": 64,
+                       "torch_threads": 1, "argv": sys.argv[1:],
+                       "capacity_items": args.capacity_items, "pss_interval_s": args.pss_interval,
+                       "pss_max_duty": args.pss_max_duty,
+                       "shmbroker_capacity": {str(n): capacity_for(n, args.capacity_items) for n in sizes}},
+            "results": results, "table": text, "cpu_table": cpu_text,
+            "elapsed_s": time.monotonic() - t_start}
+    write_json(args.out, data)
+    print(f"\nwrote {args.out}")
+
+    def draw(plt: Any) -> None:
+        import numpy as np
+
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+        x = np.arange(len(sizes))
+        width = 0.38
+        for i, system in enumerate(systems):
+            for ax, key, scale, label in ((axes[0], "items_s", 1, "items/s"), (axes[1], "mb_s", 1, "MB/s"),
+                                          (axes[2], "peak_pss", 2**-20, "peak PSS (MiB)")):
+                med = [results[f"{system}/{n}"]["stats"][key]["median"] * scale for n in sizes]
+                lo = [m - results[f"{system}/{n}"]["stats"][key]["min"] * scale for m, n in zip(med, sizes, strict=True)]
+                hi = [results[f"{system}/{n}"]["stats"][key]["max"] * scale - m for m, n in zip(med, sizes, strict=True)]
+                ax.bar(x + (i - 0.5) * width, med, width, yerr=[lo, hi], capsize=3, label=system)
+                ax.set_xticks(x, [fmt_bytes(n) for n in sizes])
+                ax.set_ylabel(label)
+                ax.set_yscale("log")
+        axes[0].legend()
+        fig.suptitle(f"shmbroker pipeline vs DataLoader, 2 cores ({machine['date'][:10]})")
+
+    png = args.out.with_suffix(".png")
+    if maybe_plot(png, draw):
+        print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
