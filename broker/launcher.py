@@ -219,10 +219,11 @@ class Pipeline:
                 self._spawn(w)
 
     def close(self) -> None:
-        for w in self.workers:
-            if w.proc is not None and w.proc.exitcode is None:
-                w.proc.terminate()
-        for w in self.workers:
+        started = [w for w in self.workers if w.proc is not None and w.proc.pid is not None]
+        for w in started:
+            if w.proc.exitcode is None:  # type: ignore[union-attr]
+                w.proc.terminate()  # type: ignore[union-attr]
+        for w in started:
             if w.proc is not None:
                 w.proc.join(5)
                 if w.proc.exitcode is None:
@@ -284,7 +285,9 @@ class Pipeline:
                 state.stats_at = time.monotonic()
                 outstanding[c.send("stats")] = ("stats",)
             msg = c.inbox.popleft() if c.inbox else c.recv(0.2)
-            self.supervise()
+            if time.monotonic() - state.supervised_at > 0.1:
+                state.supervised_at = time.monotonic()
+                self.supervise()
             if msg is None:
                 if time.monotonic() - last_progress > max(wait, 60.0) * 2:
                     raise BrokerTimeout(f"no progress for {max(wait, 60.0) * 2:.0f} s; "
@@ -350,7 +353,8 @@ class Pipeline:
         """Drive the config's source through the stages to its sink; return the summary."""
         items, total = source_items(self.cfg)
         write = sink or _make_sink(self.cfg, total)
-        state = _DriveState()
+        assert self.client is not None
+        state = _DriveState(base=_baseline(self.client))
         t0 = time.perf_counter()
         bar = _Progress(total, self.progress)
         try:
@@ -369,7 +373,8 @@ class Pipeline:
         ``copy=False`` it is a view of the arena, valid only until the next
         iteration (its slot is then released and reused).
         """
-        state = _DriveState()
+        assert self.client is not None
+        state = _DriveState(base=_baseline(self.client))
         items = ((i, np.asarray(a)) for i, a in enumerate(arrays))
         ready: dict[int, tuple[np.ndarray, int]] = {}
         nxt = 0
@@ -399,12 +404,21 @@ class Pipeline:
         stages = []
         for i, st in enumerate(stats["stages"][:-1]):
             devices = sorted({w.device for w in self.workers if w.stage == i})
-            stages.append({**st, "device": ",".join(devices), "workers": len(st["workers"])})
+            base = state.base.get(st["name"], {})  # this run's share of the broker's lifetime counters
+            run = {k: st[k] - base.get(k, 0) for k in _COUNTERS}
+            stages.append({**st, **run, "device": ",".join(devices), "workers": len(st["workers"])})
         copied = state.bytes_in + sum(s["copied"] for s in stages)
         n = max(1, len(state.delivered))
         return Summary(self.cfg.name, len(state.delivered), sorted(state.skipped), state.duplicates,
                        seconds, state.bytes_in, stages, stats["peak"], stats["capacity"],
                        dict(self.restarts), copied / n, state.failures)
+
+
+_COUNTERS = ("done", "failed", "busy", "copied")
+
+
+def _baseline(client: Client) -> dict[str, dict[str, float]]:
+    return {st["name"]: {k: st[k] for k in _COUNTERS} for st in client.stats()["stages"]}
 
 
 @dataclass
@@ -416,6 +430,8 @@ class _DriveState:
     bytes_in: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
     stats_at: float = 0.0
+    supervised_at: float = 0.0
+    base: dict[str, dict[str, float]] = field(default_factory=dict)
     queues: str = ""
 
     @property

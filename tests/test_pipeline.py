@@ -245,3 +245,14 @@ def test_npy_files_config_runs_as_shipped(tmp_path: Path, monkeypatch: pytest.Mo
         got = np.load(tmp_path / f"{i:06d}.npy")
         assert got.dtype == np.float32  # the infer stage casts; float64 came in
         np.testing.assert_allclose(got, (np.load(f) * 2).astype(np.float32))
+
+
+def test_a_second_run_reports_its_own_counts(tmp_path: Path) -> None:
+    cfg = write_cfg(tmp_path, {"source": synthetic(7, [16]),
+                               "stages": [{"name": "s", "fn": "workers.stages:scale"}]})
+    with Pipeline.from_yaml(cfg) as p:
+        first = p.run(sink=lambda i, a: None)
+        second = p.run(sink=lambda i, a: None)
+    for summary in (first, second):
+        assert summary.items == 7 and summary.stages[0]["done"] == 7
+        assert summary.copied_per_item == 2 * 16 * 8  # the source's write + the stage's

@@ -25,7 +25,7 @@ import numpy as np
 
 from broker.client import Client
 from broker.config import StageConfig, resolve
-from broker.errors import BrokerGone, BrokerTimeout
+from broker.errors import BrokerError, BrokerGone, BrokerTimeout
 from broker.protocol import Handle
 
 from .bridge import cast, numpy_dtype, to_tensor, write_into
@@ -71,6 +71,7 @@ class Worker:
             assert self.client.region is not None
             pin_memory(self.client.region.buffer)
         self.stopping = False
+        self.acks: set[int] = set()
         self.client._request("register", stage=stage.name, credits=stage.credits, device=str(device))
 
     def run(self) -> int:
@@ -80,6 +81,10 @@ class Worker:
                 continue
             if msg["op"] == "task":
                 self.process(msg)
+            elif msg["rid"] in self.acks:  # the reply to a `done` sent without waiting
+                self.acks.discard(msg["rid"])
+                if msg["op"] == "error":
+                    raise BrokerError(f"the broker refused an acknowledgement: {msg['message']}")
             else:
                 log.debug("ignoring %s", msg["op"])
         return 0
@@ -95,8 +100,10 @@ class Worker:
             self.client._request("fail", task=task["task"], error=f"{type(e).__name__}: {e}",
                                  trace=traceback.format_exc(), credit=1)
             return
-        self.client._request("done", task=task["task"], rsv=rsv, credit=1,
-                             busy=time.perf_counter() - t0, copied=copied)
+        # Not waiting for the reply saves a round trip per task; the broker handles this
+        # connection's messages in order, so `done` lands before anything this worker sends next.
+        self.acks.add(self.client.send("done", task=task["task"], rsv=rsv, credit=1,
+                                       busy=time.perf_counter() - t0, copied=copied))
 
     def _compute_and_write(self, task: dict[str, Any]) -> tuple[int, int]:
         torch = self.torch
