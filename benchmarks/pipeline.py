@@ -36,9 +36,8 @@ item bytes / s (input bytes).
 Bytes copied per item
 ---------------------
 shmbroker: measured (the driver's write into stage 0 + every stage's write of its
-output into the arena; per run, from the broker's stage counters; the Summary's own
-``copied_per_item`` is also recorded, see PIPELINE_NOTES.md for why it is wrong from
-the second run of a Pipeline on). DataLoader, counted analytically: default_collate
+output into the arena; the Summary's ``copied_per_item``, which counts each run on
+its own). DataLoader, counted analytically: default_collate
 ``torch.stack``s the 16 preprocessed items into a new shared-memory tensor
 (1 x item bytes); the batch goes to the main process as a file descriptor (no copy);
 the dataset reads the pool in place (no copy); the model's output stays in the main
@@ -167,20 +166,14 @@ def child_shmbroker(nbytes: int, target: float, reps: int, cap_items: int | None
     me = os.getpid()
     with Pipeline.from_yaml(path) as p:
         src = p.cfg.source
-        prev_copied = 0
-        prev_done = 0
 
         def one(count: int) -> tuple[Any, float, float, dict[str, float]]:
-            nonlocal prev_copied, prev_done
             src.args["count"] = count  # type: ignore[union-attr]
             c0 = tree_cpu(me)
             t = time.perf_counter()
             s = p.run()
             wall = time.perf_counter() - t
             c1 = tree_cpu(me)
-            copied_stages = sum(st["copied"] for st in s.stages)
-            run_copied = s.bytes_in + copied_stages - prev_copied
-            prev_copied = copied_stages
             roles = {"driver": c1.get(me, 0) - c0.get(me, 0),
                      "broker": c1.get(p.broker.pid, 0) - c0.get(p.broker.pid, 0)}
             for w in p.workers:
@@ -188,7 +181,7 @@ def child_shmbroker(nbytes: int, target: float, reps: int, cap_items: int | None
                     key = p.cfg.stages[w.stage].name
                     roles[key] = roles.get(key, 0.0) + c1[w.proc.pid] - c0.get(w.proc.pid, 0.0)
             roles["total"] = cpu_delta(c0, c1)
-            return s, wall, run_copied / max(1, s.items), roles
+            return s, wall, s.copied_per_item, roles
 
         phase("warmup")
         t = time.perf_counter()
