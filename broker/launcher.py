@@ -50,7 +50,8 @@ __all__ = ["Pipeline", "Summary", "source_items"]
 
 log = logging.getLogger("shmbroker.launcher")
 
-MAX_RESTARTS = 5
+MAX_RESTARTS = 5  # deaths of one worker within RESTART_WINDOW before the run fails
+RESTART_WINDOW = 60.0
 
 
 def source_items(cfg: PipelineConfig) -> tuple[Iterator[tuple[int, np.ndarray]], int | None]:
@@ -124,6 +125,7 @@ class WorkerProc:
     proc: multiprocessing.process.BaseProcess | None = None
     restarts: int = 0
     restart_at: float = 0.0
+    deaths: list[float] = field(default_factory=list)
 
 
 class Pipeline:
@@ -197,22 +199,23 @@ class Pipeline:
         w.proc.start()
 
     def supervise(self) -> None:
-        """Restart workers that exited, with back-off; fail after ``MAX_RESTARTS`` per worker."""
+        """Restart workers that exited, with back-off; fail once one dies ``MAX_RESTARTS``
+        times within ``RESTART_WINDOW`` seconds (a crash loop, not bad luck over hours)."""
         now = time.monotonic()
         for w in self.workers:
             if w.proc is None or w.proc.exitcode is None:
                 continue
             if w.restart_at == 0.0:
                 code = w.proc.exitcode
-                st = self.cfg.stages[w.stage].name
-                if w.restarts >= MAX_RESTARTS:
+                w.deaths = [t for t in w.deaths if now - t < RESTART_WINDOW] + [now]
+                if len(w.deaths) > MAX_RESTARTS:
                     raise BrokerError(
-                        f"worker {w.name} on {w.device} exited with code {code} "
-                        f"{w.restarts + 1} times (a signal if negative: -9 is SIGKILL, often the "
-                        f"OOM killer); giving up; see its log above")
-                w.restart_at = now + min(0.1 * 2 ** w.restarts, 5.0)
-                log.warning("worker %s exited with code %s; restarting (%d)", w.name, code, w.restarts + 1)
-                self.restarts[st] += 1
+                        f"worker {w.name} on {w.device} exited {len(w.deaths)} times within "
+                        f"{RESTART_WINDOW:.0f} s, last with code {code} (a signal if negative: -9 is "
+                        f"SIGKILL, often the OOM killer); giving up; see its log above")
+                w.restart_at = now + min(0.1 * 2 ** (len(w.deaths) - 1), 5.0)
+                log.warning("worker %s exited with code %s; restarting", w.name, code)
+                self.restarts[self.cfg.stages[w.stage].name] += 1
             elif now >= w.restart_at:
                 w.restarts += 1
                 w.restart_at = 0.0

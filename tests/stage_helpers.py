@@ -56,3 +56,7 @@ collected: list = []
 
 def collect(array, index):
     collected.append((index, array.copy()))
+
+
+def die(x: torch.Tensor) -> torch.Tensor:
+    os._exit(17)  # a worker that crashes on every item (segfault-like: no traceback, no fail message)

@@ -51,8 +51,12 @@ def soak(tmp_path: Path, count: int, kills: int) -> dict[str, int]:
             got[idx] = arr.copy()
             while kill_at and len(got) >= kill_at[0]:
                 kill_at.pop(0)
-                alive = [w.proc for w in p.workers if w.proc is not None and w.proc.exitcode is None]
-                victim = rng.choice(alive)
+                alive = [w for w in p.workers if w.proc is not None and w.proc.exitcode is None]
+                # a random worker among those killed least, so kills spread over the run's
+                # workers instead of tripping one worker's crash-loop limit
+                least = min(len(w.deaths) for w in alive)
+                victim = rng.choice([w for w in alive if len(w.deaths) == least]).proc
+                assert victim is not None and victim.pid is not None
                 os.kill(victim.pid, signal.SIGKILL)
                 killed.append(victim.pid)
 
@@ -114,3 +118,17 @@ def test_broker_killed_mid_run_stops_the_pipeline_with_a_clear_error(tmp_path: P
     assert [e for e in list_rundirs() if not e.live]
     cleanup()
     assert not list_rundirs()
+
+
+def test_a_crash_looping_worker_fails_the_run_with_the_reason(tmp_path: Path) -> None:
+    path = tmp_path / "die.yaml"
+    path.write_text(yaml.safe_dump({
+        "source": {"type": "synthetic", "count": 3, "shape": [2]},
+        "stages": [{"name": "crash", "fn": "stage_helpers:die"}],
+    }))
+    from broker import BrokerError
+
+    with Pipeline.from_yaml(path) as p, pytest.raises(BrokerError) as err:
+        p.run(sink=lambda i, a: None)
+    text = str(err.value)
+    assert "worker:crash:0 on cpu exited 6 times within 60 s, last with code 17" in text
