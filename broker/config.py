@@ -174,6 +174,8 @@ class PipelineConfig(_Strict):
     source: Source
     stages: list[StageConfig] = Field(min_length=1)
     sink: Sink = Field(default_factory=lambda: NullSink(type="null"))
+    failures: str | None = Field(default=None, description="JSON-lines file of skipped items "
+                                 "(default: failures.jsonl in an npy sink's directory)")
 
     @model_validator(mode="before")
     @classmethod

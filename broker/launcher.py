@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import glob
 import inspect
+import json
 import logging
 import multiprocessing
 import os
@@ -336,8 +337,21 @@ class Pipeline:
         log.warning("stage %s skipped item(s) %s: %s", msg["stage"], msg["items"], msg["error"])
         for i in msg["items"]:
             state.skipped.add(i)
-        state.failures.append({"stage": msg["stage"], "items": msg["items"], "error": msg["error"],
-                               "trace": msg["trace"]})
+        record = {"stage": msg["stage"], "items": msg["items"], "error": msg["error"], "trace": msg["trace"]}
+        state.failures.append(record)
+        path = self.failures_path()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:  # one JSON line per failure, written as it happens
+                f.write(json.dumps(record) + "\n")
+
+    def failures_path(self) -> Path | None:
+        """Where skipped items are recorded: ``failures:`` of the config, else beside an npy sink."""
+        if self.cfg.failures:
+            return Path(self.cfg.failures)
+        if isinstance(self.cfg.sink, NpySink):
+            return Path(self.cfg.sink.path) / "failures.jsonl"
+        return None
 
     def _stage_state(self) -> str:
         assert self.client is not None

@@ -60,3 +60,12 @@ def collect(array, index):
 
 def die(x: torch.Tensor) -> torch.Tensor:
     os._exit(17)  # a worker that crashes on every item (segfault-like: no traceback, no fail message)
+
+
+def fail_first(x: torch.Tensor, marker: str) -> torch.Tensor:
+    """Fail the first call across all workers (a marker file remembers), succeed after."""
+    if not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write("failed once")
+        raise RuntimeError("transient failure")
+    return x

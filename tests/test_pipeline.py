@@ -256,3 +256,29 @@ def test_a_second_run_reports_its_own_counts(tmp_path: Path) -> None:
     for summary in (first, second):
         assert summary.items == 7 and summary.stages[0]["done"] == 7
         assert summary.copied_per_item == 2 * 16 * 8  # the source's write + the stage's
+
+
+def test_skip_writes_a_failures_file_and_retry_recovers_a_flaky_stage(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cfg = write_cfg(tmp_path, {
+        "source": synthetic(1, [2]),
+        "stages": [{"name": "boom", "fn": "stage_helpers:boom_on", "args": {"value": 3.0}, "on_error": "skip"}],
+        "sink": {"type": "npy", "path": str(out)},
+    })
+    with Pipeline.from_yaml(cfg) as p:
+        list(p.map([np.full((2,), float(i)) for i in range(5)]))
+    lines = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["items"] == [3] and lines[0]["stage"] == "boom"
+    assert "RuntimeError: boom on 3.0" in lines[0]["trace"]
+
+    marker = tmp_path / "flaky"
+    cfg = write_cfg(tmp_path, {
+        "source": synthetic(1, [2]),
+        "stages": [{"name": "flaky", "fn": "stage_helpers:fail_first", "args": {"marker": str(marker)},
+                    "on_error": "retry", "retries": 2}],
+    }, "retry.yaml")
+    with Pipeline.from_yaml(cfg) as p:
+        got = list(p.map([np.full((2,), float(i)) for i in range(4)]))
+        assert p.last_summary.skipped == []
+    assert [float(g[0]) for g in got] == [0.0, 1.0, 2.0, 3.0]
+    assert marker.read_text() == "failed once"  # the first attempt did fail
