@@ -282,3 +282,21 @@ def test_skip_writes_a_failures_file_and_retry_recovers_a_flaky_stage(tmp_path: 
         assert p.last_summary.skipped == []
     assert [float(g[0]) for g in got] == [0.0, 1.0, 2.0, 3.0]
     assert marker.read_text() == "failed once"  # the first attempt did fail
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this host)")
+def test_gpu_stage_with_pinned_arena_matches_cpu_reference(tmp_path: Path) -> None:
+    cfg = write_cfg(tmp_path, {
+        "source": synthetic(33, [3, 16, 16], dtype="float32"),
+        "stages": [{"name": "g", "factory": "workers.stages:linear", "device": "cuda", "devices": "all",
+                    "replicas_per_device": 1, "batch": 8,
+                    "args": {"in_features": 16, "out_features": 4, "seed": 0}}],
+    })
+    got: dict[int, np.ndarray] = {}
+    with Pipeline.from_yaml(cfg, require_gpu=True) as p:
+        p.run(sink=lambda i, a: got.__setitem__(i, a.copy()))
+        assert all(w.device.startswith("cuda:") for w in p.workers)
+    model = linear(16, 4, seed=0)
+    for i, x in enumerate(reference_items(33, [3, 16, 16], "float32")):
+        np.testing.assert_allclose(got[i], model(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-4)
