@@ -148,6 +148,7 @@ class Pipeline:
         self.restarts: collections.Counter[str] = collections.Counter()
         self.warnings: list[str] = []
         self._ctx = multiprocessing.get_context("spawn")
+        self._unfinished = False
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Iterable[str] = (), **kw: Any) -> Pipeline:
@@ -259,6 +260,10 @@ class Pipeline:
         """
         c = self.client
         assert c is not None
+        if self._unfinished:
+            raise BrokerError("a previous run() or map() of this Pipeline stopped before its end "
+                              "(items of it are still in flight); start a new Pipeline")
+        self._unfinished = True  # cleared only when this run drains completely
         cap, wait = int(self.cfg.broker.capacity), self.cfg.broker.wait_timeout
         outstanding: dict[int, Any] = {}
         reserving = 0
@@ -284,6 +289,7 @@ class Pipeline:
                 outstanding[c.send("eof", items=state.submitted)] = ("eof",)
                 eof_sent = True
             if exhausted and not outstanding and state.finished >= state.submitted:
+                self._unfinished = False
                 return
             if self.progress and time.monotonic() - state.stats_at > 1.0:
                 state.stats_at = time.monotonic()
@@ -394,8 +400,19 @@ class Pipeline:
         state = _DriveState(base=_baseline(self.client))
         items = ((i, np.asarray(a)) for i, a in enumerate(arrays))
         ready: dict[int, tuple[np.ndarray, int]] = {}
+        try:
+            yield from self._ordered(self._drive(items, None, state), ready, state, copy)
+        finally:
+            for _view, t in ready.values():  # a caller that stopped early: give back what it held
+                if t >= 0:
+                    self._done(t)
+        self.last_summary = self._summary(state, 0.0)
+
+    def _ordered(self, delivered: Iterator[tuple[int, np.ndarray, int]],
+                 ready: dict[int, tuple[np.ndarray, int]], state: _DriveState,
+                 copy: bool) -> Iterator[np.ndarray]:
         nxt = 0
-        for idx, view, task in self._drive(items, None, state):
+        for idx, view, task in delivered:
             if copy:
                 ready[idx] = (view.copy(), -1)
                 self._done(task)
@@ -408,10 +425,11 @@ class Pipeline:
                     break
                 out, t = ready.pop(nxt)
                 nxt += 1
-                yield out
-                if t >= 0:
-                    self._done(t)
-        self.last_summary = self._summary(state, 0.0)
+                try:
+                    yield out
+                finally:
+                    if t >= 0:
+                        self._done(t)
 
     def _summary(self, state: _DriveState, seconds: float) -> Summary:
         assert self.client is not None and self.broker is not None

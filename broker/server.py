@@ -463,9 +463,13 @@ class BrokerServer:
             self._retry_pending(now)
         for s, st in enumerate(self.stages):
             for b in list(st.batches):
-                if b.closed or b.assigned == 0 or b.committed + len(b.holes) < b.assigned:
-                    continue
-                if self._upstream_idle(s) and (self.eof or now - b.opened >= st.batch_timeout):
+                if b.assigned == 0 or b.committed + len(b.holes) < b.assigned:
+                    continue  # rows still being written
+                # A closed batch (full, or cut off by a reservation of another shape) with no
+                # open rows goes now, whatever closed it (a commit, a cancel, a shape change);
+                # an open one waits for more rows until nothing upstream can add to it.
+                if b.closed or (self._upstream_idle(s) and
+                                (self.eof or now - b.opened >= st.batch_timeout)):
                     b.closed = True
                     self._batch_ready(s, b)
         self._dispatch()
@@ -707,6 +711,8 @@ class BrokerServer:
         st = self.stages[rsv.stage]
         for seg in rsv.segments:
             st.reserved -= len(seg.items)
+            if rsv.stage == 0:  # a source's items that will not enter the pipeline after all
+                self.inflight_items -= len(seg.items)
             if seg.batch is not None:
                 for r in range(seg.row, seg.row + len(seg.items)):
                     seg.batch.items[r] = None
@@ -762,6 +768,8 @@ class BrokerServer:
         return task
 
     def _op_done(self, conn: Conn, msg: dict[str, Any]) -> None:
+        if msg["task"] not in conn.tasks:  # check before touching the reservation
+            raise BadRequest(f"done: task {msg['task']} is not assigned to this client")
         rsv = None
         if msg["rsv"] is not None:
             rsv = conn.reservations.pop(msg["rsv"], None)

@@ -87,7 +87,16 @@ class Worker:
                     raise BrokerError(f"the broker refused an acknowledgement: {msg['message']}")
             else:
                 log.debug("ignoring %s", msg["op"])
+        self._flush_acks()
         return 0
+
+    def _flush_acks(self, timeout: float = 5.0) -> None:
+        """On a clean stop, wait until the broker has taken every `done` (else it redoes the work)."""
+        deadline = time.monotonic() + timeout
+        while self.acks and time.monotonic() < deadline:
+            msg = self.client.inbox.popleft() if self.client.inbox else self.client.recv(0.1)
+            if msg is not None:
+                self.acks.discard(msg["rid"])
 
     def process(self, task: dict[str, Any]) -> None:
         t0 = time.perf_counter()
