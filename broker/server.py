@@ -828,6 +828,8 @@ class BrokerServer:
     def _park(self, conn: Conn, msg: dict[str, Any], priority: int) -> None:
         timeout = msg.get("timeout")
         wait = DEFAULT_WAIT if timeout is None else float(timeout)
+        if not math.isfinite(wait):
+            raise BadRequest(f"{msg['op']}: timeout must be a finite number of seconds, got {timeout!r}")
         if wait <= 0:
             raise self._full_error(msg)
         p = Pending(priority, self._id(), time.monotonic() + wait, conn, msg)

@@ -121,3 +121,15 @@ def test_source_backpressure_waits_then_fails_with_the_reason() -> None:
         # a worker-side write (downstream) is not gated by the source's limit
         reply = c._request("reserve", stage=1, items=[0], shape=[4], dtype="<f4", timeout=0.5)
         assert reply["segments"]
+
+
+def test_a_non_finite_wait_is_refused_not_parked_forever() -> None:
+    import pytest
+
+    from broker import BadRequest
+
+    with Broker(capacity=4 * 2**20) as b, Client(b.endpoint) as c:
+        c.alloc((3 * 2**20,), "uint8")  # most of the arena: the next one must wait
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(BadRequest, match="finite"):
+                c._request("alloc", nbytes=2**20, dtype="|u1", shape=[2**20], timeout=bad)
