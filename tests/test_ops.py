@@ -129,7 +129,7 @@ def test_a_non_finite_wait_is_refused_not_parked_forever() -> None:
     from broker import BadRequest
 
     with Broker(capacity=4 * 2**20) as b, Client(b.endpoint) as c:
-        c.alloc((3 * 2**20,), "uint8")  # most of the arena: the next one must wait
+        c.alloc((7 * 2**19,), "uint8")  # 3.5 MiB of 4: the next 1 MiB must wait
         for bad in (float("nan"), float("inf")):
             with pytest.raises(BadRequest, match="finite"):
                 c._request("alloc", nbytes=2**20, dtype="|u1", shape=[2**20], timeout=bad)
