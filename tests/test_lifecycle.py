@@ -18,6 +18,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from conftest import memfd_links
 
 from broker import BadRequest, Broker, BrokerGone, Client, StaleHandle
 from broker.arena import recv_fd
@@ -29,16 +30,6 @@ SPAWN = multiprocessing.get_context("spawn")
 CHILD_TIMEOUT = 30.0
 
 
-def _memfd_links(pid: int | str = "self") -> list[str]:
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if "memfd:shmbroker-" in link:
-            out.append(link)
-    return out
 
 
 def _maps(pid: int | str = "self") -> str:
@@ -188,19 +179,19 @@ def test_no_memfd_outlives_a_killed_broker_and_its_clients():
     b = Broker(capacity=16 * MiB)
     name = f"memfd:shmbroker-{b.pid}-"
     try:
-        assert any(name in link for link in _memfd_links(b.pid))
+        assert any(name in link for link in memfd_links(b.pid))
         assert name in _maps(b.pid)
         c1, c2 = Client(b.endpoint), Client(b.endpoint)
         h = c1.put(np.arange(1000))
         view = c2.get(h)
-        assert any(name in link for link in _memfd_links())
+        assert any(name in link for link in memfd_links())
         _kill_broker(b)
         assert view[999] == 999  # the clients keep the memory alive while they map it
         c1.close()
         c2.close()
         del view
         gc.collect()
-        assert not [link for link in _memfd_links() if name in link]
+        assert not [link for link in memfd_links() if name in link]
         assert name not in _maps(), "no mapping of the arena remains"
     finally:
         b.close()
@@ -210,12 +201,12 @@ def test_no_memfd_outlives_a_killed_broker_and_its_clients():
 def test_a_client_dropped_without_close_lets_go_of_the_arena(broker):
     c = Client(broker.endpoint)
     name = f"memfd:shmbroker-{broker.pid}-"
-    assert any(name in link for link in _memfd_links())
+    assert any(name in link for link in memfd_links())
     h = c.put(np.ones(10))
     assert c.get(h).sum() == 10
     del c
     gc.collect()
-    assert not [link for link in _memfd_links() if name in link], "the descriptor leaked"
+    assert not [link for link in memfd_links() if name in link], "the descriptor leaked"
     assert name not in _maps()
 
 
@@ -228,7 +219,7 @@ def test_no_dev_shm_entries_at_any_point(poll):
         h = c.put(np.zeros(4 * MiB, np.uint8))
         assert entries() == before
         assert "/dev/shm" not in _maps(b.pid) and "/dev/shm" not in _maps()
-        for link in _memfd_links(b.pid):
+        for link in memfd_links(b.pid):
             assert not link.startswith("/dev/shm")
         c.release(h)
     assert entries() == before
