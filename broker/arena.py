@@ -46,6 +46,9 @@ import secrets
 import socket
 import weakref
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 GRANULE = 64
 PAGE = 4096
@@ -63,6 +66,8 @@ __all__ = [
     "format_bytes",
     "send_fd",
     "recv_fd",
+    "pack_fields",
+    "field_views",
 ]
 
 
@@ -261,6 +266,33 @@ class Allocator:
         assert self.used == sum(b.size for b in self._used.values())
         for i, b in enumerate(self._bins):
             assert bool(b) == bool(self._bitmap >> i & 1), f"bitmap wrong at bin {i}"
+
+
+# -- rows of several fields (a stage that returns a tuple or a dict) ------------------
+def pack_fields(specs: list[tuple[Any, str, tuple[int, ...]]]) -> tuple[list[list[Any]], int]:
+    """Lay out fields ``(key, dtype, shape)`` in one row of bytes, each on a 64-byte boundary.
+
+    Returns ``(fields, rowbytes)`` with ``fields`` as ``[key, dtype, shape, offset]`` lists
+    (what travels with the slot) and ``rowbytes`` a multiple of 64, so every field of every
+    row of a batch stays aligned.
+    """
+    fields, offset = [], 0
+    for key, dtype, shape in specs:
+        nbytes = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
+        fields.append([key, np.dtype(dtype).str, list(shape), offset])
+        offset += _round_up(max(nbytes, 1), GRANULE)
+    return fields, max(offset, GRANULE)
+
+
+def field_views(rows: np.ndarray, fields: list[list[Any]]) -> list[np.ndarray]:
+    """Each field of byte rows ``[..., rowbytes]`` as an array ``[..., *shape]``: views, no copy."""
+    lead = rows.shape[:-1]
+    out = []
+    for _key, dtype, shape, offset in fields:
+        dt = np.dtype(dtype)
+        nbytes = dt.itemsize * int(np.prod(shape, dtype=np.int64))
+        out.append(rows[..., offset: offset + nbytes].view(dt).reshape(*lead, *shape))
+    return out
 
 
 # -- host limits -----------------------------------------------------------------

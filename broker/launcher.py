@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .arena import format_bytes
+from .arena import field_views, format_bytes
 from .client import Broker, Client, array_spec
 from .config import (
     NpySink,
@@ -312,7 +312,7 @@ class Pipeline:
                     outstanding[c.send("done", task=msg["task"], rsv=None, credit=1, busy=0.0)] = ("done",)
                     continue
                 state.delivered.add(idx)
-                yield idx, c.view(Handle.from_wire(msg["handle"])), msg["task"]
+                yield idx, _result(c.view(Handle.from_wire(msg["handle"])), msg.get("layout")), msg["task"]
             elif op == "failure":
                 self._on_failure(msg, state)
             elif msg["rid"] in outstanding:
@@ -414,7 +414,7 @@ class Pipeline:
         nxt = 0
         for idx, view, task in delivered:
             if copy:
-                ready[idx] = (view.copy(), -1)
+                ready[idx] = (_copy(view), -1)
                 self._done(task)
             else:
                 ready[idx] = (view, task)
@@ -474,6 +474,24 @@ class _DriveState:
         return len(self.delivered) + len(self.skipped)
 
 
+def _result(view: np.ndarray, layout: dict[str, Any] | None) -> Any:
+    """What the sink receives: the item's array, or the tuple/dict of arrays a stage returned."""
+    if layout is None:
+        return view
+    views = field_views(view, layout["fields"])
+    if layout["kind"] == "dict":
+        return {f[0]: v for f, v in zip(layout["fields"], views, strict=True)}
+    return tuple(views)
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: v.copy() for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(v.copy() for v in value)
+    return value.copy()
+
+
 def _make_sink(cfg: PipelineConfig, total: int | None) -> Callable[[int, np.ndarray], None]:
     sink = cfg.sink
     if isinstance(sink, NpySink):
@@ -481,11 +499,17 @@ def _make_sink(cfg: PipelineConfig, total: int | None) -> Callable[[int, np.ndar
         out.mkdir(parents=True, exist_ok=True)
         digits = max(6, len(str(max(0, (total or 1) - 1))))
 
-        def write_npy(idx: int, arr: np.ndarray) -> None:
-            final = out / f"{idx:0{digits}d}.npy"
+        def write_npy(idx: int, arr: Any) -> None:
+            fields = not isinstance(arr, np.ndarray)  # a tuple or dict result: one .npz per item
+            final = out / f"{idx:0{digits}d}.{'npz' if fields else 'npy'}"
             tmp = out / f".{final.name}.{os.getpid()}.tmp"
             with open(tmp, "wb") as f:
-                np.save(f, arr)
+                if isinstance(arr, dict):
+                    np.savez(f, **arr)
+                elif fields:
+                    np.savez(f, *arr)
+                else:
+                    np.save(f, arr)
             os.replace(tmp, final)  # atomic: a reader never sees half a file
 
         return write_npy

@@ -64,6 +64,7 @@ class Obj:
     dtype: str
     shape: tuple[int, ...]
     refs: int = 1
+    layout: Any = None  # fields packed in each row (a stage that returns a tuple or dict)
 
 
 def check_array_spec(dtype: str, shape: Any) -> tuple[np.dtype, tuple[int, ...], int]:
@@ -80,6 +81,18 @@ def check_array_spec(dtype: str, shape: Any) -> tuple[np.dtype, tuple[int, ...],
         raise BadRequest(f"shape must be a list of at most 32 non-negative integers, got {shape!r}")
     nbytes = dt.itemsize * math.prod(shape)
     return dt, tuple(shape), nbytes
+
+
+def _check_layout(layout: Any, dtype: str, shape: tuple[int, ...]) -> Any:
+    """A row layout (fields of a tuple/dict result) is opaque to the broker, but bounded."""
+    if layout is None:
+        return None
+    if not isinstance(layout, dict) or layout.get("kind") not in ("tuple", "dict") or \
+            not isinstance(layout.get("fields"), list) or not 0 < len(layout["fields"]) <= 64:
+        raise BadRequest("reserve: layout must be {kind: tuple|dict, fields: [1..64 fields]}")
+    if dtype != "|u1" or len(shape) != 1:
+        raise BadRequest("reserve: a slot with a layout is a row of bytes (dtype |u1, one dimension)")
+    return layout
 
 
 class Table:
@@ -173,6 +186,7 @@ class Batch:
     committed: int = 0
     holes: list[int] = field(default_factory=list)
     closed: bool = False
+    layout: Any = None
 
 
 @dataclass(eq=False)
@@ -623,11 +637,14 @@ class BrokerServer:
             return False
         s, items, dtype = msg["stage"], msg["items"], msg["dtype"]
         shape = tuple(msg["shape"])
+        layout = _check_layout(msg.get("layout"), dtype, shape)
         st = self.stages[s]
-        segs = self._segments_batched(st, items, shape, dtype) if st.batch else \
+        segs = self._segments_batched(st, items, shape, dtype, layout) if st.batch else \
             self._segments_plain(items, shape, dtype)
         if segs is None:
             return False
+        for seg in segs:
+            seg.obj.layout = layout
         rsv = Reservation(self._id(), s, segs)
         conn.reservations[rsv.rsv] = rsv
         st.reserved += len(items)
@@ -643,9 +660,10 @@ class BrokerServer:
         return None if obj is None else [Segment(obj, list(items))]
 
     def _segments_batched(self, st: Stage, items: list[int], shape: tuple[int, ...],
-                          dtype: str) -> list[Segment] | None:
+                          dtype: str, layout: Any = None) -> list[Segment] | None:
         rowbytes = np.dtype(dtype).itemsize * math.prod(shape)
-        fits = [b for b in st.batches if b.shape == shape and b.dtype == dtype and not b.closed]
+        fits = [b for b in st.batches
+                if b.shape == shape and b.dtype == dtype and b.layout == layout and not b.closed]
         room = sum(len(b.holes) + b.size - b.assigned for b in fits)
         new: list[Batch] = []
         while room + len(new) * st.batch < len(items):
@@ -655,8 +673,9 @@ class BrokerServer:
                 for b in new:
                     self.table.decref(b.obj)
                 return None
+            obj.layout = layout
             new.append(Batch(obj, shape, dtype, st.batch, rowbytes, [None] * st.batch,
-                             time.monotonic()))
+                             time.monotonic(), layout=layout))
         for b in st.batches:  # a reservation of another shape closes the open batches
             if b not in fits and not b.closed:
                 b.closed = True
@@ -697,6 +716,7 @@ class BrokerServer:
                 rowbytes = seg.obj.nbytes // max(1, len(seg.items))
                 for i, item in enumerate(seg.items):
                     row = self.table.view(seg.obj, seg.obj.offset + i * rowbytes, seg.obj.dtype, rowshape)
+                    row.layout = seg.obj.layout
                     st.queue.append(Task(self._id(), rsv.stage, [item], row, 1))
             else:
                 b = seg.batch
@@ -751,7 +771,9 @@ class BrokerServer:
                 st.inflight += 1
                 if not st.first:
                     st.first = time.monotonic()
-                extra = {"valid": task.valid} if task.valid is not None else {}
+                extra: dict[str, Any] = {"valid": task.valid} if task.valid is not None else {}
+                if task.obj.layout is not None:
+                    extra["layout"] = task.obj.layout
                 self.send(conn, encode("task", 0, task=task.tid, stage=s, items=task.items,
                                        handle=self.table.handle(task.obj), rows=task.rows, **extra))
                 if conn.credits == 0:

@@ -69,3 +69,20 @@ def fail_first(x: torch.Tensor, marker: str) -> torch.Tensor:
             f.write("failed once")
         raise RuntimeError("transient failure")
     return x
+
+
+def to_dict(x: torch.Tensor) -> dict:
+    """Two outputs of different shape and dtype per item."""
+    return {"x2": x * 2, "s": x.sum(-1).to(torch.float32)}
+
+
+def from_dict(d: dict) -> torch.Tensor:
+    """Consume a dict (batched): both fields must be views of the arena."""
+    ranges = _arena_ranges()
+    for t in d.values():
+        assert any(lo <= t.data_ptr() and t.data_ptr() < hi for lo, hi in ranges), "field copied"
+    return d["x2"] + d["s"].double().unsqueeze(-1)
+
+
+def to_tuple(x: torch.Tensor) -> tuple:
+    return x + 1, (x * 3).to(torch.int64)

@@ -355,3 +355,21 @@ def test_close_with_live_views_keeps_them_valid():
     assert view.sum() == 9 * 16  # still mapped: the mapping goes with the last view
     view[0] = 1
     assert view[0] == 1
+
+
+def test_packed_fields_are_aligned_views_of_the_rows() -> None:
+    import numpy as np
+
+    from broker.arena import field_views, pack_fields
+
+    fields, rowbytes = pack_fields([("a", "<f8", (2, 3)), ("b", "|b1", ()), ("c", "<i2", (5,))])
+    assert rowbytes % 64 == 0 and [f[3] for f in fields] == [0, 64, 128]
+    rows = np.zeros((4, rowbytes), np.uint8)
+    a, b, c = field_views(rows, fields)
+    assert a.shape == (4, 2, 3) and b.shape == (4,) and c.shape == (4, 5)
+    for v in (a, b, c):
+        assert np.shares_memory(v, rows) and v.flags.aligned
+    a[1] = 7.5
+    c[3] = -2
+    a2, _b2, c2 = field_views(rows[1], fields)  # one row: the item's own fields
+    assert (a2 == 7.5).all() and (field_views(rows[3], fields)[2] == -2).all() and (c2 == 0).all()

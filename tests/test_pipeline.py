@@ -300,3 +300,29 @@ def test_gpu_stage_with_pinned_arena_matches_cpu_reference(tmp_path: Path) -> No
     model = linear(16, 4, seed=0)
     for i, x in enumerate(reference_items(33, [3, 16, 16], "float32")):
         np.testing.assert_allclose(got[i], model(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_tuple_and_dict_results_flow_between_stages_and_to_the_sink(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cfg = write_cfg(tmp_path, {
+        "source": synthetic(10, [4, 3]),
+        "stages": [
+            {"name": "split", "fn": "stage_helpers:to_dict"},
+            {"name": "join", "fn": "stage_helpers:from_dict", "batch": 4},  # 10 items: a partial batch
+            {"name": "pair", "fn": "stage_helpers:to_tuple"},
+        ],
+        "sink": {"type": "npy", "path": str(out)},
+    })
+    with Pipeline.from_yaml(cfg) as p:
+        summary = p.run()
+        assert summary.items == 10 and not summary.skipped
+        pairs = list(p.map(reference_items(3, [4, 3])))
+    for i, x in enumerate(reference_items(10, [4, 3])):
+        joined = x * 2 + x.sum(-1).astype(np.float32).astype(np.float64)[:, None]
+        with np.load(out / f"{i:06d}.npz") as z:
+            np.testing.assert_allclose(z["arr_0"], joined + 1)
+            assert z["arr_1"].dtype == np.int64
+            np.testing.assert_array_equal(z["arr_1"], (joined * 3).astype(np.int64))
+        if i < 3:
+            first, second = pairs[i]
+            np.testing.assert_allclose(first, joined + 1)

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from broker.arena import field_views, pack_fields
 from broker.client import Client
 from broker.config import StageConfig, resolve
 from broker.errors import BrokerError, BrokerGone, BrokerTimeout
@@ -115,7 +116,6 @@ class Worker:
                                        busy=time.perf_counter() - t0, copied=copied))
 
     def _compute_and_write(self, task: dict[str, Any]) -> tuple[int, int]:
-        torch = self.torch
         view = self.client.view(Handle.from_wire(task["handle"]))
         items: list[int] = task["items"]
         batched = self.stage.batch > 1
@@ -124,33 +124,73 @@ class Worker:
             x = view[valid] if valid is not None else view[: task["rows"]]  # holes: a copy
         else:
             x = view
-        t = to_tensor(x)
-        if self.device.type != "cpu":
-            t = t.to(self.device, non_blocking=True)
-        with torch.inference_mode():
-            out = self.fn(t)
-        if not isinstance(out, (torch.Tensor, np.ndarray)):
-            raise TypeError(f"stage {self.stage.name!r} returned {type(out).__name__}; "
-                            f"return one tensor or NumPy array")
-        if isinstance(out, np.ndarray):
-            out = torch.from_numpy(np.ascontiguousarray(out))
-        out = cast(out.detach(), self.stage.dtype)
-        shape = tuple(out.shape[1:]) if batched else tuple(out.shape)
-        if batched and out.shape[0] != len(items):
-            raise ValueError(f"batched stage {self.stage.name!r} returned {out.shape[0]} rows "
-                             f"for {len(items)} items")
-        reply = self.client._request("reserve", stage=self.index + 1, items=items, shape=list(shape),
-                                     dtype=numpy_dtype(out.dtype).str, timeout=None,
-                                     _timeout=3600.0)
-        rows = out if batched else out.unsqueeze(0)
+        with self.torch.inference_mode():
+            out = self.fn(self._inputs(x, task.get("layout")))
+        fields = self._outputs(out, len(items) if batched else None)
+        if len(fields) == 1 and fields[0][0] is None:  # one tensor: the slot is that array
+            (_, t), = fields
+            spec: dict[str, Any] = {"shape": list(t.shape[1:] if batched else t.shape),
+                                    "dtype": numpy_dtype(t.dtype).str}
+            layout: dict[str, Any] | None = None
+        else:  # a tuple or dict: each item's fields packed in one row of bytes
+            packed, rowbytes = pack_fields([(k, numpy_dtype(t.dtype).str, tuple(t.shape[1:] if batched
+                                            else t.shape)) for k, t in fields])
+            layout = {"kind": "dict" if isinstance(out, dict) else "tuple", "fields": packed}
+            spec = {"shape": [rowbytes], "dtype": "|u1", "layout": layout}
+        reply = self.client._request("reserve", stage=self.index + 1, items=items, timeout=None,
+                                     _timeout=3600.0, **spec)
+        rows = [t if batched else t.unsqueeze(0) for _, t in fields]
         copied, row = 0, 0
         for wire, n in reply["segments"]:
             slot = self.client.view(Handle.from_wire(wire))
-            copied += write_into(slot, rows[row: row + n], non_blocking=self.cuda)
+            slots = field_views(slot, layout["fields"]) if layout else [slot]
+            for dst, src in zip(slots, rows, strict=True):
+                copied += write_into(dst, src[row: row + n], non_blocking=self.cuda)
             row += n
         if self.cuda:
-            torch.cuda.current_stream(self.device).synchronize()
+            self.torch.cuda.current_stream(self.device).synchronize()
         return reply["rsv"], copied
+
+    def _inputs(self, x: np.ndarray, layout: dict[str, Any] | None) -> Any:
+        """The stage's argument: one tensor, or the tuple/dict a previous stage returned."""
+        def tensor(a: np.ndarray) -> Any:
+            t = to_tensor(a)
+            return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
+
+        if layout is None:
+            return tensor(x)
+        views = field_views(x, layout["fields"])
+        if layout["kind"] == "dict":
+            return {f[0]: tensor(v) for f, v in zip(layout["fields"], views, strict=True)}
+        return tuple(tensor(v) for v in views)
+
+    def _outputs(self, out: Any, rows: int | None) -> list[tuple[Any, Any]]:
+        """``[(key, tensor)]`` of a result: key None for a single tensor, else index or dict key."""
+        torch = self.torch
+        if isinstance(out, dict):
+            pairs = list(out.items())
+            if not all(isinstance(k, str) for k, _ in pairs):
+                raise TypeError(f"stage {self.stage.name!r} returned a dict with non-string keys")
+        elif isinstance(out, (tuple, list)):
+            pairs = list(enumerate(out))
+        else:
+            pairs = [(None, out)]
+        if not pairs:
+            raise TypeError(f"stage {self.stage.name!r} returned an empty {type(out).__name__}")
+        fields = []
+        for key, value in pairs:
+            if isinstance(value, np.ndarray):
+                value = torch.from_numpy(np.ascontiguousarray(value))
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"stage {self.stage.name!r} returned {type(value).__name__}"
+                                f"{'' if key is None else f' in field {key!r}'}; return tensors or "
+                                f"NumPy arrays (one, or a tuple/dict of them)")
+            value = cast(value.detach(), self.stage.dtype)
+            if rows is not None and (value.dim() == 0 or value.shape[0] != rows):
+                raise ValueError(f"batched stage {self.stage.name!r} returned "
+                                 f"{tuple(value.shape)} for {rows} items (want {rows} rows)")
+            fields.append((key, value))
+        return fields
 
 
 def worker_main(endpoint: str, stage_json: dict[str, Any], index: int, device: str,

@@ -2,7 +2,8 @@
 
 A stage function takes a tensor already on the stage's device (``[N, ...]``
 for a batched stage) and keyword ``args`` from the YAML, and returns a tensor
-or a NumPy array. A factory is called once per worker process and returns
+or a NumPy array, or a tuple/dict of them (the next stage then receives the
+same tuple/dict). A factory is called once per worker process and returns
 such a function (load a model there).
 """
 
