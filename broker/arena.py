@@ -291,7 +291,7 @@ def field_views(rows: np.ndarray, fields: list[list[Any]]) -> list[np.ndarray]:
     for _key, dtype, shape, offset in fields:
         dt = np.dtype(dtype)
         nbytes = dt.itemsize * int(np.prod(shape, dtype=np.int64))
-        out.append(rows[..., offset: offset + nbytes].view(dt).reshape(*lead, *shape))
+        out.append(rows[..., offset: offset + nbytes].view(dt).reshape(tuple(lead) + tuple(shape)))
     return out
 
 
