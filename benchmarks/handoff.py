@@ -36,12 +36,10 @@ warm block: first-touch page faults of the arena are excluded by the warm-up.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import signal
 import sys
@@ -57,6 +55,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks import _bench_util  # noqa: E402  (after the path is set, as rate.py does)
 
 MiB = 2**20
 DEFAULT_SIZES = "4KiB,1MiB,16MiB,128MiB"
@@ -121,42 +121,10 @@ def filled(nbytes: int) -> np.ndarray:
 
 
 def machine_info() -> dict[str, Any]:
-    import msgpack
-    import torch
-    import zmq
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-
-    def read(path: str) -> str | None:
-        try:
-            return Path(path).read_text().strip()
-        except OSError:
-            return None
-
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "python": sys.version.split()[0],
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "torch_threads_consumer": 1,
-        "torch_sharing_strategy": torch.multiprocessing.get_sharing_strategy(),
-        "pyzmq": zmq.__version__,
-        "libzmq": zmq.zmq_version(),
-        "msgpack": ".".join(map(str, msgpack.version)),
-        "clock": str(time.get_clock_info("perf_counter")),
-        "thp_enabled": read("/sys/kernel/mm/transparent_hugepage/enabled"),
-        "thp_shmem_enabled": read("/sys/kernel/mm/transparent_hugepage/shmem_enabled"),
-    }
+    info = _bench_util.machine_info()
+    info["torch_threads_consumer"] = 1
+    info["clock"] = str(time.get_clock_info("perf_counter"))
+    return info
 
 
 # -- consumer processes ---------------------------------------------------------------
