@@ -12,9 +12,14 @@ repetitions are interleaved round-robin across scenarios after one warm-up
 round, and the table shows the median and min-max of the repetitions):
 
 a1  put+get+release, 1 client: ``h = c.put(a4k); c.get(h); c.release(h)``.
-    One op = that triple. ``get`` by the client that put is local (the client
-    already holds the lease), so an op is 2 broker round trips (alloc, release).
-a2  the same loop in 2 client processes at once; ops/s is the sum of both
+    One op = that triple, with a default ``Client``: requests over the Unix
+    connection, the 4 KiB block taken from the client's pool (one
+    ``alloc_many`` round trip per 64 puts), ``get`` local (the client holds
+    the lease), ``release`` one message that is not waited for.
+a1-unix  the same with ``Client(pool=False)``: one ``alloc`` round trip per put.
+a1-zmq   the same with ``Client(transport="zmq", pool=False)``: requests over
+    ZeroMQ, as every client did before the Unix transport.
+a2  the a1 loop in 2 client processes at once; ops/s is the sum of both
     (total ops / (last end - first start)).
 b   cross-client: client A ``put``s 4 KiB arrays in batches of 64 and sends
     the Handles (pickled) over a ``multiprocessing.Pipe`` to client B, which
@@ -23,13 +28,16 @@ b   cross-client: client A ``put``s 4 KiB arrays in batches of 64 and sends
     handles). Up to 4 batches in flight. Two numbers: pairs/s = handles
     consumed by B / A's wall time (end to end, both processes concurrently),
     and B-only ops/s = handles / time B spent inside get+release.
+b-many  the same, but B takes each batch with one ``get_many`` (one round
+    trip for 64 leases) and drops it with one ``release``.
 c   ``Pipeline.map`` over tiny float32 arrays (64 B and 4 KiB) through one
     identity stage with 1 worker (threads 1, credits 2): items/s = results /
     wall time of the map. Per item: driver reserve + commit, worker reserve +
     done, driver done = 5 broker requests and 2 task messages.
 
 References (same machine, same loop shape, 1 client):
-ping       ``Client._request("ping")``: one broker round trip, no work.
+ping       ``Client._request("ping")``: one broker round trip, no work (Unix transport).
+ping-zmq   the same over ZeroMQ (``transport="zmq"``).
 zmq-echo   a Python ROUTER process echoing a ~100 B msgpack map to a DEALER
            (the broker's transport without the broker's logic).
 unix-echo  the same echo over an AF_UNIX SOCK_SEQPACKET socket (no ZeroMQ I/O threads).
@@ -179,14 +187,17 @@ def _produce(c: Any, peer: Any, a: np.ndarray, dur: float, batch: int = 64, dept
     return acked
 
 
-def _consume(c: Any, peer: Any) -> tuple[int, float]:
+def _consume(c: Any, peer: Any, many: bool) -> tuple[int, float]:
     n, busy = 0, 0.0
     while True:
         hs = peer.recv()
         if hs is None:
             return n, busy
         t = time.perf_counter()
-        for h in hs:
+        if many:
+            c.get_many(hs)
+            c.release(hs)
+        for h in hs if not many else ():
             c.get(h)
             c.release(h)
         busy += time.perf_counter() - t
@@ -197,9 +208,13 @@ def _consume(c: Any, peer: Any) -> tuple[int, float]:
 def client_proc(endpoint: str, cmd: Any, peer: Any, idx: int) -> None:
     from broker import Client
 
-    c = Client(endpoint, name=f"rate-client-{idx}")
+    clients = {"fast": Client(endpoint, name=f"rate-client-{idx}"),
+               "unix": Client(endpoint, name=f"rate-client-{idx}-nopool", pool=False),
+               "zmq": Client(endpoint, name=f"rate-client-{idx}-zmq", transport="zmq", pool=False)}
+    c = clients["fast"]
     a = np.ones(ITEM_BYTES // 4, np.float32)
-    _loop_pgr(c, a, 0.2)  # first-touch of the block the loop reuses
+    for each in clients.values():
+        _loop_pgr(each, a, 0.2)  # first-touch of the blocks the loop reuses
     cmd.send(("ready", os.getpid()))
     while True:
         msg = cmd.recv()
@@ -212,9 +227,9 @@ def client_proc(endpoint: str, cmd: Any, peer: Any, idx: int) -> None:
         cpu0, t0 = time.process_time(), time.monotonic()
         extra: Any = None
         if op == "pgr":
-            n = _loop_pgr(c, a, msg[1])
+            n = _loop_pgr(clients[msg[2]], a, msg[1])
         elif op == "ping":
-            n = _loop_ping(c, msg[1])
+            n = _loop_ping(clients[msg[2]], msg[1])
         elif op == "zmq_echo":
             n = _loop_zmq_echo(msg[2], msg[1])
         elif op == "unix_echo":
@@ -222,13 +237,14 @@ def client_proc(endpoint: str, cmd: Any, peer: Any, idx: int) -> None:
         elif op == "produce":
             n = _produce(c, peer, a, msg[1])
         elif op == "consume":
-            n, extra = _consume(c, peer)
+            n, extra = _consume(c, peer, msg[1])
         else:
             raise ValueError(op)
         t1 = time.monotonic()
         cpu = time.process_time() - cpu0
         cmd.send((n, t0, t1, cpu, extra, diff(thread_cpu(os.getpid()), th0)))
-    c.close()
+    for each in clients.values():
+        each.close()
 
 
 def zmq_echo_server(endpoint: str, ready: Any) -> None:
@@ -364,24 +380,26 @@ class Bench:
         start_at = time.monotonic() + 0.05
         b0 = cpu_seconds(bpid)
         bt0 = thread_cpu(bpid)
-        if name in ("ping", "a1", "zmq-echo", "unix-echo"):
-            op = {"ping": ("ping", dur), "a1": ("pgr", dur), "zmq-echo": ("zmq_echo", dur, self.zmq_ep),
-                  "unix-echo": ("unix_echo", dur, self.unix_path)}[name]
+        single = {"ping": ("ping", dur, "unix"), "ping-zmq": ("ping", dur, "zmq"),
+                  "a1": ("pgr", dur, "fast"), "a1-unix": ("pgr", dur, "unix"), "a1-zmq": ("pgr", dur, "zmq"),
+                  "zmq-echo": ("zmq_echo", dur, self.zmq_ep), "unix-echo": ("unix_echo", dur, self.unix_path)}
+        if name in single:
+            op = single[name]
             self.cmd[0].send((*op, start_at))
             n, t0, t1, cpu, _, th = self.cmd[0].recv()
             out = {"ops": n, "seconds": t1 - t0, "ops_s": n / (t1 - t0), "client_cpu_s": cpu,
                    "client_threads_s": th}
         elif name == "a2":
             for c in self.cmd:
-                c.send(("pgr", dur, start_at))
+                c.send(("pgr", dur, "fast", start_at))
             res = [c.recv() for c in self.cmd]
             n = sum(r[0] for r in res)
             span = max(r[2] for r in res) - min(r[1] for r in res)
             out = {"ops": n, "seconds": span, "ops_s": n / span, "client_cpu_s": sum(r[3] for r in res),
                    "per_client_ops_s": [r[0] / (r[2] - r[1]) for r in res],
                    "client_threads_s": {k: res[0][5][k] + res[1][5][k] for k in res[0][5]}}
-        elif name == "b":
-            self.cmd[1].send(("consume", start_at))
+        elif name in ("b", "b-many"):
+            self.cmd[1].send(("consume", name == "b-many", start_at))
             self.cmd[0].send(("produce", dur, start_at))
             na, t0, t1, cpu_a, _, tha = self.cmd[0].recv()
             nb, _, _, cpu_b, busy, thb = self.cmd[1].recv()
@@ -419,15 +437,20 @@ class Bench:
 
 SCENARIOS = [
     # name, label, what one op is, broker round trips per op (analytic)
-    ("a1", "a1 put+get+release, 1 client", "put+get+release 4 KiB", "2"),
-    ("a2", "a2 put+get+release, 2 clients", "same, summed over both", "2"),
-    ("b", "b  A put -> B get+release (pairs/s)", "one handle A->B, end to end", "3 + 1/64"),
-    ("c-64B", "c  Pipeline.map identity, 64 B", "one item through 1 stage", "5 + 2 tasks"),
-    ("c-4KiB", "c  Pipeline.map identity, 4 KiB", "one item through 1 stage", "5 + 2 tasks"),
+    ("a1", "a1 put+get+release, 1 client", "put+get+release 4 KiB", "1/64 + 1 msg"),
+    ("a1-unix", "a1 without the pool", "same, Client(pool=False)", "1 + 1 msg"),
+    ("a1-zmq", "a1 over ZeroMQ, no pool", "same, transport=zmq", "1 + 1 msg"),
+    ("a2", "a2 put+get+release, 2 clients", "same, summed over both", "1/64 + 1 msg"),
+    ("b", "b  A put -> B get+release (pairs/s)", "one handle A->B, end to end", "1 + 2/64 + 1 msg"),
+    ("b-many", "b  with get_many (pairs/s)", "one handle A->B, end to end", "3/64 + 2/64 msg"),
+    ("c-64B", "c  Pipeline.map identity, 64 B", "one item through 1 stage", "4 + 1 msg + 2 tasks"),
+    ("c-4KiB", "c  Pipeline.map identity, 4 KiB", "one item through 1 stage", "4 + 1 msg + 2 tasks"),
     ("ping", "ref: broker ping", "one round trip", "1"),
+    ("ping-zmq", "ref: broker ping over ZeroMQ", "one round trip", "1"),
     ("zmq-echo", "ref: pyzmq ROUTER echo (no broker)", "one round trip", "1"),
     ("unix-echo", "ref: AF_UNIX seqpacket echo", "one round trip", "1"),
 ]
+REFS = ("ping", "ping-zmq", "zmq-echo", "unix-echo")
 
 
 def profile_a1(bench: Bench, seconds: float) -> dict[str, Any]:
@@ -522,7 +545,7 @@ def main() -> int:
         results[name] = {"label": label, "op": what, "broker_round_trips_per_op": rts, "ops_s": s,
                          "client_cpu_us_per_op": cc, "broker_cpu_us_per_op": bc, "runs": runs}
         extra = ""
-        if name == "b":
+        if name in ("b", "b-many"):
             bo = summarize([x["b_only_ops_s"] for x in runs])
             results[name]["b_only_ops_s"] = bo
             extra = f"B-only {bo['median']:,.0f}/s"
@@ -535,7 +558,7 @@ def main() -> int:
             results[name]["worker_cpu_us_per_op"] = wc
             extra = f"worker CPU {wc['median']:.0f} us/item; client=driver"
         results[name]["foreign_cores"] = summarize([x["foreign_cores"] + x["steal_cores"] for x in runs])
-        is_ref = name in ("ping", "zmq-echo", "unix-echo")
+        is_ref = name in REFS
         vs = "" if is_ref else f"{s['median'] / TARGET:.2f}x"
         rows.append([label, rts, fmt_rate(s), f"{s['spread_pct']:.0f}%", f"{1e6 / s['median']:.0f}",
                      f"{cc['median']:.0f}", f"{bc['median']:.0f}", vs,
@@ -589,7 +612,7 @@ def main() -> int:
         lo = [results[n]["ops_s"]["median"] - results[n]["ops_s"]["min"] for n in names]
         hi = [results[n]["ops_s"]["max"] - results[n]["ops_s"]["median"] for n in names]
         fig, ax = plt.subplots(figsize=(9, 4.5))
-        colors = ["tab:blue"] * 5 + ["tab:gray"] * 3
+        colors = ["tab:gray" if n in REFS else "tab:blue" for n in names]
         ax.bar(names, med, yerr=[lo, hi], color=colors, capsize=3)
         ax.axhline(TARGET, color="tab:red", ls="--", label=f"target {TARGET:,}/s")
         ax.axhline(RAY_GETS, color="tab:orange", ls=":", label=f"Ray gets {RAY_GETS:,}/s")

@@ -2,7 +2,10 @@
 
 A client says hello over ZeroMQ, then fetches the arena's descriptor once
 over the broker's Unix socket and maps it; that connection stays open for the
-client's life and is how each side learns the other has died.
+client's life and is how each side learns the other has died. By default the
+client's requests and the broker's replies and tasks then travel over that
+same connection (``transport="unix"``), which skips ZeroMQ's I/O threads;
+``transport="zmq"`` keeps them on the DEALER socket.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from .errors import (
     UnsupportedArray,
     error_from_wire,
 )
-from .protocol import Handle, decode, encode
+from .protocol import FrameReader, Handle, ProtocolError, c_strides, decode, encode, frame
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +44,13 @@ if TYPE_CHECKING:
 __all__ = ["Broker", "Client", "array_spec"]
 
 log = logging.getLogger("shmbroker.client")
+
+POOL_MAX = 64 << 10  # arrays up to this size are placed in blocks the client pre-allocates
+POOL_REFILL_BYTES = 256 << 10  # one refill asks for about this many bytes of one size class
+
+
+def _size_class(nbytes: int) -> int:
+    return max(256, 1 << (nbytes - 1).bit_length())
 
 
 def array_spec(dtype: Any) -> np.dtype:
@@ -68,9 +78,26 @@ class Client:
     """
 
     def __init__(self, endpoint: str, *, name: str | None = None, role: str = "client",
-                 timeout: float = 30.0, curve: tuple[str, str] | None = None) -> None:
-        """``curve=(broker_public_key_file, own_secret_key_file)`` for a CURVE-protected broker."""
+                 timeout: float = 30.0, curve: tuple[str, str] | None = None,
+                 transport: str = "unix", pool: bool = True) -> None:
+        """``curve=(broker_public_key_file, own_secret_key_file)`` for a CURVE-protected broker.
+
+        ``transport``: ``"unix"`` (default) carries requests over the Unix
+        connection the arena came through; ``"zmq"`` keeps them on ZeroMQ.
+
+        ``pool``: arrays of at most ``POOL_MAX`` bytes go into blocks this
+        client takes from the broker a batch at a time (one round trip per
+        batch of a size class: powers of two from 256 B), so most small
+        ``put``/``alloc`` calls need no round trip. The blocks not yet used
+        stay reserved for this client, at most ``POOL_REFILL_BYTES`` (or 4
+        blocks) per size class, and return to the arena when it closes.
+        """
+        if transport not in ("unix", "zmq"):
+            raise ValueError(f"transport must be 'unix' or 'zmq', got {transport!r}")
         self.endpoint = endpoint
+        self.transport = transport
+        self.pool = pool
+        self._pool: dict[int, collections.deque[Handle]] = {}
         self.timeout = timeout
         self.name = name or f"{role}-{socket.gethostname()}-{os.getpid()}"
         self._ctx = zmq.Context()
@@ -87,6 +114,10 @@ class Client:
         self.inbox: collections.deque[dict[str, Any]] = collections.deque()
         self._held: dict[int, Handle] = {}
         self._alive: socket.socket | None = None
+        self._unix: socket.socket | None = None  # set once requests travel over ``_alive``
+        self._frames = FrameReader()
+        self._received: collections.deque[bytes] = collections.deque()
+        self._upoll = select.poll()
         self.region: SharedRegion | None = None
         self._finalizer = weakref.finalize(self, _close_sockets, self._sock, self._ctx)
         try:
@@ -104,7 +135,7 @@ class Client:
         alive.settimeout(10.0)
         try:
             alive.connect(fd_path)
-            alive.sendall(key.encode())
+            alive.sendall(f"{key}+{self.transport}".encode())
             meta, fd = recv_fd(alive)
         except OSError as e:
             alive.close()
@@ -114,16 +145,61 @@ class Client:
         weakref.finalize(self, alive.close)  # a client dropped without close() still lets go
         self._poller.register(alive.fileno(), zmq.POLLIN)
         self.region = SharedRegion.attach(fd, json.loads(meta)["name"])
+        if self.transport == "unix":
+            self._unix = alive
+            self._upoll.register(alive.fileno(), select.POLLIN)
 
     # -- messaging --------------------------------------------------------------
     def send(self, op: str, **fields: Any) -> int:
         """Send a request without waiting; returns its request id."""
         self._rid += 1
-        self._sock.send(encode(op, self._rid, **fields))
+        payload = encode(op, self._rid, **fields)
+        if self._unix is not None:
+            self._write(frame(payload))
+        else:
+            self._sock.send(payload)
         return self._rid
+
+    def _write(self, data: bytes) -> None:
+        assert self._unix is not None
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self._unix.send(view):]
+            except BlockingIOError:  # the broker is not reading yet: wait for room
+                _, ready, _ = select.select([], [self._unix], [], self.timeout)
+                if not ready:
+                    raise BrokerTimeout(f"the broker at {self.endpoint} took no request for "
+                                        f"{self.timeout:.1f} s") from None
+            except OSError as e:
+                raise BrokerGone(f"the broker at {self.endpoint} exited (its connection closed: "
+                                 f"{e.strerror})") from None
+
+    def _read_unix(self) -> bool:
+        """Take what the Unix connection holds into ``_received``; False if nothing was there."""
+        assert self._unix is not None
+        try:
+            data = self._unix.recv(1 << 18)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            raise BrokerGone(f"the broker at {self.endpoint} exited (its connection closed)")
+        try:
+            self._received.extend(self._frames.feed(data))
+        except ProtocolError as e:
+            raise BrokerGone(f"the broker at {self.endpoint} sent a bad frame: {e}") from None
+        return True
 
     def recv(self, timeout: float | None) -> dict[str, Any] | None:
         """The next message from the broker, or None after ``timeout`` seconds."""
+        if self._unix is not None:
+            if not self._received and not self._read_unix():
+                if not self._upoll.poll(None if timeout is None else max(0.0, timeout) * 1000):
+                    return None
+                self._read_unix()
+            return decode(self._received.popleft()) if self._received else None
         if self._sock.poll(0, zmq.POLLIN):  # the common case: the reply is already here
             return decode(self._sock.recv())
         events = dict(self._poller.poll(None if timeout is None else int(timeout * 1000)))
@@ -192,11 +268,27 @@ class Client:
         shape = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
         nbytes = dt.itemsize * math.prod(shape)
         wait = self.timeout if timeout is None else timeout
-        reply = self._request("alloc", _timeout=wait + 5.0, nbytes=nbytes, dtype=dt.str,
-                              shape=list(shape), timeout=wait)
-        handle = Handle.from_wire(reply["handle"])
+        if self.pool and 0 < nbytes <= POOL_MAX:
+            block = self._from_pool(nbytes, wait)
+            handle = Handle(self.broker, block.oid, block.generation, block.offset, nbytes, dt.str,
+                            shape, c_strides(shape, dt.itemsize))
+        else:
+            reply = self._request("alloc", _timeout=wait + 5.0, nbytes=nbytes, dtype=dt.str,
+                                  shape=list(shape), timeout=wait)
+            handle = Handle.from_wire(reply["handle"])
         self._held[handle.oid] = handle
         return handle, self.view(handle)
+
+    def _from_pool(self, nbytes: int, wait: float) -> Handle:
+        """A block of ``nbytes``' size class this client already holds; refilled in one round trip."""
+        size = _size_class(nbytes)
+        blocks = self._pool.setdefault(size, collections.deque())
+        if not blocks:
+            count = max(4, min(64, POOL_REFILL_BYTES // size))
+            reply = self._request("alloc_many", _timeout=wait + 5.0, nbytes=size, dtype="|u1",
+                                  shape=[size], timeout=wait, count=count)
+            blocks.extend(Handle.from_wire(w) for w in reply["handles"])
+        return blocks.popleft()
 
     def put(self, array: Any, timeout: float | None = None) -> Handle:
         """Copy ``array`` into the arena (exactly one copy) and return its handle.
@@ -215,9 +307,40 @@ class Client:
         held = self._held.get(handle.oid)
         if held is None or held.generation != handle.generation:
             reply = self._request("acquire", oid=handle.oid, gen=handle.generation)
-            held = Handle.from_wire(reply["handle"])
-            self._held[held.oid] = held
+            held = self._adopt(handle, reply["handle"])
         return self.view(held)
+
+    def get_many(self, handles: Iterable[Handle]) -> list[np.ndarray]:
+        """``get`` for many handles with one round trip for those this client does not hold yet."""
+        hs = list(handles)
+        for h in hs:
+            self._check_broker(h)
+        todo = [h for h in hs if (held := self._held.get(h.oid)) is None or held.generation != h.generation]
+        if todo:
+            reply = self._request("acquire_many", refs=[[h.oid, h.generation] for h in todo])
+            for h, wire in zip(todo, reply["handles"], strict=True):
+                self._adopt(h, wire)
+        return [self.view(self._held[h.oid]) for h in hs]
+
+    def _adopt(self, handle: Handle, wire: Any) -> Handle:
+        """Hold an object after the broker granted its lease and returned its record.
+
+        The broker's record is what gets mapped. A pooled block's record is
+        only bytes (``|u1``) until it is published, so for one the caller's
+        dtype and shape are used, checked to fit inside the block.
+        """
+        srv = Handle.from_wire(wire)
+        if srv.dtype == "|u1" and srv.shape == (srv.nbytes,) and \
+                (handle.dtype, handle.shape) != (srv.dtype, srv.shape):
+            dt = np.dtype(handle.dtype)
+            nbytes = dt.itemsize * math.prod(handle.shape)
+            if nbytes > srv.nbytes:
+                self._held[srv.oid] = srv  # the lease is taken: release(handle) still drops it
+                raise StaleHandle(f"handle {handle} does not fit the broker's block {srv}")
+            srv = Handle(srv.broker, srv.oid, srv.generation, srv.offset, nbytes, handle.dtype,
+                         handle.shape, c_strides(handle.shape, dt.itemsize))
+        self._held[srv.oid] = srv
+        return srv
 
     def tensor(self, handle: Handle) -> torch.Tensor:
         """``torch.from_numpy(get(handle))``: zero-copy and writable."""
@@ -226,17 +349,23 @@ class Client:
         return to_tensor(self.get(handle))
 
     def release(self, handles: Handle | Iterable[Handle]) -> None:
-        """Drop this client's reference(s); the block is freed with its last one."""
+        """Drop this client's reference(s); the block is freed with its last one.
+
+        Does not wait for the broker: it frees the block when it reads the
+        message, before anything this client sends afterwards.
+        """
         hs = [handles] if isinstance(handles, Handle) else list(handles)
         for h in hs:
             self._check_broker(h)
             self._held.pop(h.oid, None)
-        self._request("release", refs=[[h.oid, h.generation] for h in hs])
+        if hs:
+            self.send("drop", refs=[[h.oid, h.generation] for h in hs])
 
     def publish(self, name: str, handle: Handle) -> None:
         """Make ``handle`` discoverable by ``name``; the broker keeps it alive until replaced."""
         self._check_broker(handle)
-        self._request("publish", name=name, oid=handle.oid, gen=handle.generation)
+        self._request("publish", name=name, oid=handle.oid, gen=handle.generation,
+                      dtype=handle.dtype, shape=list(handle.shape))
 
     def lookup(self, name: str, timeout: float = 5.0) -> Handle:
         """Wait up to ``timeout`` s for a handle published under ``name``."""
@@ -269,6 +398,7 @@ class Client:
         if self._alive is not None:
             self._alive.close()
             self._alive = None
+            self._unix = None
         if self.region is not None:
             self.region.close()
             self.region = None

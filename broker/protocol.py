@@ -4,20 +4,32 @@ Nothing else in the project calls ``msgpack``.
 
 Frames
 ------
-Clients talk to the broker's ROUTER socket through a DEALER; the broker's
-events go out on a PUB socket::
+A client says ``hello`` to the broker's ROUTER socket through a DEALER, then
+fetches the arena's descriptor over the broker's Unix socket (``fd.sock``).
+From then on its requests, the replies and its tasks travel over that Unix
+connection, each payload prefixed by its length (4 bytes, little-endian);
+a client that asks for it (``transport="zmq"``) keeps using the DEALER. The
+broker's events go out on a PUB socket::
 
     client DEALER                       broker ROUTER
     [payload] ───────────────────────▶  [identity][payload]
     [payload] ◀───────────────────────  [identity][payload]    (reply or task)
 
+    client fd.sock connection           broker
+    [len][payload] ──────────────────▶  (same payloads)
+    [len][payload] ◀──────────────────
+
     broker PUB  ──▶ [topic][payload]     topic: b"publish" | b"stats"
+
+Why two transports: a ZeroMQ round trip passes through an I/O thread on each
+side; the Unix connection does not, and measured 2–5× faster per round trip
+at half the CPU on the 2-core reference machine (benchmarks/NOTES.md).
 
 ``payload`` is one msgpack map::
 
     {"v": 1, "op": <kind>, "rid": <request id, 0 if unsolicited>, <fields>}
 
-Every request gets exactly one reply with the same ``rid``: ``{"op": "ok", ...}``
+Every request but ``drop`` gets exactly one reply with the same ``rid``: ``{"op": "ok", ...}``
 or ``{"op": "error", "code": <BrokerError subclass name>, "message": ...}``.
 The broker also sends unsolicited ``task`` messages (rid 0) to workers and
 to the pipeline driver, which credit-based flow control bounds.
@@ -29,6 +41,7 @@ kind, or whose fields have the wrong type is refused by ``decode`` with
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +50,8 @@ import msgpack
 VERSION = 1
 MAX_MESSAGE = 1 << 20  # bytes; handles are ~100 B, a task a few hundred
 
-__all__ = ["VERSION", "MAX_MESSAGE", "Handle", "ProtocolError", "KINDS", "encode", "decode"]
+__all__ = ["VERSION", "MAX_MESSAGE", "Handle", "ProtocolError", "KINDS", "encode", "decode",
+           "frame", "FrameReader", "c_strides"]
 
 
 class ProtocolError(ValueError):
@@ -58,8 +72,11 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
     "ping": {},
     "alloc": {"nbytes": _INT, "dtype": _STR, "shape": _LIST, "timeout": _OPT_NUM},
     "acquire": {"oid": _INT, "gen": _INT},
+    "alloc_many": {"nbytes": _INT, "dtype": _STR, "shape": _LIST, "timeout": _OPT_NUM, "count": _INT},
+    "acquire_many": {"refs": _LIST},
     "release": {"refs": _LIST},
-    "publish": {"name": _STR, "oid": _INT, "gen": _INT},
+    "drop": {"refs": _LIST},  # a release that gets no reply
+    "publish": {"name": _STR, "oid": _INT, "gen": _INT, "dtype": _STR, "shape": _LIST},
     "lookup": {"name": _STR},
     "stats": {},
     "pipeline": {"stages": _LIST, "max_inflight": _INT},
@@ -118,6 +135,57 @@ def decode(payload: bytes) -> dict[str, Any]:
 
 
 _MISSING = object()
+
+_LEN = struct.Struct("<I")
+
+
+def c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """The strides of a C-contiguous array of ``shape`` (every array in the arena is one)."""
+    strides, step = [], itemsize
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= dim
+    return tuple(reversed(strides))
+
+
+def frame(payload: bytes) -> bytes:
+    """One payload as sent over a Unix connection: its length, then the bytes."""
+    return _LEN.pack(len(payload)) + payload
+
+
+class FrameReader:
+    """Splits a byte stream into length-prefixed payloads."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes; return the payloads now complete, in order.
+
+        A length over ``MAX_MESSAGE`` raises ``ProtocolError``: the stream
+        cannot be resynchronised after it, so the connection must be closed.
+        """
+        buf = self._buf
+        buf += data
+        out, pos, end = [], 0, len(buf)
+        while end - pos >= 4:
+            (n,) = _LEN.unpack_from(buf, pos)
+            if n > MAX_MESSAGE:
+                raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_MESSAGE} byte limit")
+            if end - pos - 4 < n:
+                break
+            out.append(bytes(buf[pos + 4:pos + 4 + n]))
+            pos += 4 + n
+        if pos:
+            del buf[:pos]
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete payload held back."""
+        return len(self._buf)
 
 
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:

@@ -44,13 +44,15 @@ import zmq
 
 from .arena import Allocator, Block, SharedRegion, check_capacity, format_bytes, send_fd
 from .errors import ArenaFull, BadRequest, BrokerError, ItemTooLarge, StaleHandle
-from .protocol import Handle, ProtocolError, decode, encode
+from .protocol import FrameReader, Handle, ProtocolError, c_strides, decode, encode, frame
 from .rundir import RunDir, cleanup
 
 log = logging.getLogger("shmbroker.broker")
 
 SINK = "__sink__"
 DEFAULT_WAIT = 60.0  # seconds a request may wait for arena space when it names no timeout
+POOL_BLOCK_MAX = 1 << 20  # the largest block ``alloc_many`` hands out
+MAX_BACKLOG = 64 << 20  # bytes queued for a Unix-connected client that is not reading: then it is dropped
 
 
 @dataclass(slots=True, eq=False)
@@ -65,6 +67,7 @@ class Obj:
     shape: tuple[int, ...]
     refs: int = 1
     layout: Any = None  # fields packed in each row (a stage that returns a tuple or dict)
+    pooled: bool = False  # a block a client sub-allocates: its dtype/shape are set when published
 
 
 def check_array_spec(dtype: str, shape: Any) -> tuple[np.dtype, tuple[int, ...], int]:
@@ -153,13 +156,8 @@ class Table:
         return obj
 
     def handle(self, obj: Obj) -> list[Any]:
-        strides, step = [], np.dtype(obj.dtype).itemsize
-        for dim in reversed(obj.shape):
-            strides.append(step)
-            step *= dim
-        strides.reverse()
         return Handle(self.token, obj.oid, obj.block.generation, obj.offset, obj.nbytes,
-                      obj.dtype, obj.shape, tuple(strides)).to_wire()
+                      obj.dtype, obj.shape, c_strides(obj.shape, np.dtype(obj.dtype).itemsize)).to_wire()
 
 
 @dataclass(eq=False)
@@ -241,6 +239,10 @@ class Conn:
     done: int = 0
     busy: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    unix: bool = False  # requests, replies and tasks travel over ``sock`` (else over ZeroMQ)
+    frames: FrameReader = field(default_factory=FrameReader)
+    backlog: bytearray = field(default_factory=bytearray)  # bytes the socket did not take yet
+    dead: str = ""  # set when the connection must be dropped at the next loop turn
 
 
 @dataclass(order=True)
@@ -306,6 +308,7 @@ class BrokerServer:
         self.stopping = False
         self.started = time.time()
         self.counters: collections.Counter[str] = collections.Counter()
+        self.requests: collections.Counter[str] = collections.Counter()  # requests served, by kind
         self.parent_pid = 0
         self.metrics: Any = None
         self._metrics_at = 0.0
@@ -320,25 +323,55 @@ class BrokerServer:
         self._next_id += 1
         return self._next_id
 
-    def send(self, conn: Conn, payload: bytes) -> None:
+    def send(self, to: Conn | bytes, payload: bytes) -> None:
+        """Send one payload to a client: over its Unix connection, or by ZeroMQ identity."""
+        if isinstance(to, Conn):
+            if to.unix:
+                return self._send_unix(to, payload)
+            to = to.identity
         try:
-            self.router.send_multipart([conn.identity, payload], zmq.NOBLOCK)
+            self.router.send_multipart([to, payload], zmq.NOBLOCK)
         except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or its queue full
-            log.warning("cannot send to client %s (pid %d): %s", conn.name, conn.pid, e)
+            log.warning("cannot send to client %r: %s", to, e)
 
-    def reply(self, identity: bytes, rid: int, **fields: Any) -> None:
+    def _send_unix(self, conn: Conn, payload: bytes) -> None:
+        if conn.sock is None or conn.dead:
+            return
+        data = frame(payload)
+        if not conn.backlog:
+            try:
+                n = conn.sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError:  # the peer is gone; the poll loop sees the close and drops it
+                return
+            if n == len(data):
+                return
+            data = data[n:]
+            self.poller.register(conn.sock.fileno(), zmq.POLLIN | zmq.POLLOUT)
+        conn.backlog += data
+        if len(conn.backlog) > MAX_BACKLOG:
+            conn.dead = f"it stopped reading ({format_bytes(len(conn.backlog))} of messages queued)"
+
+    def _flush_unix(self, conn: Conn) -> None:
+        assert conn.sock is not None
         try:
-            self.router.send_multipart([identity, encode("ok", rid, **fields)], zmq.NOBLOCK)
-        except zmq.ZMQError as e:
-            log.warning("cannot reply to %r: %s", identity, e)
+            n = conn.sock.send(conn.backlog)
+        except BlockingIOError:
+            return
+        except OSError:
+            conn.backlog.clear()
+            return
+        del conn.backlog[:n]
+        if not conn.backlog:
+            self.poller.register(conn.sock.fileno(), zmq.POLLIN)
 
-    def reply_error(self, identity: bytes, rid: int, err: BaseException) -> None:
+    def reply(self, to: Conn | bytes, rid: int, **fields: Any) -> None:
+        self.send(to, encode("ok", rid, **fields))
+
+    def reply_error(self, to: Conn | bytes, rid: int, err: BaseException) -> None:
         code = type(err).__name__ if isinstance(err, BrokerError) else "BadRequest"
-        try:
-            self.router.send_multipart(
-                [identity, encode("error", rid, code=code, message=str(err))], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
+        self.send(to, encode("error", rid, code=code, message=str(err)))
 
     # -- the loop ---------------------------------------------------------------
     def serve(self) -> None:
@@ -349,7 +382,7 @@ class BrokerServer:
                 log.error("parent process %d is gone; stopping", self.parent_pid)
                 break
             timeout = 10 if (self.pending or any(s.batches for s in self.stages)) else 500
-            for sock, _ev in self.poller.poll(timeout):
+            for sock, ev in self.poller.poll(timeout):
                 if sock is self.router:
                     self._drain_router()
                 elif sock == self.listener.fileno():
@@ -358,8 +391,10 @@ class BrokerServer:
                     self._handshake(sock)
                 else:
                     conn = self.by_fd.get(sock)
-                    if conn is not None:
-                        self._check_alive(conn)
+                    if conn is not None and ev & zmq.POLLOUT and conn.backlog:
+                        self._flush_unix(conn)
+                    if conn is not None and ev & (zmq.POLLIN | zmq.POLLERR):
+                        self._read_conn(conn)
             self._tick()
 
     def _drain_router(self) -> None:
@@ -374,19 +409,28 @@ class BrokerServer:
                     self.reply_error(frames[0], 0, BadRequest(f"expected 1 frame, got {len(frames) - 1}"))
                 continue
             identity, payload = frames
-            try:
-                msg = decode(payload)
-            except ProtocolError as e:
+            conn = self.conns.get(identity)
+            if conn is not None and conn.unix:  # it talks over its Unix connection now
                 self.counters["bad_messages"] += 1
-                self.reply_error(identity, 0, BadRequest(str(e)))
                 continue
-            try:
-                self.handle(identity, msg)
-            except BrokerError as e:
-                self.reply_error(identity, msg["rid"], e)
-            except Exception as e:  # a bug must not take the broker down; report it
-                log.exception("error handling %s", msg.get("op"))
-                self.reply_error(identity, msg["rid"], BrokerError(f"internal error: {e!r}"))
+            self._serve_one(identity, payload)
+
+    def _serve_one(self, identity: bytes, payload: bytes) -> None:
+        """Decode and handle one request; any error becomes the reply."""
+        try:
+            msg = decode(payload)
+        except ProtocolError as e:
+            self.counters["bad_messages"] += 1
+            self.reply_error(self.conns.get(identity) or identity, 0, BadRequest(str(e)))
+            return
+        try:
+            self.handle(identity, msg)
+        except BrokerError as e:
+            self.reply_error(self.conns.get(identity) or identity, msg["rid"], e)
+        except Exception as e:  # a bug must not take the broker down; report it
+            log.exception("error handling %s", msg.get("op"))
+            self.reply_error(self.conns.get(identity) or identity, msg["rid"],
+                             BrokerError(f"internal error: {e!r}"))
 
     def _accept(self) -> None:
         """Accept a descriptor request; its key is read when it arrives (never blocking the loop)."""
@@ -404,7 +448,7 @@ class BrokerServer:
         try:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             _pid, uid, _gid = np.frombuffer(creds, dtype=np.int32)
-            key = sock.recv(64).decode(errors="replace")
+            key, _, mode = sock.recv(64).decode(errors="replace").partition("+")
             conn = next((c for c in self.conns.values() if c.key == key and c.sock is None), None)
             if conn is None or uid != os.getuid():
                 raise PermissionError("unknown key or other user")
@@ -417,6 +461,7 @@ class BrokerServer:
             sock.close()
             return
         conn.sock = sock
+        conn.unix = mode == "unix"
         self.by_fd[sock.fileno()] = conn
         self.poller.register(sock.fileno(), zmq.POLLIN)
 
@@ -428,22 +473,38 @@ class BrokerServer:
                 sock.close()
                 log.warning("closed a descriptor request that sent no key within 5 s")
 
-    def _check_alive(self, conn: Conn) -> None:
+    def _read_conn(self, conn: Conn) -> None:
+        """Requests from a Unix-connected client, or the close of any client's connection."""
         assert conn.sock is not None
         try:
-            data = conn.sock.recv(64)
+            data = conn.sock.recv(1 << 18)
         except BlockingIOError:
             return
         except OSError:
             data = b""
         if not data:
             self.drop(conn, "its connection closed (process exited)")
+            return
+        if not conn.unix:
+            return  # a liveness-only connection: nothing is expected on it
+        try:
+            payloads = conn.frames.feed(data)
+        except ProtocolError as e:
+            self.counters["bad_messages"] += 1
+            self.drop(conn, f"it sent a bad frame ({e})")
+            return
+        for payload in payloads:
+            if conn.dead or self.conns.get(conn.identity) is not conn:
+                return
+            self._serve_one(conn.identity, payload)
 
     def drop(self, conn: Conn, why: str) -> None:
         """Forget a client: release its leases, re-queue its tasks, cancel its reservations."""
         log.info("client %s (pid %d) gone: %s; %d leases, %d tasks in flight", conn.name,
                  conn.pid, why, len(conn.leases), len(conn.tasks))
-        self.conns.pop(conn.identity, None)
+        if self.conns.get(conn.identity) is conn:
+            del self.conns[conn.identity]
+        conn.dead = conn.dead or why
         if conn.sock is not None:
             self.by_fd.pop(conn.sock.fileno(), None)
             self.poller.unregister(conn.sock.fileno())
@@ -468,6 +529,8 @@ class BrokerServer:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        for conn in [c for c in self.conns.values() if c.dead]:
+            self.drop(conn, conn.dead)
         if self.unkeyed:
             self._expire_unkeyed(now)
         if self.metrics is not None and now - self._metrics_at > 0.25:
@@ -491,15 +554,20 @@ class BrokerServer:
     # -- requests ---------------------------------------------------------------
     def handle(self, identity: bytes, msg: dict[str, Any]) -> None:
         op, rid = msg["op"], msg["rid"]
+        self.requests[op] += 1
+        conn = self.conns.get(identity)
         if op == "hello":
+            if conn is not None and conn.unix:
+                raise BadRequest("hello: this client is already connected")
             return self._hello(identity, msg)
         if op == "ping":
-            return self.reply(identity, rid)
+            return self.reply(conn or identity, rid)
         if op == "stats":
-            return self.reply(identity, rid, stats=self.stats())
-        conn = self.conns.get(identity)
+            return self.reply(conn or identity, rid, stats=self.stats())
         if conn is None:
             raise BadRequest(f"{op}: say hello first (unknown client)")
+        if conn.dead:
+            return
         if conn.sock is None:  # leases are reclaimed when that connection closes: no lease without it
             raise BadRequest(f"{op}: fetch the arena's descriptor from {self.fd_path} first")
         getattr(self, f"_op_{op}", self._op_unknown)(conn, msg)
@@ -522,35 +590,92 @@ class BrokerServer:
         _dt, shape, nbytes = check_array_spec(msg["dtype"], msg["shape"])
         if nbytes != msg["nbytes"]:
             raise BadRequest(f"alloc: nbytes {msg['nbytes']} does not match {msg['dtype']}{list(shape)}")
-        obj = self.table.new(nbytes, msg["dtype"], shape)
-        if obj is None:
-            return self._park(conn, msg, priority=0)
-        conn.leases.add(obj.oid)
-        self.reply(conn.identity, msg["rid"], handle=self.table.handle(obj))
+        if not self._try_alloc(conn, msg):
+            self._park(conn, msg, priority=0)
+
+    def _op_alloc_many(self, conn: Conn, msg: dict[str, Any]) -> None:
+        """Up to ``count`` blocks of ``nbytes`` for a client's pool of small arrays (at least one)."""
+        nbytes, count = msg["nbytes"], msg["count"]
+        if not 0 < nbytes <= POOL_BLOCK_MAX or not 0 < count <= 256 or msg["dtype"] != "|u1" \
+                or msg["shape"] != [nbytes]:
+            raise BadRequest(f"alloc_many: wants 1..256 blocks of 1..{POOL_BLOCK_MAX} bytes as |u1[nbytes]")
+        if not self._try_alloc(conn, msg):
+            self._park(conn, msg, priority=0)
+
+    def _try_alloc(self, conn: Conn, msg: dict[str, Any]) -> bool:
+        """Serve an ``alloc`` or ``alloc_many`` now if the arena has room; False if not."""
+        if msg["op"] == "alloc":
+            _dt, shape, nbytes = check_array_spec(msg["dtype"], msg["shape"])
+            obj = self.table.new(nbytes, msg["dtype"], shape)
+            if obj is None:
+                return False
+            conn.leases.add(obj.oid)
+            self.reply(conn, msg["rid"], handle=self.table.handle(obj))
+            return True
+        objs = []
+        for _ in range(msg["count"]):
+            obj = self.table.new(msg["nbytes"], "|u1", (msg["nbytes"],))
+            if obj is None:
+                break
+            obj.pooled = True
+            conn.leases.add(obj.oid)
+            objs.append(obj)
+        if objs:
+            self.reply(conn, msg["rid"], handles=[self.table.handle(o) for o in objs])
+        return bool(objs)
 
     def _op_acquire(self, conn: Conn, msg: dict[str, Any]) -> None:
         obj = self.table.get(msg["oid"], msg["gen"])
         if obj.oid not in conn.leases:
             conn.leases.add(obj.oid)
             obj.refs += 1
-        self.reply(conn.identity, msg["rid"], handle=self.table.handle(obj))
+        self.reply(conn, msg["rid"], handle=self.table.handle(obj))
 
-    def _op_release(self, conn: Conn, msg: dict[str, Any]) -> None:
+    def _op_acquire_many(self, conn: Conn, msg: dict[str, Any]) -> None:
+        """``acquire`` for many handles in one round trip; a stale one fails the lot (none taken)."""
+        refs = msg["refs"]
+        if len(refs) > 100_000:
+            raise BadRequest("acquire_many: at most 100000 handles per request")
+        if not all(isinstance(r, list) and len(r) == 2 for r in refs):
+            raise BadRequest("acquire_many: refs must be [object id, generation] pairs")
+        objs = [self.table.get(oid, gen) for oid, gen in refs]
+        for obj in objs:
+            if obj.oid not in conn.leases:
+                conn.leases.add(obj.oid)
+                obj.refs += 1
+        self.reply(conn, msg["rid"], handles=[self.table.handle(o) for o in objs])
+
+    def _release_refs(self, conn: Conn, refs: list[Any]) -> int:
+        """Drop this client's leases on ``refs``; the number that were not its (stale)."""
         stale = 0
-        for ref in msg["refs"][:100_000]:
-            oid = ref[0] if isinstance(ref, list) and len(ref) == 2 else None
-            if oid not in conn.leases:
+        for ref in refs[:100_000]:
+            oid = ref[0] if isinstance(ref, list) and len(ref) == 2 and type(ref[0]) is int else None
+            obj = self.table.objects.get(oid) if oid in conn.leases else None
+            if obj is None or obj.block.generation != ref[1]:
                 stale += 1
                 continue
-            obj = self.table.get(oid, ref[1])
             conn.leases.discard(oid)
             self.table.decref(obj)
-        self.reply(conn.identity, msg["rid"], stale=stale)
         if self.pending:
             self._retry_pending(time.monotonic())
+        return stale
+
+    def _op_release(self, conn: Conn, msg: dict[str, Any]) -> None:
+        self.reply(conn, msg["rid"], stale=self._release_refs(conn, msg["refs"]))
+
+    def _op_drop(self, conn: Conn, msg: dict[str, Any]) -> None:
+        stale = self._release_refs(conn, msg["refs"])
+        if stale:
+            self.counters["stale_drops"] += stale
 
     def _op_publish(self, conn: Conn, msg: dict[str, Any]) -> None:
         obj = self.table.get(msg["oid"], msg["gen"])
+        if obj.dtype != msg["dtype"] or list(obj.shape) != msg["shape"]:
+            _dt, shape, nbytes = check_array_spec(msg["dtype"], msg["shape"])
+            if not obj.pooled or nbytes > obj.block.size or obj.oid not in conn.leases:
+                raise BadRequest(f"publish: object {obj.oid} is {obj.dtype}{list(obj.shape)}, "
+                                 f"not {msg['dtype']}{msg['shape']}")
+            obj.dtype, obj.shape, obj.nbytes = msg["dtype"], shape, nbytes  # a pool block gets its type
         old = self.table.names.get(msg["name"])
         obj.refs += 1
         self.table.names[msg["name"]] = obj
@@ -558,14 +683,14 @@ class BrokerServer:
             self.table.decref(old)
         wire = self.table.handle(obj)
         self.pub.send_multipart([b"publish", encode("ok", 0, name=msg["name"], handle=wire)])
-        self.reply(conn.identity, msg["rid"])
+        self.reply(conn, msg["rid"])
 
     def _op_lookup(self, conn: Conn, msg: dict[str, Any]) -> None:
         obj = self.table.names.get(msg["name"])
-        self.reply(conn.identity, msg["rid"], handle=None if obj is None else self.table.handle(obj))
+        self.reply(conn, msg["rid"], handle=None if obj is None else self.table.handle(obj))
 
     def _op_shutdown(self, conn: Conn, msg: dict[str, Any]) -> None:
-        self.reply(conn.identity, msg["rid"])
+        self.reply(conn, msg["rid"])
         self.stopping = True
 
     # -- pipeline ---------------------------------------------------------------
@@ -595,7 +720,7 @@ class BrokerServer:
     def _op_pipeline(self, conn: Conn, msg: dict[str, Any]) -> None:
         self.configure(msg["stages"], msg["max_inflight"])
         self.eof = False
-        self.reply(conn.identity, msg["rid"], stages=[s.name for s in self.stages])
+        self.reply(conn, msg["rid"], stages=[s.name for s in self.stages])
 
     def _op_register(self, conn: Conn, msg: dict[str, Any]) -> None:
         names = [s.name for s in self.stages]
@@ -604,12 +729,12 @@ class BrokerServer:
         conn.stage = names.index(msg["stage"])
         conn.credits = max(1, min(msg["credits"], 1024))
         conn.device = msg["device"]
-        self.reply(conn.identity, msg["rid"], stage=conn.stage)
+        self.reply(conn, msg["rid"], stage=conn.stage)
         self._dispatch()
 
     def _op_eof(self, conn: Conn, msg: dict[str, Any]) -> None:
         self.eof = True
-        self.reply(conn.identity, msg["rid"])
+        self.reply(conn, msg["rid"])
 
     def _op_reserve(self, conn: Conn, msg: dict[str, Any]) -> None:
         s = msg["stage"]
@@ -651,7 +776,7 @@ class BrokerServer:
         if s == 0:
             self.inflight_items += len(items)
         wire = [[self.table.handle(g.obj), len(g.items)] for g in segs]
-        self.reply(conn.identity, msg["rid"], rsv=rsv.rsv, segments=wire)
+        self.reply(conn, msg["rid"], rsv=rsv.rsv, segments=wire)
         return True
 
     def _segments_plain(self, items: list[int], shape: tuple[int, ...], dtype: str) -> list[Segment] | None:
@@ -704,7 +829,7 @@ class BrokerServer:
         if rsv is None:
             raise BadRequest(f"commit: no open reservation {msg['rsv']}")
         self._commit(rsv)
-        self.reply(conn.identity, msg["rid"])
+        self.reply(conn, msg["rid"])
         self._dispatch()
 
     def _commit(self, rsv: Reservation) -> None:
@@ -810,7 +935,7 @@ class BrokerServer:
         conn.busy += float(msg["busy"])
         if task.stage == len(self.stages) - 1:
             self.inflight_items -= len(task.items)
-        self.reply(conn.identity, msg["rid"])
+        self.reply(conn, msg["rid"])
         if self.pending:
             self._retry_pending(time.monotonic())
         self._dispatch()
@@ -837,7 +962,7 @@ class BrokerServer:
             fatal = st.on_error != "skip"
             self.counters["skipped" if not fatal else "failed"] += len(task.items)
             self._notify_failure(st.name, task.items, msg["error"], msg["trace"], fatal)
-        self.reply(conn.identity, msg["rid"])
+        self.reply(conn, msg["rid"])
         self._dispatch()
 
     def _notify_failure(self, stage: str, items: list[int], error: str, trace: str, fatal: bool) -> None:
@@ -878,20 +1003,15 @@ class BrokerServer:
         keep = []
         for p in self.pending:
             try:
-                if p.msg["op"] == "alloc":
-                    _dt, shape, nbytes = check_array_spec(p.msg["dtype"], p.msg["shape"])
-                    obj = self.table.new(nbytes, p.msg["dtype"], shape)
-                    done = obj is not None
-                    if obj is not None:
-                        p.conn.leases.add(obj.oid)
-                        self.reply(p.conn.identity, p.msg["rid"], handle=self.table.handle(obj))
+                if p.msg["op"] in ("alloc", "alloc_many"):
+                    done = self._try_alloc(p.conn, p.msg)
                 else:
                     done = self._try_reserve(p.conn, p.msg)
             except BrokerError as e:
-                self.reply_error(p.conn.identity, p.msg["rid"], e)
+                self.reply_error(p.conn, p.msg["rid"], e)
                 continue
             if not done and now >= p.deadline:
-                self.reply_error(p.conn.identity, p.msg["rid"], self._full_error(p.msg))
+                self.reply_error(p.conn, p.msg["rid"], self._full_error(p.msg))
             elif not done:
                 keep.append(p)
         self.pending = keep
@@ -915,7 +1035,8 @@ class BrokerServer:
                 "objects": len(self.table.objects), "blocks": alloc.blocks,
                 "clients": len(self.conns), "names": len(self.table.names),
                 "pending": len(self.pending), "inflight_items": self.inflight_items,
-                "stages": stages, "counters": dict(self.counters), "pid": os.getpid(),
+                "stages": stages, "counters": dict(self.counters),
+                "requests": dict(self.requests), "pid": os.getpid(),
                 "uptime": time.time() - self.started, "memfd": self.region.name}
 
     def close(self) -> None:

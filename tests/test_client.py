@@ -234,7 +234,7 @@ def test_a_child_process_writes_into_the_parents_array(broker, client):
 
 # -- lifetime: handles, generations, leases ---------------------------------------------------------
 def test_put_release_reuses_the_same_block(fresh_broker):
-    with Client(fresh_broker.endpoint) as c:
+    with Client(fresh_broker.endpoint, pool=False) as c:
         seen = []
         for i in range(20):
             h = c.put(np.full(10_000, i, np.float32))
@@ -248,7 +248,7 @@ def test_put_release_reuses_the_same_block(fresh_broker):
 
 
 def test_stale_handle_is_refused_here_and_in_another_client(fresh_broker):
-    with Client(fresh_broker.endpoint) as c, Client(fresh_broker.endpoint) as other:
+    with Client(fresh_broker.endpoint, pool=False) as c, Client(fresh_broker.endpoint, pool=False) as other:
         old = c.put(np.arange(16.0))
         c.release(old)
         new = c.put(np.full(16, 7.0))
@@ -296,7 +296,7 @@ def test_forged_offsets_are_never_read(client):
 
 
 def test_second_clients_lease_keeps_the_object_alive(fresh_broker):
-    with Client(fresh_broker.endpoint) as a, Client(fresh_broker.endpoint) as b:
+    with Client(fresh_broker.endpoint, pool=False) as a, Client(fresh_broker.endpoint, pool=False) as b:
         h = a.put(np.arange(1000, dtype=np.float64))
         held = b.get(h)
         a.release(h)
@@ -307,7 +307,7 @@ def test_second_clients_lease_keeps_the_object_alive(fresh_broker):
         assert held.tolist() == list(range(1000))
         assert b.get(h).tolist() == list(range(1000))
         b.release(h)
-        assert a.stats()["objects"] == 1
+        assert b.stats()["objects"] == 1  # b's release is in before b's next request
         with pytest.raises(StaleHandle):
             a.get(h)
         a.release(h2)
@@ -316,7 +316,7 @@ def test_second_clients_lease_keeps_the_object_alive(fresh_broker):
 
 
 def test_release_accepts_many_handles_and_ignores_ones_not_held(fresh_broker):
-    with Client(fresh_broker.endpoint) as c:
+    with Client(fresh_broker.endpoint, pool=False) as c:
         hs = [c.put(np.full(3, i)) for i in range(5)]
         c.release(hs)
         assert c.stats()["objects"] == 0
@@ -326,7 +326,7 @@ def test_release_accepts_many_handles_and_ignores_ones_not_held(fresh_broker):
 
 
 def test_publish_and_lookup(fresh_broker):
-    with Client(fresh_broker.endpoint) as a, Client(fresh_broker.endpoint) as b:
+    with Client(fresh_broker.endpoint, pool=False) as a, Client(fresh_broker.endpoint, pool=False) as b:
         h = a.put(np.arange(5))
         a.publish("weights", h)
         a.release(h)
@@ -366,7 +366,7 @@ def test_lookup_waits_for_a_later_publish(fresh_broker):
 
 
 def test_stats(fresh_broker):
-    with Client(fresh_broker.endpoint) as c:
+    with Client(fresh_broker.endpoint, pool=False) as c:
         s = c.stats()
         assert s["capacity"] == 64 * MiB and s["used"] == 0 and s["free"] == 64 * MiB
         assert s["clients"] == 1 and s["objects"] == 0 and s["pid"] == fresh_broker.pid
@@ -451,7 +451,7 @@ def _child_hold(endpoint: str, wire: bytes, how: str, conn) -> None:
 
 @pytest.mark.parametrize("how", ["return", "os._exit", "raise", "SIGKILL"])
 def test_leases_of_an_exited_process_are_dropped(fresh_broker, poll, how):
-    with Client(fresh_broker.endpoint) as c:
+    with Client(fresh_broker.endpoint, pool=False) as c:
         h = c.put(np.arange(1000, dtype=np.int32))
         base = c.stats()
         parent, child = SPAWN.Pipe()
@@ -483,8 +483,8 @@ def test_leases_of_an_exited_process_are_dropped(fresh_broker, poll, how):
 
 
 def test_closing_a_client_drops_its_leases(fresh_broker, poll):
-    with Client(fresh_broker.endpoint) as c:
-        other = Client(fresh_broker.endpoint)
+    with Client(fresh_broker.endpoint, pool=False) as c:
+        other = Client(fresh_broker.endpoint, pool=False)
         other.put(np.zeros(1000))
         assert c.stats()["objects"] == 1
         other.close()

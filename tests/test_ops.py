@@ -39,7 +39,7 @@ STAGES = [{"name": "prep", "batch": 0}, {"name": "infer", "batch": 4}]
 
 
 def test_status_json_and_table_match_the_broker_state() -> None:
-    with Broker(capacity=16 * 2**20, stages=STAGES) as b, Client(b.endpoint, role="driver") as c:
+    with Broker(capacity=16 * 2**20, stages=STAGES) as b, Client(b.endpoint, role="driver", pool=False) as c:
         queue_items(c, 3)
         held = c.put(np.zeros(1000, np.float64))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -1,0 +1,243 @@
+"""The fast paths: requests over the Unix connection, pooled small arrays, release without waiting."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import msgpack
+import numpy as np
+import pytest
+
+from broker import Client
+from broker.arena import recv_fd
+from broker.client import POOL_MAX, POOL_REFILL_BYTES
+from broker.errors import StaleHandle
+from broker.protocol import MAX_MESSAGE, VERSION, FrameReader, decode, encode, frame
+
+
+def _requests(c: Client) -> dict[str, int]:
+    return c.stats()["requests"]
+
+
+@pytest.mark.parametrize("transport", ["unix", "zmq"])
+def test_both_transports_serve_every_kind_of_request(fresh_broker, transport):
+    with Client(fresh_broker.endpoint, transport=transport) as c, Client(fresh_broker.endpoint) as other:
+        a = np.arange(300_000, dtype=np.float32)  # not pooled: a broker allocation
+        h = c.put(a)
+        small = c.put(np.arange(12, dtype=np.int16).reshape(3, 4))  # pooled
+        c.publish("big", h)
+        assert np.array_equal(other.get(other.lookup("big")), a)
+        assert np.array_equal(other.get(small), np.arange(12, dtype=np.int16).reshape(3, 4))
+        assert c.ping() > 0
+        c.release([h, small])
+        other.release([h, small])
+        assert c.stats()["objects"] >= 1  # the published name keeps "big"
+
+
+def test_unix_client_needs_no_zeromq_after_connecting(fresh_broker):
+    with Client(fresh_broker.endpoint) as c:
+        c._sock.close(0)  # the DEALER is gone: every request below must travel the Unix connection
+        h = c.put(np.ones(100_000))
+        assert c.get(h).sum() == 100_000
+        c.release(h)
+        assert c.stats()["used"] >= 0
+
+
+def test_small_puts_take_one_round_trip_per_refill(fresh_broker):
+    with Client(fresh_broker.endpoint) as c:
+        before = _requests(c)
+        count = POOL_REFILL_BYTES // 4096  # blocks of the 4 KiB class in one refill
+        hs = [c.put(np.full(1024, i, np.float32)) for i in range(count)]
+        after = _requests(c)
+        assert after.get("alloc_many", 0) - before.get("alloc_many", 0) == 1
+        assert after.get("alloc", 0) == before.get("alloc", 0)
+        for i, h in enumerate(hs):
+            assert c.get(h)[0] == i and h.shape == (1024,) and h.nbytes == 4096
+        assert len({h.offset for h in hs}) == count
+        c.put(np.zeros(1024, np.float32))  # the pool is empty: the next refill
+        assert _requests(c)["alloc_many"] - before.get("alloc_many", 0) == 2
+
+
+def test_pooled_array_in_another_client_has_its_dtype_shape_and_data(fresh_broker):
+    with Client(fresh_broker.endpoint) as c, Client(fresh_broker.endpoint) as other:
+        a = np.random.default_rng(1).standard_normal((7, 9))  # 504 B: the 512 B class
+        h = c.put(a)
+        got = other.get(h)
+        assert got.dtype == a.dtype and got.shape == (7, 9) and np.array_equal(got, a)
+        c.get(h)[0, 0] = 42.0  # one block, seen by both
+        assert got[0, 0] == 42.0
+        c.publish("small", h)
+        looked = other.lookup("small")  # the broker's record was given the dtype and shape
+        assert (looked.dtype, looked.shape, looked.nbytes) == (h.dtype, h.shape, h.nbytes)
+
+
+def test_publish_cannot_retype_an_array_that_is_not_a_pool_block(fresh_broker):
+    with Client(fresh_broker.endpoint, pool=False) as c:
+        h = c.put(np.zeros(16, np.float32))
+        with pytest.raises(Exception, match="is <f4\\[16\\], not <f8\\[8\\]"):
+            c._request("publish", name="x", oid=h.oid, gen=h.generation, dtype="<f8", shape=[8])
+        with Client(fresh_broker.endpoint) as other:
+            other.get(h)
+            small = other.put(np.zeros(4, np.uint8))
+            with pytest.raises(Exception, match="not"):  # another client's pool block: not its to type
+                c.get(small)
+                c._request("publish", name="y", oid=small.oid, gen=small.generation,
+                           dtype="<f8", shape=[1 << 20])
+
+
+def test_pool_off_and_large_arrays_use_plain_allocations(fresh_broker):
+    with Client(fresh_broker.endpoint, pool=False) as c, Client(fresh_broker.endpoint) as p:
+        before = _requests(c)
+        c.put(np.zeros(10, np.float32))
+        p.put(np.zeros(POOL_MAX // 8 + 1, np.float64))  # just over the pooled size
+        after = _requests(c)
+        assert after["alloc"] - before.get("alloc", 0) == 2
+        assert after.get("alloc_many", 0) == before.get("alloc_many", 0)
+
+
+def test_closing_a_client_returns_its_unused_pool_blocks(fresh_broker):
+    with Client(fresh_broker.endpoint) as watcher:
+        base = watcher.stats()["used"]
+        with Client(fresh_broker.endpoint) as c:
+            h = c.put(np.zeros(100, np.float32))  # 400 B: the 512 B class, 64 blocks in a refill
+            assert watcher.stats()["used"] == base + 64 * 512  # the whole refill is reserved
+            c.release(h)
+        deadline = time.monotonic() + 5
+        while watcher.stats()["used"] != base and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert watcher.stats()["used"] == base
+
+
+def test_release_does_not_wait_but_is_ordered_before_the_next_request(fresh_broker):
+    with Client(fresh_broker.endpoint, pool=False) as c:
+        hs = [c.put(np.zeros(100_000)) for _ in range(5)]
+        before = _requests(c)
+        for h in hs:
+            c.release(h)  # one "drop" message each, no reply
+        st = c.stats()  # sent after the drops on the same connection: sees them done
+        assert st["used"] == 0
+        assert st["requests"]["drop"] - before.get("drop", 0) == 5
+        assert st["requests"].get("release", 0) == before.get("release", 0)
+        c.release(hs[0])  # already released: counted as stale, no error
+        assert c.stats()["counters"]["stale_drops"] == 1
+
+
+def test_get_many_takes_all_leases_in_one_round_trip_or_none(fresh_broker):
+    ep = fresh_broker.endpoint
+    with Client(ep, pool=False) as c, Client(ep, pool=False) as other:
+        arrays = [np.full(1000 * (i + 1), i, np.int32) for i in range(6)]
+        hs = [c.put(a) for a in arrays]
+        before = _requests(other)
+        views = other.get_many(hs)
+        assert _requests(other)["acquire_many"] - before.get("acquire_many", 0) == 1
+        assert all(np.array_equal(v, a) for v, a in zip(views, arrays, strict=True))
+        c.release(hs)
+        assert other.get(hs[0])[0] == 0 and c.stats()["objects"] == 6  # other's leases keep them
+        other.release(hs[5])
+        base = other.stats()["objects"]  # other's connection: its release is in before this
+        fresh = [c.put(a) for a in arrays[:2]]
+        with pytest.raises(StaleHandle):
+            other.get_many([*fresh, hs[5]])  # one stale handle: none of the leases taken
+        c.release(fresh)
+        assert c.stats()["objects"] == base  # freed: other holds no lease on them
+        other.release(hs[:5])
+        assert other.stats()["objects"] == 0
+
+
+class RawUnix:
+    """A client that speaks the Unix transport by hand."""
+
+    def __init__(self, endpoint: str) -> None:
+        import zmq
+
+        self.ctx = zmq.Context()
+        dealer = self.ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(endpoint)
+        dealer.send(encode("hello", 1, name="raw", pid=os.getpid(), role="test"))
+        assert dealer.poll(5000)
+        hello = decode(dealer.recv())
+        self.dealer = dealer
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(hello["fd_path"])
+        self.sock.sendall(f"{hello['key']}+unix".encode())
+        _meta, fd = recv_fd(self.sock)
+        os.close(fd)
+        self.frames = FrameReader()
+        self.got: list[dict] = []
+
+    def read(self, n: int) -> list[dict]:
+        while len(self.got) < n:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise ConnectionError("closed")
+            self.got.extend(decode(p) for p in self.frames.feed(data))
+        out, self.got = self.got[:n], self.got[n:]
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+        self.dealer.close(0)
+        self.ctx.term()
+
+
+def test_frames_split_and_joined_arbitrarily_are_reassembled(fresh_broker):
+    raw = RawUnix(fresh_broker.endpoint)
+    try:
+        stream = b"".join(frame(encode("ping", rid)) for rid in range(2, 60))
+        rng = np.random.default_rng(3)
+        pos = 0
+        while pos < len(stream):
+            step = int(rng.integers(1, 40))
+            raw.sock.sendall(stream[pos:pos + step])
+            pos += step
+            time.sleep(0.0005)
+        replies = raw.read(58)
+        assert [r["rid"] for r in replies] == list(range(2, 60))
+        assert all(r["op"] == "ok" for r in replies)
+    finally:
+        raw.close()
+
+
+def test_bad_payloads_get_errors_and_a_bad_length_closes_only_that_connection(fresh_broker):
+    with Client(fresh_broker.endpoint) as good:
+        h = good.put(np.arange(1000.0))
+        raw = RawUnix(fresh_broker.endpoint)
+        try:
+            raw.sock.sendall(frame(b"\xc1garbage") + frame(msgpack.packb({"v": VERSION, "op": "x", "rid": 3})))
+            errors = raw.read(2)
+            assert [e["op"] for e in errors] == ["error", "error"] and errors[1]["rid"] == 0
+            raw.sock.sendall(frame(encode("hello", 4, name="again", pid=1, role="x")))
+            assert "already connected" in raw.read(1)[0]["message"]
+            raw.sock.sendall((MAX_MESSAGE + 1).to_bytes(4, "little") + b"x" * 100)
+            with pytest.raises((ConnectionError, OSError)):
+                raw.read(1)  # the broker hung up: a stream cannot be resynchronised
+        finally:
+            raw.close()
+        assert np.array_equal(good.get(h), np.arange(1000.0))
+        assert good.stats()["counters"]["bad_messages"] >= 3
+
+
+def test_replies_the_socket_cannot_take_at_once_are_queued_not_lost(fresh_broker):
+    raw = RawUnix(fresh_broker.endpoint)
+    try:
+        n = 3000  # ~1 KiB stats replies: several times the socket's buffer, unread while sent
+        raw.sock.sendall(b"".join(frame(encode("stats", rid)) for rid in range(10, 10 + n)))
+        time.sleep(0.5)
+        replies = raw.read(n)
+        assert [r["rid"] for r in replies] == list(range(10, 10 + n))
+    finally:
+        raw.close()
+
+
+def test_frame_reader_limits_and_order():
+    r = FrameReader()
+    data = frame(b"a") + frame(b"") + frame(b"bc" * 1000)
+    assert r.feed(data[:3]) == [] and r.pending == 3
+    assert r.feed(data[3:7]) == [b"a"]
+    assert r.feed(data[7:]) == [b"", b"bc" * 1000] and r.pending == 0
+    with pytest.raises(Exception, match="exceeds"):
+        r.feed((MAX_MESSAGE + 1).to_bytes(4, "little"))
