@@ -19,7 +19,10 @@ The clock is CLOCK_MONOTONIC, system wide on Linux, so the two timestamps of
 a one-way trip are comparable across processes; no round trip is halved.
 
 Peers: shmbroker (Handle pickled over a ``multiprocessing.Pipe``; the
-consumer's ``Client.tensor`` takes a lease, one broker round trip), a
+consumer's ``Client.tensor`` takes a lease, one broker round trip), shmbroker
+with a granted Handle (the producer's ``Client.grant`` -- one message, no
+reply -- is inside the timed window; the consumer maps the array at once and
+claims the lease without waiting), a
 ``multiprocessing.Queue`` carrying the array, a ``torch.multiprocessing.Queue``
 carrying a shared-memory tensor, and pyzmq PUSH/PULL over ipc with
 ``copy=False`` frames. References: a zmq ipc REQ/REP round trip of a tiny
@@ -68,6 +71,7 @@ UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10
 
 PEERS = {  # key -> label in the tables and the plot
     "shmbroker": "shmbroker (Handle over mp.Pipe)",
+    "shmbroker_grant": "shmbroker, granted Handle (grant + send timed)",
     "shmbroker_fresh": "shmbroker, new put before each send",
     "mpqueue": "multiprocessing.Queue (ndarray)",
     "torchqueue": "torch.multiprocessing.Queue (shared tensor)",
@@ -376,11 +380,17 @@ class ShmbrokerPeer(PipePeer):
 
     kind = "shmbroker"
 
-    def __init__(self, client: Any, fresh: bool = False) -> None:
+    def __init__(self, client: Any, fresh: bool = False, grant: bool = False) -> None:
         self.client = client
         self.fresh = fresh
-        self._key = "shmbroker_fresh" if fresh else "shmbroker"
+        self.grant = grant
+        self._key = "shmbroker_fresh" if fresh else "shmbroker_grant" if grant else "shmbroker"
         self.held: Any = None
+
+    def send(self, stamp: tuple[float, bool], item: Any) -> None:
+        # grant: the producer grants the consumer a lease (one message, no reply) inside the timed
+        # window; the consumer's get then maps the array at once and claims without waiting
+        self.w.send((stamp, self.client.grant(item) if self.grant else item))
 
     def open(self, ctx: Any) -> tuple[Any, dict[str, Any]]:
         r, _ = super().open(ctx)
@@ -788,7 +798,8 @@ def main(argv: list[str] | None = None) -> int:
         with Broker(capacity=args.capacity) as broker, Client(broker.endpoint, role="bench-producer") as client:
             progress(f"broker pid {broker.pid}, arena {size_label(args.capacity)}")
             result["put"] = run_put(client, sizes, reps_for, progress)
-            peers: list[Peer] = [ShmbrokerPeer(client), ShmbrokerPeer(client, fresh=True), MPQueuePeer(), TorchQueuePeer(), ZmqPeer(tmpdir)]
+            peers: list[Peer] = [ShmbrokerPeer(client), ShmbrokerPeer(client, grant=True),
+                                  ShmbrokerPeer(client, fresh=True), MPQueuePeer(), TorchQueuePeer(), ZmqPeer(tmpdir)]
             for peer in peers:
                 result["handoff"][peer.key] = run_handoff(ctx, peer, sizes, reps_for, progress)
             tiny_reps = reps_for(1)

@@ -11,6 +11,7 @@ same connection (``transport="unix"``), which skips ZeroMQ's I/O threads;
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import math
@@ -113,6 +114,7 @@ class Client:
         self._rid = 0
         self.inbox: collections.deque[dict[str, Any]] = collections.deque()
         self._held: dict[int, Handle] = {}
+        self._grants = 0
         self._alive: socket.socket | None = None
         self._unix: socket.socket | None = None  # set once requests travel over ``_alive``
         self._frames = FrameReader()
@@ -153,12 +155,22 @@ class Client:
     def send(self, op: str, **fields: Any) -> int:
         """Send a request without waiting; returns its request id."""
         self._rid += 1
-        payload = encode(op, self._rid, **fields)
+        self._send(encode(op, self._rid, **fields))
+        return self._rid
+
+    def notify(self, op: str, **fields: Any) -> None:
+        """Send a message that gets no reply (``drop``, ``grant``, ``claim``).
+
+        Its id is 0, so if the broker refuses it, the error is raised by the
+        next request this client waits for.
+        """
+        self._send(encode(op, 0, **fields))
+
+    def _send(self, payload: bytes) -> None:
         if self._unix is not None:
             self._write(frame(payload))
         else:
             self._sock.send(payload)
-        return self._rid
 
     def _write(self, data: bytes) -> None:
         assert self._unix is not None
@@ -301,10 +313,46 @@ class Client:
         np.copyto(out, array, casting="no" if array.dtype == out.dtype else "equiv")
         return handle
 
+    def grant(self, handle: Handle, uses: int = 1, ttl: float = 30.0) -> Handle:
+        """A copy of ``handle`` that carries a lease for its receiver(s).
+
+        The broker holds the lease until ``uses`` receivers have claimed it
+        or ``ttl`` seconds have passed, even if this client releases or dies
+        meanwhile. A receiver's ``get`` then maps the array at once and claims
+        the lease with a message it does not wait for: a hand-off with no
+        round trip on the receiver's side. After ``ttl / 2`` seconds the
+        receiver falls back to an ordinary ``get`` (a round trip; the array
+        must still be alive). Over ``transport="zmq"`` the grant waits for
+        its reply, since a message ZeroMQ has queued is lost if this process
+        dies; over the Unix connection it is in the kernel when this returns.
+        """
+        self._check_broker(handle)
+        if not 0 < ttl <= 3600 or not 0 < uses <= 1024:
+            raise ValueError("grant: ttl must be in (0, 3600] s and uses in 1..1024")
+        self._grants += 1
+        token = self.cid << 32 | self._grants
+        fields = dict(oid=handle.oid, gen=handle.generation, token=token, uses=uses, ttl=ttl)
+        expires = time.monotonic() + ttl / 2
+        self.notify("grant", **fields)
+        if self._unix is None:
+            self.ping()  # handled after the grant: when it returns, the grant is in the broker
+        return dataclasses.replace(handle, grant=token, expires=expires)
+
     def get(self, handle: Handle) -> np.ndarray:
-        """A writable view of the array (no copy); takes a lease until ``release``."""
+        """A writable view of the array (no copy); takes a lease until ``release``.
+
+        For a handle from ``grant`` (before its ``expires``), the lease is
+        claimed without waiting for the broker.
+        """
         self._check_broker(handle)
         held = self._held.get(handle.oid)
+        if (held is None or held.generation != handle.generation) and handle.grant and \
+                time.monotonic() < handle.expires:
+            held = dataclasses.replace(handle, grant=0, expires=0.0)
+            array = self.view(held)  # bounds checked against the arena before anything else
+            self.notify("claim", oid=handle.oid, gen=handle.generation, token=handle.grant)
+            self._held[held.oid] = held
+            return array
         if held is None or held.generation != handle.generation:
             reply = self._request("acquire", oid=handle.oid, gen=handle.generation)
             held = self._adopt(handle, reply["handle"])
@@ -359,7 +407,7 @@ class Client:
             self._check_broker(h)
             self._held.pop(h.oid, None)
         if hs:
-            self.send("drop", refs=[[h.oid, h.generation] for h in hs])
+            self.notify("drop", refs=[[h.oid, h.generation] for h in hs])
 
     def publish(self, name: str, handle: Handle) -> None:
         """Make ``handle`` discoverable by ``name``; the broker keeps it alive until replaced."""

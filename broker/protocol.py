@@ -29,7 +29,7 @@ at half the CPU on the 2-core reference machine (benchmarks/NOTES.md).
 
     {"v": 1, "op": <kind>, "rid": <request id, 0 if unsolicited>, <fields>}
 
-Every request but ``drop`` gets exactly one reply with the same ``rid``: ``{"op": "ok", ...}``
+Every request but ``drop``, ``grant`` and ``claim`` gets exactly one reply with the same ``rid``: ``{"op": "ok", ...}``
 or ``{"op": "error", "code": <BrokerError subclass name>, "message": ...}``.
 The broker also sends unsolicited ``task`` messages (rid 0) to workers and
 to the pipeline driver, which credit-based flow control bounds.
@@ -76,6 +76,8 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
     "acquire_many": {"refs": _LIST},
     "release": {"refs": _LIST},
     "drop": {"refs": _LIST},  # a release that gets no reply
+    "grant": {"oid": _INT, "gen": _INT, "token": _INT, "uses": _INT, "ttl": _NUM},  # no reply
+    "claim": {"oid": _INT, "gen": _INT, "token": _INT},  # no reply
     "publish": {"name": _STR, "oid": _INT, "gen": _INT, "dtype": _STR, "shape": _LIST},
     "lookup": {"name": _STR},
     "stats": {},
@@ -206,6 +208,10 @@ class Handle:
     ``broker``, ``oid`` and ``generation`` so a handle to a released or reused
     block is refused, never read as garbage. Arrays in the arena are
     C-contiguous; ``strides`` are recorded for the consumer's convenience.
+
+    A handle from ``Client.grant`` also carries ``grant`` (a token for a lease
+    the broker holds for the receiver) and ``expires`` (``time.monotonic()``
+    before which the receiver may use it without asking the broker first).
     """
 
     broker: str
@@ -216,23 +222,31 @@ class Handle:
     dtype: str
     shape: tuple[int, ...]
     strides: tuple[int, ...]
+    grant: int = 0
+    expires: float = 0.0
 
     def to_wire(self) -> list[Any]:
-        return [self.broker, self.oid, self.generation, self.offset, self.nbytes,
+        wire = [self.broker, self.oid, self.generation, self.offset, self.nbytes,
                 self.dtype, list(self.shape), list(self.strides)]
+        return wire + [self.grant, self.expires] if self.grant else wire
 
     @classmethod
     def from_wire(cls, wire: Any) -> Handle:
-        if not isinstance(wire, (list, tuple)) or len(wire) != 8:
-            raise ProtocolError(f"a handle is a list of 8 fields, got {wire!r:.80}")
-        broker, oid, gen, offset, nbytes, dtype, shape, strides = wire
+        if not isinstance(wire, (list, tuple)) or len(wire) not in (8, 10):
+            raise ProtocolError(f"a handle is a list of 8 (or 10) fields, got {wire!r:.80}")
+        grant, expires = 0, 0.0
+        if len(wire) == 10:
+            grant, expires = wire[8], wire[9]
+            if type(grant) is not int or grant < 0 or type(expires) not in (int, float):
+                raise ProtocolError("handle grant must be a non-negative integer and expires a number")
+        broker, oid, gen, offset, nbytes, dtype, shape, strides = wire[:8]
         if not isinstance(broker, str) or not isinstance(dtype, str):
             raise ProtocolError("handle broker and dtype must be strings")
         oid, gen, offset, nbytes = _int_tuple([oid, gen, offset, nbytes], "ids")
         shape, strides = _int_tuple(shape, "shape"), _int_tuple(strides, "strides")
         if len(strides) != len(shape):
             raise ProtocolError(f"handle has {len(shape)} dimensions but {len(strides)} strides")
-        return cls(broker, oid, gen, offset, nbytes, dtype, shape, strides)
+        return cls(broker, oid, gen, offset, nbytes, dtype, shape, strides, grant, float(expires))
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Handle.from_wire, (self.to_wire(),))

@@ -245,6 +245,15 @@ class Conn:
     dead: str = ""  # set when the connection must be dropped at the next loop turn
 
 
+@dataclass(eq=False, slots=True)
+class Grant:
+    """A lease the broker holds for whoever claims ``token`` (``Client.grant``)."""
+
+    obj: Obj
+    uses: int
+    deadline: float
+
+
 @dataclass(order=True)
 class Pending:
     priority: int
@@ -305,6 +314,8 @@ class BrokerServer:
         self.inflight_items = 0
         self.eof = False
         self.pending: list[Pending] = []
+        self.grants: dict[int, Grant] = {}
+        self.early_claims: dict[int, tuple[int, float]] = {}  # token -> (claims, deadline)
         self.stopping = False
         self.started = time.time()
         self.counters: collections.Counter[str] = collections.Counter()
@@ -538,6 +549,8 @@ class BrokerServer:
             self._metrics_at = now
         if self.pending:
             self._retry_pending(now)
+        if self.grants or self.early_claims:
+            self._expire_grants(now)
         for s, st in enumerate(self.stages):
             for b in list(st.batches):
                 if b.assigned == 0 or b.committed + len(b.holes) < b.assigned:
@@ -667,6 +680,64 @@ class BrokerServer:
         stale = self._release_refs(conn, msg["refs"])
         if stale:
             self.counters["stale_drops"] += stale
+
+    def _op_grant(self, conn: Conn, msg: dict[str, Any]) -> None:
+        """Hold a lease for ``uses`` claims of ``token`` (or until ``ttl`` s pass). No reply.
+
+        A grant outlives its client: that is the point (the receiver may
+        claim after the granter released or died). The token's high bits are
+        the granter's client id, so tokens of different clients never clash.
+        """
+        token, uses, ttl = msg["token"], msg["uses"], msg["ttl"]
+        if token >> 32 != conn.cid or token in self.grants or not 0 < uses <= 1024 or \
+                not (isinstance(ttl, (int, float)) and 0 < ttl <= 3600):
+            raise BadRequest("grant: token must be (client id << 32 | n) and new, uses 1..1024, "
+                             "ttl 0..3600 s")
+        obj = self.table.get(msg["oid"], msg["gen"])
+        claimed, _ = self.early_claims.pop(token, (0, 0.0))
+        if claimed >= uses:
+            return  # every claim came before the grant and took its own lease
+        obj.refs += 1
+        self.grants[token] = Grant(obj, uses - claimed, time.monotonic() + ttl)
+
+    def _op_claim(self, conn: Conn, msg: dict[str, Any]) -> None:
+        """Take the lease a grant holds; no reply. A failure is sent as an error with rid 0."""
+        token = msg["token"]
+        grant = self.grants.get(token)
+        if grant is not None and (grant.obj.oid, grant.obj.block.generation) == (msg["oid"], msg["gen"]):
+            obj = grant.obj
+            grant.uses -= 1
+            last = grant.uses == 0  # the grant's own reference passes to this claim
+            if last:
+                del self.grants[token]
+            if obj.oid not in conn.leases:
+                conn.leases.add(obj.oid)
+                if not last:
+                    obj.refs += 1
+            elif last:
+                self.table.decref(obj)
+            return
+        # The claim overtook its grant (they travel on different connections), or the grant is
+        # used up: while the object lives (the granter's lease keeps it until the grant is in),
+        # take a lease now and count the claim against a grant still to come.
+        try:
+            obj = self.table.get(msg["oid"], msg["gen"])
+        except StaleHandle as e:
+            raise StaleHandle(f"claim of a granted handle failed: {e}; the grant expired or was "
+                              f"used up before this claim, and the array is gone") from None
+        if obj.oid not in conn.leases:
+            conn.leases.add(obj.oid)
+            obj.refs += 1
+        if 0 < token >> 32 < self._next_cid and len(self.early_claims) < 100_000:
+            n, _ = self.early_claims.get(token, (0, 0.0))
+            self.early_claims[token] = (n + 1, time.monotonic() + 60.0)
+
+    def _expire_grants(self, now: float) -> None:
+        for token in [t for t, g in self.grants.items() if g.deadline <= now]:
+            self.table.decref(self.grants.pop(token).obj)
+            self.counters["grants_expired"] += 1
+        for token in [t for t, (_n, d) in self.early_claims.items() if d <= now]:
+            del self.early_claims[token]
 
     def _op_publish(self, conn: Conn, msg: dict[str, Any]) -> None:
         obj = self.table.get(msg["oid"], msg["gen"])
@@ -1034,7 +1105,7 @@ class BrokerServer:
                 "free": alloc.free_bytes, "largest_free": alloc.largest_free,
                 "objects": len(self.table.objects), "blocks": alloc.blocks,
                 "clients": len(self.conns), "names": len(self.table.names),
-                "pending": len(self.pending), "inflight_items": self.inflight_items,
+                "pending": len(self.pending), "grants": len(self.grants), "inflight_items": self.inflight_items,
                 "stages": stages, "counters": dict(self.counters),
                 "requests": dict(self.requests), "pid": os.getpid(),
                 "uptime": time.time() - self.started, "memfd": self.region.name}

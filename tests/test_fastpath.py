@@ -241,3 +241,85 @@ def test_frame_reader_limits_and_order():
     assert r.feed(data[7:]) == [b"", b"bc" * 1000] and r.pending == 0
     with pytest.raises(Exception, match="exceeds"):
         r.feed((MAX_MESSAGE + 1).to_bytes(4, "little"))
+
+
+# -- grants: a hand-off with no round trip on the receiver's side -------------------------------------
+@pytest.mark.parametrize("transport", ["unix", "zmq"])
+def test_granted_handle_is_read_without_a_round_trip_and_outlives_the_granter(fresh_broker, transport):
+    ep = fresh_broker.endpoint
+    with Client(ep, pool=False) as watcher, Client(ep) as receiver:
+        a = np.arange(50_000, dtype=np.float32)
+        with Client(ep, transport=transport) as giver:
+            h = giver.put(a)
+            g = giver.grant(h)
+            assert g.grant and g.expires > time.monotonic() and g.oid == h.oid
+            giver.release(h)
+        # the giver is gone and released: the grant alone keeps the array
+        assert watcher.stats()["grants"] == 1
+        before = _requests(receiver)
+        got = receiver.get(g)
+        assert np.array_equal(got, a)
+        after = _requests(receiver)
+        assert after.get("acquire", 0) == before.get("acquire", 0)
+        assert after["claim"] - before.get("claim", 0) == 1
+        st = receiver.stats()
+        assert st["grants"] == 0 and st["objects"] >= 1  # the grant's reference became the lease
+        receiver.release(g)
+        assert receiver.stats()["objects"] == 0
+
+
+def test_a_claim_that_overtakes_its_grant_still_gets_one_lease(fresh_broker):
+    ep = fresh_broker.endpoint
+    with Client(ep, pool=False) as giver, Client(ep) as receiver:
+        h = giver.put(np.ones(1000))
+        token = giver.cid << 32 | 999
+        receiver.notify("claim", oid=h.oid, gen=h.generation, token=token)  # before the grant
+        assert receiver.stats()["objects"] == 1
+        giver.notify("grant", oid=h.oid, gen=h.generation, token=token, uses=1, ttl=30)
+        giver.release(h)
+        assert giver.stats()["grants"] == 0  # the early claim used it up: no extra reference
+        assert giver.stats()["objects"] == 1  # the receiver's lease
+        receiver.release(h)
+        assert receiver.stats()["objects"] == 0
+
+
+def test_unclaimed_grants_expire_and_free_the_array(fresh_broker):
+    ep = fresh_broker.endpoint
+    with Client(ep, pool=False) as c:
+        h = c.put(np.ones(1000))
+        g = c.grant(h, ttl=0.3)
+        c.release(h)
+        assert c.stats()["objects"] == 1
+        deadline = time.monotonic() + 5
+        while c.stats()["objects"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        st = c.stats()
+        assert st["objects"] == 0 and st["counters"]["grants_expired"] == 1
+        with Client(ep) as late:
+            assert time.monotonic() > g.expires  # too late for the fast path: an ordinary get
+            with pytest.raises(StaleHandle):
+                late.get(g)
+
+
+def test_grant_for_two_receivers_and_bad_grants(fresh_broker):
+    ep = fresh_broker.endpoint
+    with Client(ep, pool=False) as c, Client(ep) as r1, Client(ep) as r2:
+        h = c.put(np.arange(10.0))
+        g = c.grant(h, uses=2)
+        c.release(h)
+        assert r1.get(g)[3] == 3.0 and r2.get(g)[4] == 4.0
+        r1.ping()  # each receiver's claim is in once its next request is answered
+        assert r2.stats()["grants"] == 0
+        r1.release(g)
+        r2.release(g)
+        assert r2.stats()["objects"] == 0 and r1.stats()["objects"] == 0
+        with pytest.raises(ValueError):
+            c.grant(g, uses=0)
+        c.notify("grant", oid=1, gen=1, token=12345, uses=1, ttl=1)  # another client's token space
+        with pytest.raises(Exception, match="grant: token"):
+            c.ping()
+        h2 = c.put(np.zeros(3))
+        c.release(h2)
+        with pytest.raises(StaleHandle):
+            c.grant(h2)
+            c.ping()

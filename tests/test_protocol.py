@@ -180,8 +180,18 @@ def test_handle_is_frozen_slotted_and_hashable():
     None,
 ])
 def test_from_wire_rejects_wrong_layouts(wire):
-    with pytest.raises(ProtocolError, match="list of 8 fields"):
+    with pytest.raises(ProtocolError, match=r"list of 8 \(or 10\) fields"):
         Handle.from_wire(wire)
+
+
+def test_granted_handle_round_trips_and_bad_grant_fields_are_refused():
+    g = dataclasses.replace(H, grant=7 << 32 | 1, expires=123.5)
+    assert len(g.to_wire()) == 10 and Handle.from_wire(g.to_wire()) == g
+    assert pickle.loads(pickle.dumps(g)) == g
+    assert len(H.to_wire()) == 8  # a plain handle's wire form is unchanged
+    for grant, expires in [(-1, 1.0), ("1", 1.0), (1, "soon"), (True, 1.0)]:
+        with pytest.raises(ProtocolError, match="grant"):
+            Handle.from_wire([*H.to_wire(), grant, expires])
 
 
 @pytest.mark.parametrize(("index", "value"), [
