@@ -53,6 +53,9 @@ log = logging.getLogger("shmbroker.launcher")
 
 MAX_RESTARTS = 5  # deaths of one worker within RESTART_WINDOW before the run fails
 RESTART_WINDOW = 60.0
+FEED_ITEMS = 16  # items of one shape the driver reserves and commits with one request each
+FEED_BYTES = 4 << 20  # ... and at most this many bytes of them
+FEED_WAIT = 0.005  # s the driver waits for the source to fill a group before sending it
 
 
 def source_items(cfg: PipelineConfig) -> tuple[Iterator[tuple[int, np.ndarray]], int | None]:
@@ -265,26 +268,46 @@ class Pipeline:
                               "(items of it are still in flight); start a new Pipeline")
         self._unfinished = True  # cleared only when this run drains completely
         cap, wait = int(self.cfg.broker.capacity), self.cfg.broker.wait_timeout
+        # Items of one shape go in with one reserve and one commit per group: at most FEED_ITEMS
+        # items (a quarter of max_inflight), FEED_BYTES, and what the source gives within FEED_WAIT.
+        group_max = FEED_ITEMS if not self.cfg.broker.max_inflight else \
+            max(1, min(FEED_ITEMS, self.cfg.broker.max_inflight // 4))
         outstanding: dict[int, Any] = {}
         reserving = 0
         exhausted = eof_sent = False
+        carry: tuple[int, np.ndarray] | None = None  # an item of another shape than its group's
         last_progress = time.monotonic()
         while True:
             while not exhausted and reserving < 2:
-                try:
-                    idx, arr = next(items)
-                except StopIteration:
-                    exhausted = True
+                group: list[tuple[int, np.ndarray]] = []
+                nbytes, started = 0, time.monotonic()
+                while len(group) < group_max and nbytes < FEED_BYTES and \
+                        (not group or time.monotonic() - started < FEED_WAIT):
+                    if carry is not None:
+                        (idx, arr), carry = carry, None
+                    else:
+                        try:
+                            idx, arr = next(items)
+                        except StopIteration:
+                            exhausted = True
+                            break
+                    if arr.nbytes > cap:
+                        raise ItemTooLarge(f"item {idx} of {format_bytes(arr.nbytes)} ({arr.dtype}"
+                                           f"{list(arr.shape)}) is larger than the arena "
+                                           f"({format_bytes(cap)})")
+                    if group and (arr.shape != group[0][1].shape or arr.dtype != group[0][1].dtype):
+                        carry = (idx, arr)
+                        break
+                    group.append((idx, arr))
+                    nbytes += arr.nbytes
+                if not group:
                     break
-                dt = array_spec(arr.dtype)
-                if arr.nbytes > cap:
-                    raise ItemTooLarge(f"item {idx} of {format_bytes(arr.nbytes)} ({arr.dtype}"
-                                       f"{list(arr.shape)}) is larger than the arena ({format_bytes(cap)})")
-                rid = c.send("reserve", stage=0, items=[idx], shape=list(arr.shape), dtype=dt.str,
-                             timeout=wait)
-                outstanding[rid] = ("reserve", idx, arr)
+                first = group[0][1]
+                rid = c.send("reserve", stage=0, items=[i for i, _ in group], shape=list(first.shape),
+                             dtype=array_spec(first.dtype).str, timeout=wait)
+                outstanding[rid] = ("reserve", group)
                 reserving += 1
-                state.submitted += 1
+                state.submitted += len(group)
             if exhausted and not eof_sent and not reserving:
                 outstanding[c.send("eof", items=state.submitted)] = ("eof",)
                 eof_sent = True
@@ -324,17 +347,22 @@ class Pipeline:
                                             for st in msg["stats"]["stages"][:-1])
                 elif kind[0] == "reserve":
                     reserving -= 1
-                    self._write_item(kind[2], msg, state)
+                    self._write_items(kind[1], msg, state)
                     outstanding[c.send("commit", rsv=msg["rsv"])] = ("commit",)
             elif op == "error":
                 raise error_from_wire(msg["code"], msg["message"])
 
-    def _write_item(self, arr: np.ndarray, reply: dict[str, Any], state: _DriveState) -> None:
+    def _write_items(self, group: list[tuple[int, np.ndarray]], reply: dict[str, Any],
+                     state: _DriveState) -> None:
+        """Copy a group's items into the rows the broker reserved for them (in item order)."""
         assert self.client is not None
-        (wire, _n), = reply["segments"]
-        slot = self.client.view(Handle.from_wire(wire))
-        np.copyto(slot[0], arr, casting="no" if arr.dtype.isnative else "equiv")
-        state.bytes_in += slot.nbytes
+        arrays = iter(arr for _, arr in group)
+        for wire, n in reply["segments"]:
+            slot = self.client.view(Handle.from_wire(wire))
+            for row in range(n):
+                arr = next(arrays)
+                np.copyto(slot[row], arr, casting="no" if arr.dtype.isnative else "equiv")
+            state.bytes_in += slot.nbytes
 
     def _on_failure(self, msg: dict[str, Any], state: _DriveState) -> None:
         if msg["fatal"]:

@@ -84,6 +84,31 @@ def test_map_yields_in_input_order_and_dtype_cast(tmp_path: Path) -> None:
         np.testing.assert_array_equal(y, np.full((5,), i + 1.0, dtype=np.float32))
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_driver_feeds_items_of_one_shape_in_groups(tmp_path: Path, batch: int) -> None:
+    from broker.launcher import FEED_ITEMS
+
+    cfg = write_cfg(tmp_path, {
+        "source": synthetic(1, [4]),
+        "broker": {"max_inflight": 64},
+        "stages": [{"name": "id", "fn": "workers.stages:identity", "batch": batch}],
+    })
+    shapes = [(3,)] * 5 + [(4,)] + [(3,)] * 40 + [(2, 2)] * 2 + [(3,)] * 40
+    arrays = [np.full(shape, float(i)) for i, shape in enumerate(shapes)]
+    with Pipeline.from_yaml(cfg) as p:
+        got = list(p.map(arrays))
+        assert p.client is not None
+        requests = p.client.stats()["requests"]
+    assert [g.shape for g in got] == shapes
+    for i, y in enumerate(got):
+        np.testing.assert_array_equal(y, np.full(shapes[i], float(i)))
+    # the worker reserves once per task; the driver once per group of at most FEED_ITEMS
+    tasks = requests["done"] - len(arrays)  # the worker's dones; the driver sends one per item
+    driver = requests["reserve"] - tasks
+    assert 4 + len(arrays) // FEED_ITEMS <= driver < len(arrays) // 2, requests
+    assert requests["commit"] == driver
+
+
 def test_worker_input_is_an_arena_view_and_batches_are_collated_in_place(tmp_path: Path) -> None:
     cfg = write_cfg(tmp_path, {
         "source": synthetic(1, [4]),
