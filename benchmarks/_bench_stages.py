@@ -52,15 +52,19 @@ def model_factory(features: int = FEATURES, out: int = OUT_FEATURES, seed: int =
     """The CPU "model": ``x.reshape(-1, features) @ W`` with a fixed seeded ``W``.
 
     A batch ``[B, rows, features]`` gives ``[B, rows, out]`` (one row of output per item).
+    With ``out=`` (the pipeline's output slot) the result is written there.
     """
     import torch
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(features, out, generator=g, dtype=torch.float32).to(device) / features ** 0.5
 
-    def model(x: torch.Tensor) -> torch.Tensor:
+    def model(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is not None:  # the pipeline's output slot: compute straight into it
+            torch.matmul(x.reshape(-1, features), w, out=out.view(-1, w.shape[1]))
+            return out
         y = x.reshape(-1, features) @ w
-        return y.reshape(*x.shape[:-1], out)
+        return y.reshape(*x.shape[:-1], w.shape[1])
 
     return model
 

@@ -86,6 +86,7 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
     "reserve": {"stage": _INT, "items": _LIST, "shape": _LIST, "dtype": _STR,
                 "timeout": _OPT_NUM},
     "commit": {"rsv": _INT},
+    "cancel": {"rsv": _INT},
     "done": {"task": _INT, "rsv": _OPT_INT, "credit": _INT, "busy": _NUM},
     "fail": {"task": _INT, "error": _STR, "trace": _STR, "credit": _INT},
     "eof": {"items": _INT},

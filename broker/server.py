@@ -903,6 +903,16 @@ class BrokerServer:
         self.reply(conn, msg["rid"])
         self._dispatch()
 
+    def _op_cancel(self, conn: Conn, msg: dict[str, Any]) -> None:
+        """Give back an open reservation unwritten (its rows become holes of their batch)."""
+        rsv = conn.reservations.pop(msg["rsv"], None)
+        if rsv is None:
+            raise BadRequest(f"cancel: no open reservation {msg['rsv']}")
+        self._cancel(rsv)
+        self.reply(conn, msg["rid"])
+        if self.pending:
+            self._retry_pending(time.monotonic())
+
     def _commit(self, rsv: Reservation) -> None:
         st = self.stages[rsv.stage]
         for seg in rsv.segments:

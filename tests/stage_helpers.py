@@ -86,3 +86,14 @@ def from_dict(d: dict) -> torch.Tensor:
 
 def to_tuple(x: torch.Tensor) -> tuple:
     return x + 1, (x * 3).to(torch.int64)
+
+
+def ignores_out(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Declares ``out`` but returns a new tensor: the worker copies it into the slot."""
+    return x * 2
+
+
+def shape_by_value(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The output's length depends on the values, not the input's shape."""
+    n = int(x.reshape(-1)[0]) % 3 + 1
+    return x.reshape(-1)[:n] * 1

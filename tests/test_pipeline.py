@@ -62,8 +62,12 @@ def test_run_to_npy_sink_matches_reference_with_partial_batch(tmp_path: Path) ->
         np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
     infer = summary.stages[1]
     assert infer["done"] == count
-    # bytes copied per item: the source's write + one write per stage, nothing more
-    assert summary.copied_per_item == pytest.approx(3 * 2 * 8 * 8 * 8)
+    # bytes copied: the source's write and scale's result, per item; normalize takes out= and
+    # writes into its slot directly, except for the first input of each shape (its output shape
+    # is learnt then): the first batch of 4 and the partial batch of 3
+    item = 2 * 8 * 8 * 8
+    assert summary.copied_per_item == pytest.approx((2 * count + 4 + 3) * item / count)
+    assert infer["copied"] == (4 + 3) * item
     assert not list(out.glob(".*.tmp"))
 
 
@@ -107,6 +111,24 @@ def test_driver_feeds_items_of_one_shape_in_groups(tmp_path: Path, batch: int) -
     driver = requests["reserve"] - tasks
     assert 4 + len(arrays) // FEED_ITEMS <= driver < len(arrays) // 2, requests
     assert requests["commit"] == driver
+
+
+def test_stages_that_declare_out_but_do_not_use_it_still_give_right_results(tmp_path: Path) -> None:
+    cfg = write_cfg(tmp_path, {
+        "source": synthetic(1, [4]),
+        "stages": [{"name": "twice", "fn": "stage_helpers:ignores_out"},
+                   {"name": "cut", "fn": "stage_helpers:shape_by_value"},
+                   {"name": "norm", "fn": "workers.stages:normalize", "args": {"mean": 1.0, "std": 2.0}}],
+    })
+    arrays = [np.full((6,), float(i)) for i in range(30)]
+    with Pipeline.from_yaml(cfg) as p:
+        got = list(p.map(arrays))
+        summary_stages = {s["name"]: s for s in p.client.stats()["stages"]}  # type: ignore[union-attr]
+    for i, y in enumerate(got):
+        n = (2 * i) % 3 + 1
+        np.testing.assert_allclose(y, (np.full((n,), 2.0 * i) - 1.0) / 2.0)
+    assert summary_stages["twice"]["copied"] == 30 * 48  # a new tensor each time: copied
+    assert summary_stages["norm"]["copied"] < 30 * 24  # into the slot once each length was seen
 
 
 def test_worker_input_is_an_arena_view_and_batches_are_collated_in_place(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ dies, the broker re-queues the task for another worker.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -46,8 +47,15 @@ def load_stage(stage: StageConfig, device: str) -> Callable[[Any], Any]:
             args.setdefault("device", device)
         return factory(**args)
     fn = resolve(stage.fn or "")
-    args = stage.args
-    return (lambda x: fn(x, **args)) if args else fn
+    return functools.partial(fn, **stage.args) if stage.args else fn  # keeps an ``out`` parameter visible
+
+
+def takes_out(fn: Callable[..., Any]) -> bool:
+    """Whether a stage function accepts ``out=``: a tensor to write its result into."""
+    try:
+        return "out" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
 
 
 class Worker:
@@ -65,8 +73,12 @@ class Worker:
             torch.set_num_threads(stage.threads)
         self.client = Client(endpoint, role="worker", name=name or f"{stage.name}-{os.getpid()}",
                              curve=curve)
-        self.fn = load_stage(stage, device)
+        self.fn: Callable[..., Any] = load_stage(stage, device)
         self.cuda = self.device.type == "cuda"
+        # A CPU stage whose function takes ``out=`` computes straight into its output slot once
+        # the output's shape is known (from an earlier input of the same shape): no copy.
+        self.direct = takes_out(self.fn) and not self.cuda and stage.dtype is None
+        self.out_specs: dict[tuple[Any, ...], dict[str, Any]] = {}
         if self.cuda:
             torch.cuda.set_device(self.device)
             assert self.client.region is not None
@@ -124,8 +136,15 @@ class Worker:
             x = view[valid] if valid is not None else view[: task["rows"]]  # holes: a copy
         else:
             x = view
-        with self.torch.inference_mode():
-            out = self.fn(self._inputs(x, task.get("layout")))
+        key = (x.shape, x.dtype.str, task.get("layout") is None)
+        known = self.out_specs.get(key) if self.direct and key[2] else None
+        if known is not None:
+            finished, out = self._compute_into_slot(x, items, batched, known)
+            if finished is not None:
+                return finished
+        else:
+            with self.torch.inference_mode():
+                out = self.fn(self._inputs(x, task.get("layout")))
         fields = self._outputs(out, len(items) if batched else None)
         if len(fields) == 1 and fields[0][0] is None:  # one tensor: the slot is that array
             (_, t), = fields
@@ -137,8 +156,50 @@ class Worker:
                                             else t.shape)) for k, t in fields])
             layout = {"kind": "dict" if isinstance(out, dict) else "tuple", "fields": packed}
             spec = {"shape": [rowbytes], "dtype": "|u1", "layout": layout}
-        reply = self.client._request("reserve", stage=self.index + 1, items=items, timeout=None,
-                                     _timeout=3600.0, **spec)
+        if self.direct and key[2] and layout is None:
+            self.out_specs[key] = spec
+        reply = self._reserve(items, spec)
+        return reply["rsv"], self._write(reply, fields, batched, layout)
+
+    def _reserve(self, items: list[int], spec: dict[str, Any]) -> dict[str, Any]:
+        return self.client._request("reserve", stage=self.index + 1, items=items, timeout=None,
+                                    _timeout=3600.0, **spec)
+
+    def _compute_into_slot(self, x: np.ndarray, items: list[int], batched: bool,
+                           spec: dict[str, Any]) -> tuple[tuple[int, int] | None, Any]:
+        """Reserve the output first, then let the stage write its result there (``out=``).
+
+        Returns ``((rsv, bytes copied), None)`` when the result is in the slot.
+        A result that is not the slot itself (the function ignored ``out``) is
+        copied in when it has the expected shape; otherwise the reservation is
+        cancelled and ``(None, result)`` returned for the ordinary path.
+        """
+        reply = self._reserve(items, spec)
+        (wire, n), *rest = reply["segments"]
+        slot = self.client.view(Handle.from_wire(wire))
+        inputs = self._inputs(x, None)
+        with self.torch.inference_mode():
+            if rest:  # the rows span two batches of the next stage: no single destination
+                out = self.fn(inputs)
+            else:
+                dst = to_tensor(slot if batched else slot[0])
+                out = self.fn(inputs, out=dst)
+                if isinstance(out, self.torch.Tensor) and out.data_ptr() == dst.data_ptr() and \
+                        out.shape == dst.shape and out.dtype == dst.dtype:
+                    return (reply["rsv"], 0), None
+        fields = self._outputs(out, len(items) if batched else None)
+        (_, t), = fields if len(fields) == 1 else [(None, None)]
+        want = tuple(spec["shape"])
+        if t is None or tuple(t.shape[1:] if batched else t.shape) != want or \
+                numpy_dtype(t.dtype).str != spec["dtype"]:
+            self.client._request("cancel", rsv=reply["rsv"])
+            self.direct = False  # the output's shape is not a function of the input's
+            return None, out
+        return (reply["rsv"], self._write(reply, fields, batched, None)), None
+
+    def _write(self, reply: dict[str, Any], fields: list[tuple[Any, Any]], batched: bool,
+               layout: dict[str, Any] | None) -> int:
+        """Copy a stage's result into the reserved rows; the bytes copied."""
         rows = [t if batched else t.unsqueeze(0) for _, t in fields]
         copied, row = 0, 0
         for wire, n in reply["segments"]:
@@ -149,7 +210,7 @@ class Worker:
             row += n
         if self.cuda:
             self.torch.cuda.current_stream(self.device).synchronize()
-        return reply["rsv"], copied
+        return copied
 
     def _inputs(self, x: np.ndarray, layout: dict[str, Any] | None) -> Any:
         """The stage's argument: one tensor, or the tuple/dict a previous stage returned."""

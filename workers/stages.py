@@ -5,6 +5,11 @@ for a batched stage) and keyword ``args`` from the YAML, and returns a tensor
 or a NumPy array, or a tuple/dict of them (the next stage then receives the
 same tuple/dict). A factory is called once per worker process and returns
 such a function (load a model there).
+
+A function that accepts ``out=`` may be handed the output slot in the arena
+(a tensor of the result's shape, known from an earlier input of the same
+shape) and should write its result there and return it: the stage then
+copies nothing (CPU stages without a ``dtype`` cast; see docs/pipelines.md).
 """
 
 from __future__ import annotations
@@ -25,15 +30,20 @@ def scale(x: torch.Tensor, factor: float = 2.0) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, mean: float | None = None, std: float | None = None,
-              eps: float = 1e-6) -> torch.Tensor:
+              eps: float = 1e-6, out: torch.Tensor | None = None) -> torch.Tensor:
     """``(x - mean) / std``; without ``mean``/``std``, standardize each image plane (the last
     two dimensions), so a batch ``[N, C, H, W]`` and an item ``[C, H, W]`` give the same rows."""
+    m: float | torch.Tensor
+    s: float | torch.Tensor
     if mean is not None and std is not None:
-        return (x - mean) / std
-    dims = (-2, -1) if x.dim() >= 2 else (-1,)
-    m = x.mean(dim=dims, keepdim=True)
-    s = x.std(dim=dims, keepdim=True, unbiased=False)
-    return (x - m) / (s + eps)
+        m, s = mean, std
+    else:
+        dims = (-2, -1) if x.dim() >= 2 else (-1,)
+        m = x.mean(dim=dims, keepdim=True)
+        s = x.std(dim=dims, keepdim=True, unbiased=False) + eps
+    if out is None:
+        return (x - m) / s
+    return torch.sub(x, m, out=out).div_(s)
 
 
 def cast(x: torch.Tensor, dtype: str = "float32") -> torch.Tensor:
@@ -41,11 +51,12 @@ def cast(x: torch.Tensor, dtype: str = "float32") -> torch.Tensor:
     return x.type(getattr(torch, dtype))
 
 
-def matmul(x: torch.Tensor, size: int = 64, seed: int = 0) -> torch.Tensor:
+def matmul(x: torch.Tensor, size: int = 64, seed: int = 0,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W`` with a fixed random ``W`` of ``[x.shape[-1], size]`` (the CPU "model")."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(x.shape[-1], size, generator=g, dtype=x.dtype).to(x.device)
-    return x @ w
+    return torch.matmul(x, w, out=out) if out is not None else x @ w
 
 
 def linear(in_features: int, out_features: int, seed: int = 0, device: str = "cpu",
