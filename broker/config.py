@@ -279,13 +279,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None, check_host
                  for err in e.errors()]
         raise ConfigError("\n".join(lines)) from None
     if check_imports:
+        from workers.devices import probe  # stage code is imported where workers run, not here
+
+        _count, errors = probe(tuple(st.fn or st.factory or "" for st in cfg.stages))
         for i, st in enumerate(cfg.stages):
-            key = "fn" if st.fn else "factory"
-            try:
-                resolve(st.fn or st.factory or "")
-            except (ImportError, AttributeError, TypeError) as e:
-                raise ConfigError(f"{path}: stages[{i}].{key}: cannot import "
-                                  f"{st.fn or st.factory!r}: {e}") from None
+            spec = st.fn or st.factory or ""
+            if spec in errors:
+                raise ConfigError(f"{path}: stages[{i}].{'fn' if st.fn else 'factory'}: cannot import "
+                                  f"{spec!r}: {errors[spec]}")
         for where, fn in (("source.fn", getattr(cfg.source, "fn", None)),
                           ("sink.fn", getattr(cfg.sink, "fn", None))):
             if fn:

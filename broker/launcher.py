@@ -53,6 +53,12 @@ log = logging.getLogger("shmbroker.launcher")
 
 MAX_RESTARTS = 5  # deaths of one worker within RESTART_WINDOW before the run fails
 RESTART_WINDOW = 60.0
+# Workers are forked from a server process that has imported torch once ("forkserver"), so
+# they share its pages: ~20 MiB of private memory each instead of ~180 MiB for a process that
+# imports torch itself ("spawn"), and they start in milliseconds. SHMBROKER_START_METHOD=spawn
+# restores fully independent interpreters.
+START_METHOD = os.environ.get("SHMBROKER_START_METHOD", "forkserver")
+FORKSERVER_PRELOAD = ["torch", "workers.runtime", "workers.stages"]
 FEED_ITEMS = 16  # items of one shape the driver reserves and commits with one request each
 FEED_BYTES = 4 << 20  # ... and at most this many bytes of them
 FEED_WAIT = 0.005  # s the driver waits for the source to fill a group before sending it
@@ -132,6 +138,24 @@ class WorkerProc:
     deaths: list[float] = field(default_factory=list)
 
 
+def _worker_entry(*args: Any) -> None:
+    """A worker process's target, importable without torch (the driver only pickles its name)."""
+    from workers.runtime import worker_process
+
+    worker_process(*args)
+
+
+def worker_context(method: str) -> Any:
+    if method not in ("forkserver", "spawn"):
+        raise ValueError(f"SHMBROKER_START_METHOD must be forkserver or spawn, not {method!r}")
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        # Takes effect when this process's fork server starts (with its first worker). CUDA is
+        # not initialised by importing torch, so forked workers may still use their GPU.
+        ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return ctx
+
+
 class Pipeline:
     """A broker, its workers and a driver for one pipeline config. A context manager."""
 
@@ -150,7 +174,7 @@ class Pipeline:
         self.workers: list[WorkerProc] = []
         self.restarts: collections.Counter[str] = collections.Counter()
         self.warnings: list[str] = []
-        self._ctx = multiprocessing.get_context("spawn")
+        self._ctx = worker_context(START_METHOD)
         self._unfinished = False
 
     @classmethod
@@ -193,12 +217,10 @@ class Pipeline:
         return curve.client_args() if curve else None
 
     def _spawn(self, w: WorkerProc) -> None:
-        from workers.runtime import worker_process
-
         assert self.broker is not None
         st = self.cfg.stages[w.stage]
         w.proc = self._ctx.Process(
-            target=worker_process, name=w.name, daemon=True,
+            target=_worker_entry, name=w.name, daemon=True,
             args=(self.broker.endpoint, st.model_dump(), w.stage, w.device, self.log_level, self.log_json,
                   self._curve()))
         w.proc.start()

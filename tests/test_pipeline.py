@@ -373,3 +373,36 @@ def test_tuple_and_dict_results_flow_between_stages_and_to_the_sink(tmp_path: Pa
         if i < 3:
             first, second = pairs[i]
             np.testing.assert_allclose(first, joined + 1)
+
+
+_DRIVER = """
+import json, os, sys
+from broker import Pipeline
+with Pipeline.from_yaml(sys.argv[1], ["source.count=20", "sink={type: 'null'}"]) as p:
+    s = p.run()
+    ppids = [int(open(f"/proc/{w.proc.pid}/stat").read().rsplit(")", 1)[1].split()[1]) for w in p.workers]
+print(json.dumps({"items": s.items, "torch": "torch" in sys.modules, "me": os.getpid(), "ppids": ppids}))
+"""
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_the_driver_never_imports_torch_and_workers_start_by_the_chosen_method(method: str) -> None:
+    env = dict(os.environ, SHMBROKER_START_METHOD=method)
+    out = subprocess.run([sys.executable, "-c", _DRIVER, str(ROOT / "configs" / "demo.yaml")],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["items"] == 20
+    # forkserver: stage imports and the CUDA count are asked of a process forked like a worker
+    assert got["torch"] is (method == "spawn")
+    if method == "forkserver":  # forked by the fork server (which holds torch), not by the driver
+        assert all(pp != got["me"] for pp in got["ppids"])
+    else:
+        assert all(pp == got["me"] for pp in got["ppids"])
+
+
+def test_an_unknown_start_method_is_refused() -> None:
+    from broker.launcher import worker_context
+
+    with pytest.raises(ValueError, match="forkserver or spawn"):
+        worker_context("fork")

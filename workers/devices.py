@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 from typing import Any
 
 from broker.config import StageConfig
@@ -15,9 +17,60 @@ log = logging.getLogger("shmbroker.devices")
 
 def cuda_count() -> int:
     """Number of usable CUDA devices (0 without CUDA or without a CUDA build of torch)."""
+    return probe()[0]
+
+
+@functools.lru_cache(maxsize=8)
+def probe(specs: tuple[str, ...] = ()) -> tuple[int, dict[str, str]]:
+    """What a worker would see: the CUDA device count, and why each ``module:fn`` spec does not import.
+
+    A process that has not imported torch (a pipeline's driver) asks a process
+    forked from the workers' fork server, which has torch loaded already: the
+    driver then never pays torch's ~150 MiB itself.
+    """
+    if "torch" not in sys.modules:
+        from broker.launcher import START_METHOD, worker_context
+
+        if START_METHOD == "forkserver":
+            ctx = worker_context(START_METHOD)
+            r, w = ctx.Pipe(duplex=False)
+            child = ctx.Process(target=_report, args=(w, specs), daemon=True)
+            child.start()
+            w.close()
+            try:
+                if r.poll(120):
+                    count, errors = r.recv()
+                    return int(count), dict(errors)
+            except EOFError:
+                pass
+            finally:
+                r.close()
+                child.join(10)
+            log.warning("the worker probe process gave no answer; importing torch here")
+    return _count_here(), _import_errors(specs)
+
+
+def _count_here() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _import_errors(specs: tuple[str, ...]) -> dict[str, str]:
+    from broker.config import resolve
+
+    errors = {}
+    for spec in specs:
+        try:
+            resolve(spec)
+        except (ImportError, AttributeError, TypeError) as e:
+            errors[spec] = str(e)
+    return errors
+
+
+def _report(conn: Any, specs: tuple[str, ...]) -> None:
+    conn.send((_count_here(), _import_errors(specs)))
+    conn.close()
 
 
 def plan_devices(stage: StageConfig, count: int, require_gpu: bool = False,
