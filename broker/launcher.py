@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator
 
 import numpy as np
 
@@ -176,6 +176,7 @@ class Pipeline:
         self.warnings: list[str] = []
         self._ctx = worker_context(START_METHOD)
         self._unfinished = False
+        self._rows_left: dict[int, int] = {}  # sink task -> rows not yet finished with
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Iterable[str] = (), **kw: Any) -> Pipeline:
@@ -351,13 +352,17 @@ class Pipeline:
             last_progress = time.monotonic()
             op = msg["op"]
             if op == "task":
-                idx = msg["items"][0]
-                if idx in state.delivered or idx in state.skipped:
-                    state.duplicates += 1
-                    outstanding[c.send("done", task=msg["task"], rsv=None, credit=1, busy=0.0)] = ("done",)
-                    continue
-                state.delivered.add(idx)
-                yield idx, _result(c.view(Handle.from_wire(msg["handle"])), msg.get("layout")), msg["task"]
+                task, ids = msg["task"], msg["items"]
+                view = c.view(Handle.from_wire(msg["handle"]))
+                rows = [view[j] for j in range(len(ids))] if msg.get("each") else [view]
+                self._rows_left[task] = len(ids)  # its `done` goes when the last row is finished
+                for idx, row in zip(ids, rows, strict=True):
+                    if idx in state.delivered or idx in state.skipped:
+                        state.duplicates += 1
+                        self._done(task)
+                        continue
+                    state.delivered.add(idx)
+                    yield idx, _result(row, msg.get("layout")), task
             elif op == "failure":
                 self._on_failure(msg, state)
             elif msg["rid"] in outstanding:
@@ -419,7 +424,12 @@ class Pipeline:
                          f"{len(s['workers'])}" for s in st["stages"])
 
     def _done(self, task: int) -> None:
+        """One row of a sink task is finished with; the task's ``done`` goes with its last row."""
         assert self.client is not None
+        left = self._rows_left.pop(task, 1) - 1
+        if left > 0:
+            self._rows_left[task] = left
+            return
         self.client.send("done", task=task, rsv=None, credit=1, busy=0.0)
 
     def run(self, sink: Callable[[int, np.ndarray], None] | None = None) -> Summary:
@@ -468,18 +478,25 @@ class Pipeline:
                 self._done(task)
             else:
                 ready[idx] = (view, task)
-            while True:
-                while nxt in state.skipped:
-                    nxt += 1
-                if nxt not in ready:
-                    break
-                out, t = ready.pop(nxt)
+            nxt = yield from self._in_order(ready, state, nxt)
+        # results that waited for an earlier item which turned out skipped after they came
+        yield from self._in_order(ready, state, nxt)
+
+    def _in_order(self, ready: dict[int, tuple[np.ndarray, int]], state: _DriveState,
+                  nxt: int) -> Generator[np.ndarray, None, int]:
+        """Yield the results from index ``nxt`` on while they are there; returns the next index."""
+        while True:
+            while nxt in state.skipped:
                 nxt += 1
-                try:
-                    yield out
-                finally:
-                    if t >= 0:
-                        self._done(t)
+            if nxt not in ready:
+                return nxt
+            out, t = ready.pop(nxt)
+            nxt += 1
+            try:
+                yield out
+            finally:
+                if t >= 0:
+                    self._done(t)
 
     def _summary(self, state: _DriveState, seconds: float) -> Summary:
         assert self.client is not None and self.broker is not None

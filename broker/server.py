@@ -51,6 +51,11 @@ log = logging.getLogger("shmbroker.broker")
 
 SINK = "__sink__"
 DEFAULT_WAIT = 60.0  # seconds a request may wait for arena space when it names no timeout
+# Small items of a stage that takes one item at a time travel a few per task message (the worker
+# calls the stage on each row, reserves their outputs with one request and reports them with one
+# ``done``): up to TASK_ITEMS and TASK_BYTES per task, more for the sink (the driver).
+TASK_ITEMS, TASK_BYTES = 4, 256 << 10
+SINK_TASK_ITEMS, SINK_TASK_BYTES = 16, 1 << 20
 POOL_BLOCK_MAX = 1 << 20  # the largest block ``alloc_many`` hands out
 MAX_BACKLOG = 64 << 20  # bytes queued for a Unix-connected client that is not reading: then it is dropped
 
@@ -169,6 +174,7 @@ class Task:
     rows: int
     valid: list[int] | None = None
     attempts: int = 0
+    each: bool = False  # rows of items for a stage that takes one item at a time
 
 
 @dataclass(eq=False)
@@ -918,12 +924,10 @@ class BrokerServer:
         for seg in rsv.segments:
             st.reserved -= len(seg.items)
             if seg.batch is None:
-                rowshape = seg.obj.shape[1:]
-                rowbytes = seg.obj.nbytes // max(1, len(seg.items))
-                for i, item in enumerate(seg.items):
-                    row = self.table.view(seg.obj, seg.obj.offset + i * rowbytes, seg.obj.dtype, rowshape)
-                    row.layout = seg.obj.layout
-                    st.queue.append(Task(self._id(), rsv.stage, [item], row, 1))
+                sink = rsv.stage == len(self.stages) - 1
+                st.queue.extend(self._row_tasks(rsv.stage, seg.obj, seg.items,
+                                                SINK_TASK_ITEMS if sink else TASK_ITEMS,
+                                                SINK_TASK_BYTES if sink else TASK_BYTES))
             else:
                 b = seg.batch
                 b.committed += len(seg.items)
@@ -932,6 +936,20 @@ class BrokerServer:
                 if b.closed and b.committed + len(b.holes) == b.assigned:
                     self._batch_ready(rsv.stage, b)
             self.table.decref(seg.obj)
+
+    def _row_tasks(self, s: int, obj: Obj, items: list[int], per_items: int, per_bytes: int) -> list[Task]:
+        """Tasks for the rows of ``obj`` (one item each): a view per task, ``per_items`` rows at most."""
+        rowshape = obj.shape[1:]
+        rowbytes = obj.nbytes // max(1, len(items))
+        per = max(1, min(per_items, per_bytes // max(1, rowbytes)))
+        tasks = []
+        for i in range(0, len(items), per):
+            k = min(per, len(items) - i)
+            view = self.table.view(obj, obj.offset + i * rowbytes, obj.dtype,
+                                   rowshape if k == 1 else (k, *rowshape))
+            view.layout = obj.layout
+            tasks.append(Task(self._id(), s, items[i:i + k], view, k, each=k > 1))
+        return tasks
 
     def _cancel(self, rsv: Reservation) -> None:
         st = self.stages[rsv.stage]
@@ -978,6 +996,8 @@ class BrokerServer:
                 if not st.first:
                     st.first = time.monotonic()
                 extra: dict[str, Any] = {"valid": task.valid} if task.valid is not None else {}
+                if task.each:
+                    extra["each"] = 1
                 if task.obj.layout is not None:
                     extra["layout"] = task.obj.layout
                 self.send(conn, encode("task", 0, task=task.tid, stage=s, items=task.items,
@@ -998,14 +1018,17 @@ class BrokerServer:
     def _op_done(self, conn: Conn, msg: dict[str, Any]) -> None:
         if msg["task"] not in conn.tasks:  # check before touching the reservation
             raise BadRequest(f"done: task {msg['task']} is not assigned to this client")
-        rsv = None
-        if msg["rsv"] is not None:
-            rsv = conn.reservations.pop(msg["rsv"], None)
-            if rsv is None:
-                raise BadRequest(f"done: no open reservation {msg['rsv']}")
+        ids = [msg["rsv"]] if msg["rsv"] is not None else []
+        more = msg.get("rsvs", [])
+        if not isinstance(more, list) or len(more) > 1024 or not all(type(r) is int for r in more):
+            raise BadRequest("done: rsvs must be a list of reservation ids")
+        ids += more
+        missing = [r for r in ids if r not in conn.reservations]
+        if missing or len(set(ids)) != len(ids):
+            raise BadRequest(f"done: no open reservation {missing[0] if missing else ids}")
         task = self._finish(conn, msg)
-        if rsv is not None:
-            self._commit(rsv)
+        for r in ids:
+            self._commit(conn.reservations.pop(r))
         st = self.stages[task.stage]
         st.done += len(task.items)
         st.busy += float(msg["busy"])
@@ -1029,6 +1052,16 @@ class BrokerServer:
         if task is None:
             raise BadRequest(f"fail: task {msg['task']} is not assigned to this client")
         st = self.stages[task.stage]
+        if task.each:  # one of its items failed: retry them one per task, so only that one fails
+            singles = self._row_tasks(task.stage, task.obj, task.items, 1, 1)
+            self._finish(conn, msg)
+            for t in reversed(singles):
+                t.attempts = task.attempts
+                st.queue.appendleft(t)
+            self.counters["split"] += 1
+            self.reply(conn, msg["rid"])
+            self._dispatch()
+            return
         task.attempts += 1
         if st.on_error == "retry" and task.attempts <= st.retries:
             conn.tasks.pop(task.tid)

@@ -106,11 +106,11 @@ def test_driver_feeds_items_of_one_shape_in_groups(tmp_path: Path, batch: int) -
     assert [g.shape for g in got] == shapes
     for i, y in enumerate(got):
         np.testing.assert_array_equal(y, np.full(shapes[i], float(i)))
-    # the worker reserves once per task; the driver once per group of at most FEED_ITEMS
-    tasks = requests["done"] - len(arrays)  # the worker's dones; the driver sends one per item
-    driver = requests["reserve"] - tasks
-    assert 4 + len(arrays) // FEED_ITEMS <= driver < len(arrays) // 2, requests
-    assert requests["commit"] == driver
+    # only the driver commits: one reserve and one commit per group of at most FEED_ITEMS items
+    # of one shape (the shape changes 4 times)
+    assert 4 + len(arrays) // FEED_ITEMS <= requests["commit"] < len(arrays) // 2, requests
+    # the worker takes small items a few per task: one reserve per task, not per item
+    assert requests["reserve"] - requests["commit"] < len(arrays) // 2, requests
 
 
 def test_stages_that_declare_out_but_do_not_use_it_still_give_right_results(tmp_path: Path) -> None:

@@ -124,12 +124,16 @@ class Worker:
             return
         # Not waiting for the reply saves a round trip per task; the broker handles this
         # connection's messages in order, so `done` lands before anything this worker sends next.
-        self.acks.add(self.client.send("done", task=task["task"], rsv=rsv, credit=1,
-                                       busy=time.perf_counter() - t0, copied=copied))
+        rsvs = rsv if isinstance(rsv, list) else [rsv]
+        extra = {"rsvs": rsvs[1:]} if len(rsvs) > 1 else {}
+        self.acks.add(self.client.send("done", task=task["task"], rsv=rsvs[0], credit=1,
+                                       busy=time.perf_counter() - t0, copied=copied, **extra))
 
-    def _compute_and_write(self, task: dict[str, Any]) -> tuple[int, int]:
+    def _compute_and_write(self, task: dict[str, Any]) -> tuple[int | list[int], int]:
         view = self.client.view(Handle.from_wire(task["handle"]))
         items: list[int] = task["items"]
+        if task.get("each"):
+            return self._compute_rows(view, items, task.get("layout"))
         batched = self.stage.batch > 1
         if batched:
             valid = task.get("valid")
@@ -146,20 +150,93 @@ class Worker:
             with self.torch.inference_mode():
                 out = self.fn(self._inputs(x, task.get("layout")))
         fields = self._outputs(out, len(items) if batched else None)
-        if len(fields) == 1 and fields[0][0] is None:  # one tensor: the slot is that array
-            (_, t), = fields
-            spec: dict[str, Any] = {"shape": list(t.shape[1:] if batched else t.shape),
-                                    "dtype": numpy_dtype(t.dtype).str}
-            layout: dict[str, Any] | None = None
-        else:  # a tuple or dict: each item's fields packed in one row of bytes
-            packed, rowbytes = pack_fields([(k, numpy_dtype(t.dtype).str, tuple(t.shape[1:] if batched
-                                            else t.shape)) for k, t in fields])
-            layout = {"kind": "dict" if isinstance(out, dict) else "tuple", "fields": packed}
-            spec = {"shape": [rowbytes], "dtype": "|u1", "layout": layout}
+        spec, layout = self._spec(out, fields, batched)
         if self.direct and key[2] and layout is None:
             self.out_specs[key] = spec
         reply = self._reserve(items, spec)
         return reply["rsv"], self._write(reply, fields, batched, layout)
+
+    @staticmethod
+    def _spec(out: Any, fields: list[tuple[Any, Any]], batched: bool) -> tuple[dict[str, Any], Any]:
+        """The slot a result needs: ``({shape, dtype[, layout]}, layout or None)``."""
+        if len(fields) == 1 and fields[0][0] is None:  # one tensor: the slot is that array
+            (_, t), = fields
+            return {"shape": list(t.shape[1:] if batched else t.shape), "dtype": numpy_dtype(t.dtype).str}, None
+        # a tuple or dict: each item's fields packed in one row of bytes
+        packed, rowbytes = pack_fields([(k, numpy_dtype(t.dtype).str, tuple(t.shape[1:] if batched
+                                        else t.shape)) for k, t in fields])
+        layout = {"kind": "dict" if isinstance(out, dict) else "tuple", "fields": packed}
+        return {"shape": [rowbytes], "dtype": "|u1", "layout": layout}, layout
+
+    def _compute_rows(self, view: np.ndarray, items: list[int],
+                      layout_in: dict[str, Any] | None) -> tuple[int | list[int], int]:
+        """A task of several items for a stage that takes one at a time: the stage is called on
+        each row; rows whose results have the same shape share one reservation."""
+        xs = [view[j] for j in range(len(items))]
+        key = (xs[0].shape, xs[0].dtype.str, layout_in is None)
+        known = self.out_specs.get(key) if self.direct and key[2] else None
+        if known is not None:
+            done = self._rows_into_slots(xs, items, known)
+            if done is not None:
+                return done
+        results = []
+        with self.torch.inference_mode():
+            for x in xs:
+                out = self.fn(self._inputs(x, layout_in))
+                fields = self._outputs(out, None)
+                results.append((fields, *self._spec(out, fields, False)))
+        if self.direct and key[2] and results[0][2] is None and \
+                all(r[1] == results[0][1] for r in results):
+            self.out_specs[key] = results[0][1]
+        rsvs, copied, start = [], 0, 0
+        while start < len(results):  # runs of rows with the same output spec
+            end = start + 1
+            while end < len(results) and results[end][1] == results[start][1]:
+                end += 1
+            reply = self._reserve(items[start:end], results[start][1])
+            rsvs.append(reply["rsv"])
+            copied += self._write_rows(reply, [r[0] for r in results[start:end]], results[start][2])
+            start = end
+        return rsvs, copied
+
+    def _rows_into_slots(self, xs: list[np.ndarray], items: list[int],
+                         spec: dict[str, Any]) -> tuple[int, int] | None:
+        """``_compute_rows`` with ``out=``: reserve first, each row computes into its slot row.
+        None (reservation cancelled) if a result does not fit its slot."""
+        reply = self._reserve(items, spec)
+        dsts = [slot[r] for wire, n in reply["segments"]
+                for slot in [self.client.view(Handle.from_wire(wire))] for r in range(n)]
+        copied = 0
+        with self.torch.inference_mode():
+            for x, d in zip(xs, dsts, strict=True):
+                dst = to_tensor(d)
+                out = self.fn(self._inputs(x, None), out=dst)
+                if isinstance(out, self.torch.Tensor) and out.data_ptr() == dst.data_ptr() and \
+                        out.shape == dst.shape and out.dtype == dst.dtype:
+                    continue
+                fields = self._outputs(out, None)
+                if self._spec(out, fields, False)[0] != spec:
+                    self.client._request("cancel", rsv=reply["rsv"])
+                    self.direct = False  # the output's shape is not a function of the input's
+                    return None
+                copied += write_into(d, fields[0][1])
+        return reply["rsv"], copied
+
+    def _write_rows(self, reply: dict[str, Any], per_row: list[list[tuple[Any, Any]]],
+                    layout: dict[str, Any] | None) -> int:
+        """Copy per-row results into the reserved rows, in order; the bytes copied."""
+        copied, k = 0, 0
+        for wire, n in reply["segments"]:
+            slot = self.client.view(Handle.from_wire(wire))
+            for r in range(n):
+                dst = slot[r:r + 1]
+                slots = field_views(dst, layout["fields"]) if layout else [dst]
+                for d, (_, src) in zip(slots, per_row[k], strict=True):
+                    copied += write_into(d, src.unsqueeze(0), non_blocking=self.cuda)
+                k += 1
+        if self.cuda:
+            self.torch.cuda.current_stream(self.device).synchronize()
+        return copied
 
     def _reserve(self, items: list[int], spec: dict[str, Any]) -> dict[str, Any]:
         return self.client._request("reserve", stage=self.index + 1, items=items, timeout=None,
