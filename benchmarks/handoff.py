@@ -22,7 +22,8 @@ Peers: shmbroker (Handle pickled over a ``multiprocessing.Pipe``; the
 consumer's ``Client.tensor`` takes a lease, one broker round trip), shmbroker
 with a granted Handle (the producer's ``Client.grant`` -- one message, no
 reply -- is inside the timed window; the consumer maps the array at once and
-claims the lease without waiting), a
+claims the lease without waiting), the same with the grant made before the
+clock (as the torch peer's ``share_memory_()`` is), a
 ``multiprocessing.Queue`` carrying the array, a ``torch.multiprocessing.Queue``
 carrying a shared-memory tensor, and pyzmq PUSH/PULL over ipc with
 ``copy=False`` frames. References: a zmq ipc REQ/REP round trip of a tiny
@@ -72,6 +73,7 @@ UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10
 PEERS = {  # key -> label in the tables and the plot
     "shmbroker": "shmbroker (Handle over mp.Pipe)",
     "shmbroker_grant": "shmbroker, granted Handle (grant + send timed)",
+    "shmbroker_granted": "shmbroker, Handle granted before the clock",
     "shmbroker_fresh": "shmbroker, new put before each send",
     "mpqueue": "multiprocessing.Queue (ndarray)",
     "torchqueue": "torch.multiprocessing.Queue (shared tensor)",
@@ -380,17 +382,19 @@ class ShmbrokerPeer(PipePeer):
 
     kind = "shmbroker"
 
-    def __init__(self, client: Any, fresh: bool = False, grant: bool = False) -> None:
+    def __init__(self, client: Any, fresh: bool = False, grant: str = "") -> None:
         self.client = client
         self.fresh = fresh
-        self.grant = grant
-        self._key = "shmbroker_fresh" if fresh else "shmbroker_grant" if grant else "shmbroker"
+        self.grant = grant  # "" | "timed" | "before"
+        self._key = "shmbroker_fresh" if fresh else {"": "shmbroker", "timed": "shmbroker_grant",
+                                                     "before": "shmbroker_granted"}[grant]
         self.held: Any = None
 
     def send(self, stamp: tuple[float, bool], item: Any) -> None:
-        # grant: the producer grants the consumer a lease (one message, no reply) inside the timed
-        # window; the consumer's get then maps the array at once and claims without waiting
-        self.w.send((stamp, self.client.grant(item) if self.grant else item))
+        # grant "timed": the producer grants the consumer a lease (one message, no reply) inside
+        # the timed window; the consumer's get then maps the array and claims without waiting.
+        # "before": the grant was made in before(), as the torch peer's share_memory_() is
+        self.w.send((stamp, self.client.grant(item) if self.grant == "timed" else item))
 
     def open(self, ctx: Any) -> tuple[Any, dict[str, Any]]:
         r, _ = super().open(ctx)
@@ -405,6 +409,8 @@ class ShmbrokerPeer(PipePeer):
         return self.held
 
     def before(self, payload: Any) -> Any:
+        if self.grant == "before":
+            return self.client.grant(payload)
         return self.client.put(payload) if self.fresh else payload
 
     def after(self, item: Any) -> None:
@@ -724,6 +730,37 @@ def plot(result: dict[str, Any], path: Path) -> str:
     return f"plot: {path}"
 
 
+def targets(result: dict[str, Any]) -> list[str]:
+    """The issue's hand-off and put targets, checked against this run's touch-1 p50s."""
+    sizes = [str(n) for n in result["config"]["sizes"]]
+    ho, ref = result["handoff"], result["references"]
+    rtt = ref["zmq_reqrep_rtt"]["p50_us"]
+
+    def p50(key: str, n: str) -> float:
+        return float(ho[key][n]["touch"]["p50_us"])
+
+    out = [f"targets (touch 1, p50; zmq round trip {rtt:.0f} µs):"]
+    for key in ("shmbroker", "shmbroker_grant", "shmbroker_granted"):
+        if key not in ho:
+            continue
+        v = [p50(key, n) for n in sizes]
+        line = (f"  {PEERS[key]}: flat {max(v) / min(v):.2f}x max/min; "
+                f"within 2x round trip at every size: {'met' if max(v) <= 2 * rtt else 'MISSED'} "
+                f"(max {max(v):.0f} µs vs {2 * rtt:.0f})")
+        if "4096" in sizes and "torchqueue" in ho:
+            r = p50("torchqueue", "4096") / p50(key, "4096")
+            line += f"; 4 KiB {r:.1f}x faster than torch queue ({'met' if r >= 5 else 'MISSED'}, >= 5x)"
+        if str(16 << 20) in sizes and "mpqueue" in ho:
+            r = p50("mpqueue", str(16 << 20)) / p50(key, str(16 << 20))
+            line += f"; 16 MiB {r:.0f}x faster than mp.Queue ({'met' if r >= 20 else 'MISSED'}, >= 20x)"
+        out.append(line)
+    for n in sizes:
+        if int(n) >= 16 << 20:
+            r = result["put"][n]["ratio"]
+            out.append(f"  put {size_label(int(n))}: {r:.0%} of np.copyto ({'met' if r >= 0.8 else 'MISSED'}, >= 80%)")
+    return out
+
+
 def write_json(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -798,7 +835,8 @@ def main(argv: list[str] | None = None) -> int:
         with Broker(capacity=args.capacity) as broker, Client(broker.endpoint, role="bench-producer") as client:
             progress(f"broker pid {broker.pid}, arena {size_label(args.capacity)}")
             result["put"] = run_put(client, sizes, reps_for, progress)
-            peers: list[Peer] = [ShmbrokerPeer(client), ShmbrokerPeer(client, grant=True),
+            peers: list[Peer] = [ShmbrokerPeer(client), ShmbrokerPeer(client, grant="timed"),
+                                  ShmbrokerPeer(client, grant="before"),
                                   ShmbrokerPeer(client, fresh=True), MPQueuePeer(), TorchQueuePeer(), ZmqPeer(tmpdir)]
             for peer in peers:
                 result["handoff"][peer.key] = run_handoff(ctx, peer, sizes, reps_for, progress)
@@ -822,6 +860,9 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"]["loadavg_at_end"] = os.getloadavg()
 
     render(result)
+    result["targets"] = targets(result)
+    for line in result["targets"]:
+        print(line)
     load0, load1 = result["machine"]["loadavg_at_start"][0], result["machine"]["loadavg_at_end"][0]
     print(f"load average (1 min): {load0:.2f} at start, {load1:.2f} at end, on {os.cpu_count()} CPUs "
           f"(this benchmark itself keeps about one CPU busy)")

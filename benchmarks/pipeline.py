@@ -150,12 +150,10 @@ sink:
 
 
 def child_shmbroker(nbytes: int, target: float, reps: int, cap_items: int | None = None) -> dict[str, Any]:
-    import torch
-
+    # The driver computes nothing, so it does not import torch (the stages set their own threads)
     from benchmarks._bench_stages import pool
     from broker import Pipeline
 
-    torch.set_num_threads(1)
     rows = rows_for(nbytes)
     pool(rows)  # the source's arrays exist before the clock starts
     tmp = tempfile.mkdtemp(prefix="shmb-pipe-")
