@@ -140,7 +140,7 @@ stages:
     threads: 1
   - name: model
     factory: benchmarks._bench_stages:model_factory
-    device: cpu
+    device: {device}
     replicas: 1
     batch: {batch}
     threads: 1
@@ -149,7 +149,8 @@ sink:
 """
 
 
-def child_shmbroker(nbytes: int, target: float, reps: int, cap_items: int | None = None) -> dict[str, Any]:
+def child_shmbroker(nbytes: int, target: float, reps: int, cap_items: int | None = None,
+                    device: str = "cpu") -> dict[str, Any]:
     # The driver computes nothing, so it does not import torch (the stages set their own threads)
     from benchmarks._bench_stages import pool
     from broker import Pipeline
@@ -159,7 +160,7 @@ def child_shmbroker(nbytes: int, target: float, reps: int, cap_items: int | None
     tmp = tempfile.mkdtemp(prefix="shmb-pipe-")
     path = Path(tmp) / "bench.yaml"
     cap = capacity_for(nbytes, cap_items)
-    path.write_text(PIPELINE_YAML.format(rows=rows, capacity=cap, batch=BATCH))
+    path.write_text(PIPELINE_YAML.format(rows=rows, capacity=cap, batch=BATCH, device=device))
     out: dict[str, Any] = {"system": "shmbroker", "capacity": cap, "runs": []}
     me = os.getpid()
     with Pipeline.from_yaml(path) as p:
@@ -230,7 +231,8 @@ class PoolDataset:
             return normalize(torch.from_numpy(items[i % len(items)]))
 
 
-def child_dataloader(nbytes: int, target: float, reps: int, cap_items: int | None = None) -> dict[str, Any]:
+def child_dataloader(nbytes: int, target: float, reps: int, cap_items: int | None = None,
+                     device: str = "cpu") -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
@@ -241,8 +243,10 @@ def child_dataloader(nbytes: int, target: float, reps: int, cap_items: int | Non
     pool(rows)  # made before the workers fork: shared copy-on-write, like a dataset in memory
 
     ds = PoolDataset(rows, 32)
-    loader = DataLoader(ds, batch_size=BATCH, num_workers=2, persistent_workers=True, shuffle=False)
-    model = model_factory()
+    cuda = device == "cuda"  # the GPU variant: pinned batches, copied with non_blocking=True
+    loader = DataLoader(ds, batch_size=BATCH, num_workers=2, persistent_workers=True, shuffle=False,
+                        pin_memory=cuda)
+    model = model_factory(device=device)
     me = os.getpid()
     out: dict[str, Any] = {"system": "dataloader", "runs": [],
                            "settings": {"batch_size": BATCH, "num_workers": 2, "persistent_workers": True,
@@ -259,8 +263,10 @@ def child_dataloader(nbytes: int, target: float, reps: int, cap_items: int | Non
         t = time.perf_counter()
         with torch.inference_mode():
             for batch in loader:
-                y = model(batch)
+                y = model(batch.to(device, non_blocking=True) if cuda else batch)
                 n += y.shape[0]
+            if cuda:
+                torch.cuda.synchronize()
         wall = time.perf_counter() - t
         c1 = tree_cpu(me)
         roles = {"main (model)": c1.get(me, 0) - c0.get(me, 0), "total": cpu_delta(c0, c1)}
@@ -288,18 +294,19 @@ def child_dataloader(nbytes: int, target: float, reps: int, cap_items: int | Non
     return out
 
 
-def child_main(system: str, nbytes: int, target: float, reps: int, cap_items: int | None) -> int:
+def child_main(system: str, nbytes: int, target: float, reps: int, cap_items: int | None,
+               device: str = "cpu") -> int:
     fn = child_shmbroker if system == "shmbroker" else child_dataloader
-    res = fn(nbytes, target, reps, cap_items)
+    res = fn(nbytes, target, reps, cap_items, device)
     print("RESULT " + json.dumps(res), flush=True)
     return 0
 
 
 # -- parent ------------------------------------------------------------------------------
 def run_child(system: str, nbytes: int, target: float, reps: int, cap_items: int,
-              pss_interval: float = 0.05, pss_max_duty: float = 0.1) -> dict[str, Any]:
+              pss_interval: float = 0.05, pss_max_duty: float = 0.1, device: str = "cpu") -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", system, "--size", str(nbytes), "--seconds", str(target),
-           "--reps", str(reps), "--capacity-items", str(cap_items)]
+           "--reps", str(reps), "--capacity-items", str(cap_items), "--device", device]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).parent.parent))
     sampler = PssSampler(proc.pid, pss_interval, pss_max_duty)
     sampler.start()
@@ -353,14 +360,27 @@ def main() -> int:
     ap.add_argument("--pss-interval", type=float, default=0.05, help="seconds between PSS samples")
     ap.add_argument("--pss-max-duty", type=float, default=0.1,
                     help="stretch the interval so sampling takes at most this share of one core (1 = never)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "pipeline.json")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the model stage runs; cuda: DataLoader with pin_memory=True as the peer")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON path (default results/pipeline.json, or pipeline_cuda.json)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     target = args.seconds or (1.5 if args.quick else 5.0)
     reps = max(3, args.reps)
+    if args.out is None:
+        args.out = RESULTS / ("pipeline_cuda.json" if args.device == "cuda" else "pipeline.json")
     if args.child:
-        return child_main(args.child, args.size, target, reps, args.capacity_items)
+        return child_main(args.child, args.size, target, reps, args.capacity_items, args.device)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            why = "--device cuda needs a CUDA device; torch.cuda.is_available() is False on this host"
+            print(f"skipped: {why}")
+            write_json(args.out, {"machine": machine_info(with_torch=True), "skipped": why})
+            return 0
 
     machine = machine_info(with_torch=True)
     t_start = time.monotonic()
@@ -371,7 +391,7 @@ def main() -> int:
         for system in systems:
             print(f"{system} {fmt_bytes(nbytes)} ...", flush=True)
             res = run_child(system, nbytes, target, reps, args.capacity_items, args.pss_interval,
-                            args.pss_max_duty)
+                            args.pss_max_duty, args.device)
             runs = res["runs"]
             res["stats"] = {k: summarize([r[k] for r in runs]) for k in
                             ("items_s", "mb_s", "copied_per_item", "peak_pss", "footprint", "seconds",

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -406,3 +407,47 @@ def test_an_unknown_start_method_is_refused() -> None:
 
     with pytest.raises(ValueError, match="forkserver or spawn"):
         worker_context("fork")
+
+
+def test_prefetch_copies_the_next_tasks_input_ahead_and_that_copy_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU overlap's bookkeeping, run on the CPU (SHMBROKER_PREFETCH=1): while one task
+    computes, the next waiting task's input is already made; its task then uses it."""
+    from broker import Broker, Client
+    from broker.config import StageConfig
+    from broker.protocol import Handle
+    from workers.runtime import Worker
+
+    monkeypatch.setenv("SHMBROKER_PREFETCH", "1")
+    stage = StageConfig.model_validate({"name": "prep", "fn": "workers.stages:scale", "args": {"factor": 2.0},
+                                        "credits": 2})
+    with Broker(capacity=16 * 2**20, stages=[{"name": "prep", "batch": 0}]) as b, \
+            Client(b.endpoint, role="driver", pool=False) as c:
+        c._request("register", stage="__sink__", credits=8, device="host")
+        for i in range(2):
+            reply = c._request("reserve", stage=0, items=[i], shape=[3], dtype="<f4", timeout=1.0)
+            (wire, _), = reply["segments"]
+            c.view(Handle.from_wire(wire))[0] = i + 1
+            c._request("commit", rsv=reply["rsv"])
+        w = Worker(b.endpoint, stage, 0, "cpu")
+        try:
+            deadline = time.monotonic() + 10
+            while sum(m["op"] == "task" for m in w.client.inbox) < 2 and time.monotonic() < deadline:
+                msg = w.client.recv(0.5)
+                if msg is not None:
+                    w.client.inbox.append(msg)
+            first = w.client.inbox.popleft()
+            w._prefetch_next()
+            second = w.client.inbox[0]
+            assert list(w.prefetched) == [second["task"]]
+            w.process(first)
+            w.process(w.client.inbox.popleft())
+            assert w.counters_prefetched == 1 and not w.prefetched
+            got = {}
+            while len(got) < 2 and time.monotonic() < deadline:
+                msg = c.recv(0.5)
+                if msg is not None and msg["op"] == "task":
+                    got[msg["items"][0]] = c.view(Handle.from_wire(msg["handle"])).copy()
+            np.testing.assert_array_equal(got[0], [2, 2, 2])
+            np.testing.assert_array_equal(got[1], [4, 4, 4])
+        finally:
+            w.client.close()

@@ -83,6 +83,13 @@ class Worker:
             torch.cuda.set_device(self.device)
             assert self.client.region is not None
             pin_memory(self.client.region.buffer)
+        # While a task computes, the next task's input is already copied to the GPU on a side
+        # stream (SHMBROKER_PREFETCH=0 turns it off; =1 runs the same bookkeeping on a CPU stage).
+        flag = os.environ.get("SHMBROKER_PREFETCH")
+        self.prefetch = self.cuda if flag is None else flag == "1"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.prefetched: dict[int, tuple[Any, Any]] = {}  # task id -> (inputs on the device, event)
+        self.counters_prefetched = 0
         self.stopping = False
         self.acks: set[int] = set()
         self.client._request("register", stage=stage.name, credits=stage.credits, device=str(device))
@@ -93,6 +100,8 @@ class Worker:
             if msg is None:
                 continue
             if msg["op"] == "task":
+                if self.prefetch:
+                    self._prefetch_next()
                 self.process(msg)
             elif msg["rid"] in self.acks:  # the reply to a `done` sent without waiting
                 self.acks.discard(msg["rid"])
@@ -129,26 +138,74 @@ class Worker:
         self.acks.add(self.client.send("done", task=task["task"], rsv=rsvs[0], credit=1,
                                        busy=time.perf_counter() - t0, copied=copied, **extra))
 
-    def _compute_and_write(self, task: dict[str, Any]) -> tuple[int | list[int], int]:
+    def _task_input(self, task: dict[str, Any]) -> np.ndarray:
+        """The arena view a (non-``each``) task names: the item, or the batch's valid rows."""
         view = self.client.view(Handle.from_wire(task["handle"]))
+        if self.stage.batch > 1:
+            valid = task.get("valid")
+            return view[valid] if valid is not None else view[: task["rows"]]  # holes: a copy
+        return view
+
+    def _prefetch_next(self) -> None:
+        """Start copying the next waiting task's input to the device on the side stream."""
+        if not self.client.inbox:
+            msg = self.client.recv(0)
+            if msg is None:
+                return
+            self.client.inbox.append(msg)
+        nxt = next((m for m in self.client.inbox if m["op"] == "task"), None)
+        if nxt is None or nxt.get("each") or nxt["task"] in self.prefetched:
+            return
+        with self._side_stream():
+            inputs = self._inputs(self._task_input(nxt), nxt.get("layout"))
+            event = self._record()
+        self.prefetched[nxt["task"]] = (inputs, event)
+
+    def _side_stream(self) -> Any:
+        import contextlib
+
+        return self.torch.cuda.stream(self.copy_stream) if self.cuda else contextlib.nullcontext()
+
+    def _record(self) -> Any:
+        if not self.cuda:
+            return None
+        event = self.torch.cuda.Event()
+        event.record(self.copy_stream)
+        return event
+
+    def _device_inputs(self, task: dict[str, Any], x: np.ndarray) -> Any:
+        """The stage's inputs on its device: prefetched on the side stream, or copied now."""
+        got = self.prefetched.pop(task["task"], None)
+        if got is None:
+            return self._inputs(x, task.get("layout"))
+        inputs, event = got
+        if event is not None:
+            stream = self.torch.cuda.current_stream(self.device)
+            stream.wait_event(event)  # compute starts once the copy is done
+            values = inputs.values() if isinstance(inputs, dict) else \
+                inputs if isinstance(inputs, tuple) else (inputs,)
+            for t in values:  # made on the side stream, used on this one: keep its memory till then
+                t.record_stream(stream)
+        self.counters_prefetched += 1
+        return inputs
+
+    def _compute_and_write(self, task: dict[str, Any]) -> tuple[int | list[int], int]:
         items: list[int] = task["items"]
         if task.get("each"):
+            view = self.client.view(Handle.from_wire(task["handle"]))
             return self._compute_rows(view, items, task.get("layout"))
         batched = self.stage.batch > 1
-        if batched:
-            valid = task.get("valid")
-            x = view[valid] if valid is not None else view[: task["rows"]]  # holes: a copy
-        else:
-            x = view
+        x = self._task_input(task)
         key = (x.shape, x.dtype.str, task.get("layout") is None)
         known = self.out_specs.get(key) if self.direct and key[2] else None
         if known is not None:
+            self.prefetched.pop(task["task"], None)  # this path makes its own inputs (CPU only)
             finished, out = self._compute_into_slot(x, items, batched, known)
             if finished is not None:
                 return finished
         else:
             with self.torch.inference_mode():
-                out = self.fn(self._inputs(x, task.get("layout")))
+                out = self.fn(self._device_inputs(task, x))
         fields = self._outputs(out, len(items) if batched else None)
         spec, layout = self._spec(out, fields, batched)
         if self.direct and key[2] and layout is None:
