@@ -595,7 +595,8 @@ def run_put(client: Any, sizes: list[int], reps_for: Any, progress: Any) -> dict
             t = pc()
             h = client.put(src)
             dt_put = pc() - t
-            client.release(h)  # the next put gets the same, now warm, block
+            client.release(h)  # the next put gets the same warm block (a pooled size, <= 64 KiB: the
+            # client's next pool block, warm after the first rounds)
             t = pc()
             np.copyto(dst, src)
             dt_copy = pc() - t

@@ -46,6 +46,7 @@ __all__ = ["Broker", "Client", "array_spec"]
 
 log = logging.getLogger("shmbroker.client")
 
+REFS_PER_MESSAGE = 4096  # handles per acquire_many/drop message: its frame stays far below MAX_MESSAGE
 POOL_MAX = 64 << 10  # arrays up to this size are placed in blocks the client pre-allocates
 POOL_REFILL_BYTES = 256 << 10  # one refill asks for about this many bytes of one size class
 
@@ -115,6 +116,7 @@ class Client:
         self.inbox: collections.deque[dict[str, Any]] = collections.deque()
         self._held: dict[int, Handle] = {}
         self._grants = 0
+        self._late: collections.deque[tuple[str, str]] = collections.deque()
         self._alive: socket.socket | None = None
         self._unix: socket.socket | None = None  # set once requests travel over ``_alive``
         self._frames = FrameReader()
@@ -153,7 +155,12 @@ class Client:
 
     # -- messaging --------------------------------------------------------------
     def send(self, op: str, **fields: Any) -> int:
-        """Send a request without waiting; returns its request id."""
+        """Send a request without waiting; returns its request id.
+
+        First raises the error of an earlier message that gets no reply
+        (``drop``, ``grant``, ``claim``), if the broker refused one.
+        """
+        self._raise_late()
         self._rid += 1
         self._send(encode(op, self._rid, **fields))
         return self._rid
@@ -161,10 +168,16 @@ class Client:
     def notify(self, op: str, **fields: Any) -> None:
         """Send a message that gets no reply (``drop``, ``grant``, ``claim``).
 
-        Its id is 0, so if the broker refuses it, the error is raised by the
-        next request this client waits for.
+        If the broker refuses it, the refusal arrives as a ``late`` error while
+        this client waits for a later reply, and the request after that raises
+        it (the answer being waited for is not lost).
         """
         self._send(encode(op, 0, **fields))
+
+    def _raise_late(self) -> None:
+        if self._late:
+            code, message = self._late.popleft()
+            raise error_from_wire(code, f"an earlier message was refused: {message}")
 
     def _send(self, payload: bytes) -> None:
         if self._unix is not None:
@@ -241,6 +254,9 @@ class Client:
                 )
             msg = self.recv(left)
             if msg is None:
+                continue
+            if msg["op"] == "error" and msg.get("late"):  # for a no-reply message: raised by send()
+                self._late.append((msg["code"], msg["message"]))
                 continue
             if msg["rid"] == rid:
                 if msg["op"] == "error":
@@ -336,6 +352,7 @@ class Client:
         self.notify("grant", **fields)
         if self._unix is None:
             self.ping()  # handled after the grant: when it returns, the grant is in the broker
+            self._raise_late()
         return dataclasses.replace(handle, grant=token, expires=expires)
 
     def get(self, handle: Handle) -> np.ndarray:
@@ -346,10 +363,13 @@ class Client:
         """
         self._check_broker(handle)
         held = self._held.get(handle.oid)
-        if (held is None or held.generation != handle.generation) and handle.grant and \
-                time.monotonic() < handle.expires:
-            held = dataclasses.replace(handle, grant=0, expires=0.0)
+        if handle.grant and time.monotonic() < handle.expires:
+            fresh = held is None or held.generation != handle.generation
+            if fresh:
+                held = dataclasses.replace(handle, grant=0, expires=0.0)
+            assert held is not None
             array = self.view(held)  # bounds checked against the arena before anything else
+            # claimed even when this client holds a lease already: the grant is used up
             self.notify("claim", oid=handle.oid, gen=handle.generation, token=handle.grant)
             self._held[held.oid] = held
             return array
@@ -364,9 +384,10 @@ class Client:
         for h in hs:
             self._check_broker(h)
         todo = [h for h in hs if (held := self._held.get(h.oid)) is None or held.generation != h.generation]
-        if todo:
-            reply = self._request("acquire_many", refs=[[h.oid, h.generation] for h in todo])
-            for h, wire in zip(todo, reply["handles"], strict=True):
+        for i in range(0, len(todo), REFS_PER_MESSAGE):
+            part = todo[i:i + REFS_PER_MESSAGE]
+            reply = self._request("acquire_many", refs=[[h.oid, h.generation] for h in part])
+            for h, wire in zip(part, reply["handles"], strict=True):
                 self._adopt(h, wire)
         return [self.view(self._held[h.oid]) for h in hs]
 
@@ -406,8 +427,8 @@ class Client:
         for h in hs:
             self._check_broker(h)
             self._held.pop(h.oid, None)
-        if hs:
-            self.notify("drop", refs=[[h.oid, h.generation] for h in hs])
+        for i in range(0, len(hs), REFS_PER_MESSAGE):
+            self.notify("drop", refs=[[h.oid, h.generation] for h in hs[i:i + REFS_PER_MESSAGE]])
 
     def publish(self, name: str, handle: Handle) -> None:
         """Make ``handle`` discoverable by ``name``; the broker keeps it alive until replaced."""

@@ -138,11 +138,21 @@ class WorkerProc:
     deaths: list[float] = field(default_factory=list)
 
 
-def _worker_entry(*args: Any) -> None:
-    """A worker process's target, importable without torch (the driver only pickles its name)."""
+def _worker_entry(env: dict[str, str], *args: Any) -> None:
+    """A worker process's target, importable without torch (the driver only pickles its name).
+
+    A forked worker inherits the fork server's environment, taken when the server started;
+    ``env`` is the driver's at the time of this spawn (as a spawned process would see it).
+    """
+    adopt_environment(env)
     from workers.runtime import worker_process
 
     worker_process(*args)
+
+
+def adopt_environment(env: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(env)
 
 
 def worker_context(method: str) -> Any:
@@ -222,7 +232,7 @@ class Pipeline:
         st = self.cfg.stages[w.stage]
         w.proc = self._ctx.Process(
             target=_worker_entry, name=w.name, daemon=True,
-            args=(self.broker.endpoint, st.model_dump(), w.stage, w.device, self.log_level, self.log_json,
+            args=(dict(os.environ), self.broker.endpoint, st.model_dump(), w.stage, w.device, self.log_level, self.log_json,
                   self._curve()))
         w.proc.start()
 
@@ -295,6 +305,8 @@ class Pipeline:
         # items (a quarter of max_inflight), FEED_BYTES, and what the source gives within FEED_WAIT.
         group_max = FEED_ITEMS if not self.cfg.broker.max_inflight else \
             max(1, min(FEED_ITEMS, self.cfg.broker.max_inflight // 4))
+        # a group is one block, freed with its last item: keep it a small part of the arena
+        group_bytes = min(FEED_BYTES, cap // 16)
         outstanding: dict[int, Any] = {}
         reserving = 0
         exhausted = eof_sent = False
@@ -304,8 +316,7 @@ class Pipeline:
             while not exhausted and reserving < 2:
                 group: list[tuple[int, np.ndarray]] = []
                 nbytes, started = 0, time.monotonic()
-                while len(group) < group_max and nbytes < FEED_BYTES and \
-                        (not group or time.monotonic() - started < FEED_WAIT):
+                while len(group) < group_max and (not group or time.monotonic() - started < FEED_WAIT):
                     if carry is not None:
                         (idx, arr), carry = carry, None
                     else:
@@ -318,7 +329,8 @@ class Pipeline:
                         raise ItemTooLarge(f"item {idx} of {format_bytes(arr.nbytes)} ({arr.dtype}"
                                            f"{list(arr.shape)}) is larger than the arena "
                                            f"({format_bytes(cap)})")
-                    if group and (arr.shape != group[0][1].shape or arr.dtype != group[0][1].dtype):
+                    if group and (arr.shape != group[0][1].shape or arr.dtype != group[0][1].dtype
+                                  or nbytes + arr.nbytes > group_bytes):
                         carry = (idx, arr)
                         break
                     group.append((idx, arr))
@@ -463,9 +475,12 @@ class Pipeline:
         try:
             yield from self._ordered(self._drive(items, None, state), ready, state, copy)
         finally:
-            for _view, t in ready.values():  # a caller that stopped early: give back what it held
-                if t >= 0:
-                    self._done(t)
+            # a caller that stopped early: give back every sink task not finished with, including
+            # the rows of many-row tasks that were never yielded
+            assert self.client is not None
+            for t in list(self._rows_left):
+                self.client.send("done", task=t, rsv=None, credit=1, busy=0.0)
+            self._rows_left.clear()
         self.last_summary = self._summary(state, 0.0)
 
     def _ordered(self, delivered: Iterator[tuple[int, np.ndarray, int]],

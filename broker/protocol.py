@@ -29,14 +29,19 @@ at half the CPU on the 2-core reference machine (benchmarks/NOTES.md).
 
     {"v": 1, "op": <kind>, "rid": <request id, 0 if unsolicited>, <fields>}
 
-Every request but ``drop``, ``grant`` and ``claim`` gets exactly one reply with the same ``rid``: ``{"op": "ok", ...}``
-or ``{"op": "error", "code": <BrokerError subclass name>, "message": ...}``.
-The broker also sends unsolicited ``task`` messages (rid 0) to workers and
-to the pipeline driver, which credit-based flow control bounds.
+Every request gets exactly one reply with the same ``rid``: ``{"op": "ok", ...}``
+or ``{"op": "error", "code": <BrokerError subclass name>, "message": ...}``;
+except the kinds in ``NO_REPLY`` (``drop``, ``grant``, ``claim``), which are
+answered only when refused, by an error marked ``late`` (the client raises it
+at its next request). The broker also sends unsolicited ``task`` messages
+(rid 0) to workers and to the pipeline driver, which credit-based flow
+control bounds.
 
 A payload that is not msgpack, not a map, of another version, of an unknown
 kind, or whose fields have the wrong type is refused by ``decode`` with
-``ProtocolError``; the broker answers it with an error and keeps serving.
+``ProtocolError``; the broker answers it with an error and keeps serving. On
+a Unix connection a length over ``MAX_MESSAGE`` cannot be skipped (the stream
+cannot be resynchronised), so the broker closes that connection instead.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ import msgpack
 VERSION = 1
 MAX_MESSAGE = 1 << 20  # bytes; handles are ~100 B, a task a few hundred
 
-__all__ = ["VERSION", "MAX_MESSAGE", "Handle", "ProtocolError", "KINDS", "encode", "decode",
+__all__ = ["VERSION", "MAX_MESSAGE", "NO_REPLY", "Handle", "ProtocolError", "KINDS", "encode", "decode",
            "frame", "FrameReader", "c_strides"]
 
 
@@ -97,6 +102,8 @@ KINDS: dict[str, dict[str, tuple[type, ...]]] = {
     "task": {"task": _INT, "stage": _INT, "items": _LIST, "handle": _LIST, "rows": _INT},
     "failure": {"stage": _STR, "items": _LIST, "error": _STR, "trace": _STR, "fatal": _INT},
 }
+
+NO_REPLY = frozenset({"drop", "grant", "claim"})  # kinds answered only if refused (``late`` errors)
 
 _packer = msgpack.Packer(use_bin_type=True)
 

@@ -20,13 +20,16 @@ committed, or as a partial batch once nothing upstream can add to it.
 Liveness: each client holds a Unix-socket connection to the broker (the one
 the arena's descriptor came through). The kernel closes it when the client
 dies, however it dies; the broker then drops the client's leases and
-re-queues the tasks it held (at-least-once; the driver de-duplicates).
+re-queues the tasks it held (at-least-once; the driver de-duplicates). The
+grants a client made (``Client.grant``) are the one thing that outlives it,
+by design, until claimed or until their ttl (at most an hour) passes.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import heapq
 import json
 import logging
 import math
@@ -44,7 +47,17 @@ import zmq
 
 from .arena import Allocator, Block, SharedRegion, check_capacity, format_bytes, send_fd
 from .errors import ArenaFull, BadRequest, BrokerError, ItemTooLarge, StaleHandle
-from .protocol import FrameReader, Handle, ProtocolError, c_strides, decode, encode, frame
+from .protocol import (
+    MAX_MESSAGE,
+    NO_REPLY,
+    FrameReader,
+    Handle,
+    ProtocolError,
+    c_strides,
+    decode,
+    encode,
+    frame,
+)
 from .rundir import RunDir, cleanup
 
 log = logging.getLogger("shmbroker.broker")
@@ -57,6 +70,7 @@ DEFAULT_WAIT = 60.0  # seconds a request may wait for arena space when it names 
 TASK_ITEMS, TASK_BYTES = 4, 256 << 10
 SINK_TASK_ITEMS, SINK_TASK_BYTES = 16, 1 << 20
 POOL_BLOCK_MAX = 1 << 20  # the largest block ``alloc_many`` hands out
+MAX_GRANTS = 10_000  # grants of one client not yet claimed or expired
 MAX_BACKLOG = 64 << 20  # bytes queued for a Unix-connected client that is not reading: then it is dropped
 
 
@@ -258,6 +272,7 @@ class Grant:
     obj: Obj
     uses: int
     deadline: float
+    cid: int
 
 
 @dataclass(order=True)
@@ -321,7 +336,10 @@ class BrokerServer:
         self.eof = False
         self.pending: list[Pending] = []
         self.grants: dict[int, Grant] = {}
+        self.grant_deadlines: list[tuple[float, int]] = []  # a heap of (deadline, token)
+        self.grants_of: collections.Counter[int] = collections.Counter()  # client id -> open grants
         self.early_claims: dict[int, tuple[int, float]] = {}  # token -> (claims, deadline)
+        self._claims_swept = 0.0
         self.stopping = False
         self.started = time.time()
         self.counters: collections.Counter[str] = collections.Counter()
@@ -384,11 +402,18 @@ class BrokerServer:
             self.poller.register(conn.sock.fileno(), zmq.POLLIN)
 
     def reply(self, to: Conn | bytes, rid: int, **fields: Any) -> None:
-        self.send(to, encode("ok", rid, **fields))
+        payload = encode("ok", rid, **fields)
+        if len(payload) > MAX_MESSAGE:  # a client cannot take it: say so instead
+            return self.reply_error(to, rid, BrokerError(
+                f"the reply of {len(payload)} bytes exceeds the {MAX_MESSAGE} byte limit; ask for less"))
+        self.send(to, payload)
 
-    def reply_error(self, to: Conn | bytes, rid: int, err: BaseException) -> None:
+    def reply_error(self, to: Conn | bytes, rid: int, err: BaseException, late: bool = False) -> None:
+        """``late``: the error of a message that gets no reply (``drop``, ``grant``, ``claim``);
+        the client raises it at its next request instead of taking it as that request's answer."""
         code = type(err).__name__ if isinstance(err, BrokerError) else "BadRequest"
-        self.send(to, encode("error", rid, code=code, message=str(err)))
+        extra = {"late": 1} if late else {}
+        self.send(to, encode("error", rid, code=code, message=str(err), **extra))
 
     # -- the loop ---------------------------------------------------------------
     def serve(self) -> None:
@@ -440,14 +465,15 @@ class BrokerServer:
             self.counters["bad_messages"] += 1
             self.reply_error(self.conns.get(identity) or identity, 0, BadRequest(str(e)))
             return
+        late = msg["op"] in NO_REPLY
         try:
             self.handle(identity, msg)
         except BrokerError as e:
-            self.reply_error(self.conns.get(identity) or identity, msg["rid"], e)
+            self.reply_error(self.conns.get(identity) or identity, msg["rid"], e, late)
         except Exception as e:  # a bug must not take the broker down; report it
             log.exception("error handling %s", msg.get("op"))
             self.reply_error(self.conns.get(identity) or identity, msg["rid"],
-                             BrokerError(f"internal error: {e!r}"))
+                             BrokerError(f"internal error: {e!r}"), late)
 
     def _accept(self) -> None:
         """Accept a descriptor request; its key is read when it arrives (never blocking the loop)."""
@@ -555,7 +581,7 @@ class BrokerServer:
             self._metrics_at = now
         if self.pending:
             self._retry_pending(now)
-        if self.grants or self.early_claims:
+        if self.grant_deadlines or self.early_claims:
             self._expire_grants(now)
         for s, st in enumerate(self.stages):
             for b in list(st.batches):
@@ -653,8 +679,8 @@ class BrokerServer:
     def _op_acquire_many(self, conn: Conn, msg: dict[str, Any]) -> None:
         """``acquire`` for many handles in one round trip; a stale one fails the lot (none taken)."""
         refs = msg["refs"]
-        if len(refs) > 100_000:
-            raise BadRequest("acquire_many: at most 100000 handles per request")
+        if len(refs) > 4096:  # the reply (~60 B a handle) must stay under MAX_MESSAGE
+            raise BadRequest("acquire_many: at most 4096 handles per request")
         if not all(isinstance(r, list) and len(r) == 2 for r in refs):
             raise BadRequest("acquire_many: refs must be [object id, generation] pairs")
         objs = [self.table.get(oid, gen) for oid, gen in refs]
@@ -699,12 +725,18 @@ class BrokerServer:
                 not (isinstance(ttl, (int, float)) and 0 < ttl <= 3600):
             raise BadRequest("grant: token must be (client id << 32 | n) and new, uses 1..1024, "
                              "ttl 0..3600 s")
+        if self.grants_of[conn.cid] >= MAX_GRANTS:
+            raise BadRequest(f"grant: this client has {MAX_GRANTS} grants nobody claimed yet; "
+                             f"grant fewer or with a shorter ttl")
         obj = self.table.get(msg["oid"], msg["gen"])
         claimed, _ = self.early_claims.pop(token, (0, 0.0))
         if claimed >= uses:
             return  # every claim came before the grant and took its own lease
         obj.refs += 1
-        self.grants[token] = Grant(obj, uses - claimed, time.monotonic() + ttl)
+        deadline = time.monotonic() + ttl
+        self.grants[token] = Grant(obj, uses - claimed, deadline, conn.cid)
+        self.grants_of[conn.cid] += 1
+        heapq.heappush(self.grant_deadlines, (deadline, token))
 
     def _op_claim(self, conn: Conn, msg: dict[str, Any]) -> None:
         """Take the lease a grant holds; no reply. A failure is sent as an error with rid 0."""
@@ -715,7 +747,7 @@ class BrokerServer:
             grant.uses -= 1
             last = grant.uses == 0  # the grant's own reference passes to this claim
             if last:
-                del self.grants[token]
+                self._close_grant(token)
             if obj.oid not in conn.leases:
                 conn.leases.add(obj.oid)
                 if not last:
@@ -738,12 +770,25 @@ class BrokerServer:
             n, _ = self.early_claims.get(token, (0, 0.0))
             self.early_claims[token] = (n + 1, time.monotonic() + 60.0)
 
+    def _close_grant(self, token: int) -> Grant:
+        grant = self.grants.pop(token)
+        self.grants_of[grant.cid] -= 1
+        if not self.grants_of[grant.cid]:
+            del self.grants_of[grant.cid]
+        return grant
+
     def _expire_grants(self, now: float) -> None:
-        for token in [t for t, g in self.grants.items() if g.deadline <= now]:
-            self.table.decref(self.grants.pop(token).obj)
-            self.counters["grants_expired"] += 1
-        for token in [t for t, (_n, d) in self.early_claims.items() if d <= now]:
-            del self.early_claims[token]
+        heap = self.grant_deadlines
+        while heap and heap[0][0] <= now:
+            _deadline, token = heapq.heappop(heap)
+            grant = self.grants.get(token)
+            if grant is not None and grant.deadline <= now:
+                self.table.decref(self._close_grant(token).obj)
+                self.counters["grants_expired"] += 1
+        if self.early_claims and now - self._claims_swept > 1.0:
+            self._claims_swept = now
+            for token in [t for t, (_n, d) in self.early_claims.items() if d <= now]:
+                del self.early_claims[token]
 
     def _op_publish(self, conn: Conn, msg: dict[str, Any]) -> None:
         obj = self.table.get(msg["oid"], msg["gen"])
@@ -752,7 +797,8 @@ class BrokerServer:
             if not obj.pooled or nbytes > obj.block.size or obj.oid not in conn.leases:
                 raise BadRequest(f"publish: object {obj.oid} is {obj.dtype}{list(obj.shape)}, "
                                  f"not {msg['dtype']}{msg['shape']}")
-            obj.dtype, obj.shape, obj.nbytes = msg["dtype"], shape, nbytes  # a pool block gets its type
+            obj.dtype, obj.shape, obj.nbytes = msg["dtype"], shape, nbytes  # a pool block gets its type,
+            obj.pooled = False  # once: what a published name resolves to does not change after
         old = self.table.names.get(msg["name"])
         obj.refs += 1
         self.table.names[msg["name"]] = obj
@@ -832,7 +878,8 @@ class BrokerServer:
         if self.max_inflight and self.inflight_items and self.inflight_items + n > self.max_inflight:
             return True
         alloc = self.table.alloc
-        return bool(self.inflight_items) and alloc.used * 2 > alloc.capacity
+        _dt, _shape, rowbytes = check_array_spec(msg["dtype"], msg["shape"])
+        return bool(self.inflight_items) and (alloc.used + n * rowbytes) * 2 > alloc.capacity
 
     def _try_reserve(self, conn: Conn, msg: dict[str, Any]) -> bool:
         if self._source_gated(conn, msg):
@@ -1052,13 +1099,21 @@ class BrokerServer:
         if task is None:
             raise BadRequest(f"fail: task {msg['task']} is not assigned to this client")
         st = self.stages[task.stage]
-        if task.each:  # one of its items failed: retry them one per task, so only that one fails
+        if task.each:  # one of its items failed: the others go on one per task, as if never grouped
             singles = self._row_tasks(task.stage, task.obj, task.items, 1, 1)
             self._finish(conn, msg)
+            self.counters["split"] += 1
             for t in reversed(singles):
                 t.attempts = task.attempts
-                st.queue.appendleft(t)
-            self.counters["split"] += 1
+                if t.items[0] != msg.get("item"):
+                    st.queue.appendleft(t)
+                    continue
+                t.attempts += 1  # the row that raised: this was one of its attempts
+                if st.on_error == "retry" and t.attempts <= st.retries:
+                    st.queue.appendleft(t)
+                    self.counters["retried"] += 1
+                else:
+                    self._fail_items(st, t.items, msg, t.obj)
             self.reply(conn, msg["rid"])
             self._dispatch()
             return
@@ -1071,13 +1126,19 @@ class BrokerServer:
             self.counters["retried"] += 1
         else:
             self._finish(conn, msg)
-            st.failed += len(task.items)
-            self.inflight_items -= len(task.items)
-            fatal = st.on_error != "skip"
-            self.counters["skipped" if not fatal else "failed"] += len(task.items)
-            self._notify_failure(st.name, task.items, msg["error"], msg["trace"], fatal)
+            self._fail_items(st, task.items, msg)
         self.reply(conn, msg["rid"])
         self._dispatch()
+
+    def _fail_items(self, st: Stage, items: list[int], msg: dict[str, Any], obj: Obj | None = None) -> None:
+        """Items a stage gave up on: counted, and reported to the driver (fatal unless skip)."""
+        if obj is not None:
+            self.table.decref(obj)
+        st.failed += len(items)
+        self.inflight_items -= len(items)
+        fatal = st.on_error != "skip"
+        self.counters["skipped" if not fatal else "failed"] += len(items)
+        self._notify_failure(st.name, items, msg["error"], msg["trace"], fatal)
 
     def _notify_failure(self, stage: str, items: list[int], error: str, trace: str, fatal: bool) -> None:
         payload = encode("failure", 0, stage=stage, items=items, error=error, trace=trace, fatal=int(fatal))

@@ -97,3 +97,28 @@ def shape_by_value(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     """The output's length depends on the values, not the input's shape."""
     n = int(x.reshape(-1)[0]) % 3 + 1
     return x.reshape(-1)[:n] * 1
+
+
+def add_env(x: torch.Tensor, name: str = "SHMBROKER_TEST_ADD") -> torch.Tensor:
+    """Adds the number in an environment variable: shows which environment the worker has."""
+    import os
+
+    return x + float(os.environ[name])
+
+
+def count_and_fail(x: torch.Tensor, value: float, path: str) -> torch.Tensor:
+    """Appends a line to ``path`` and raises for items whose first element is ``value``."""
+    if float(x.reshape(-1)[0]) == value:
+        with open(path, "a") as f:
+            f.write("called\n")
+        raise RuntimeError(f"always fails on {value}")
+    return x
+
+
+def reshapes_out(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Given ``out``, writes into it but returns a view of another shape (which must not be trusted)."""
+    y = x * 2
+    if out is None:
+        return y
+    out.copy_(y)
+    return out.unsqueeze(0)

@@ -13,7 +13,7 @@ import pytest
 from broker import Client
 from broker.arena import recv_fd
 from broker.client import POOL_MAX, POOL_REFILL_BYTES
-from broker.errors import StaleHandle
+from broker.errors import BadRequest, StaleHandle
 from broker.protocol import MAX_MESSAGE, VERSION, FrameReader, decode, encode, frame
 
 
@@ -316,10 +316,57 @@ def test_grant_for_two_receivers_and_bad_grants(fresh_broker):
         with pytest.raises(ValueError):
             c.grant(g, uses=0)
         c.notify("grant", oid=1, gen=1, token=12345, uses=1, ttl=1)  # another client's token space
-        with pytest.raises(Exception, match="grant: token"):
+        c.ping()  # the refusal arrives while this waits; its own answer is not lost
+        with pytest.raises(BadRequest, match="an earlier message was refused: grant: token"):
             c.ping()
         h2 = c.put(np.zeros(3))
         c.release(h2)
+        c.grant(h2)  # over the Unix connection a grant does not wait
+        assert c.ping() > 0
+        with pytest.raises(StaleHandle, match="earlier message"):
+            c.stats()
+    with Client(ep, pool=False, transport="zmq") as z:  # over ZeroMQ a grant waits: refused at once
+        h3 = z.put(np.zeros(3))
+        z.release(h3)
         with pytest.raises(StaleHandle):
-            c.grant(h2)
-            c.ping()
+            z.grant(h3)
+
+
+def test_many_handles_go_in_messages_of_bounded_size(fresh_broker):
+    from broker.client import REFS_PER_MESSAGE
+
+    n = REFS_PER_MESSAGE + 10
+    with Client(fresh_broker.endpoint) as c, Client(fresh_broker.endpoint) as other:
+        hs = [c.put(np.full(4, i, np.int32)) for i in range(n)]
+        before = _requests(other)
+        views = other.get_many(hs)
+        assert views[-1][0] == n - 1
+        after = _requests(other)
+        assert after["acquire_many"] - before.get("acquire_many", 0) == 2
+        other.release(hs)
+        assert _requests(other)["drop"] - after.get("drop", 0) == 2
+        c.release(hs)
+        with pytest.raises(BadRequest, match="at most 4096"):
+            other._request("acquire_many", refs=[[h.oid, h.generation] for h in hs])
+
+
+def test_a_pooled_block_is_typed_once_by_its_first_publish(fresh_broker):
+    with Client(fresh_broker.endpoint) as c:
+        h = c.put(np.zeros(8, np.float32))
+        c.publish("a", h)
+        with pytest.raises(BadRequest, match="is <f4\\[8\\], not <i2\\[16\\]"):
+            c._request("publish", name="b", oid=h.oid, gen=h.generation, dtype="<i2", shape=[16])
+        assert c.lookup("a").shape == (8,)
+
+
+def test_getting_a_granted_handle_twice_uses_the_grant_up(fresh_broker):
+    with Client(fresh_broker.endpoint, pool=False) as c, Client(fresh_broker.endpoint) as r:
+        h = c.put(np.ones(100))
+        g = c.grant(h)
+        r.get(h)  # r holds a lease already, through an ordinary get
+        r.get(g)  # ... and still claims the grant, so it does not pin the block until its ttl
+        assert r.stats()["grants"] == 0
+        r.release(h)
+        r.ping()  # r's release is in
+        c.release(h)
+        assert c.stats()["objects"] == 0

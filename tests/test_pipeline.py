@@ -451,3 +451,46 @@ def test_prefetch_copies_the_next_tasks_input_ahead_and_that_copy_is_used(monkey
             np.testing.assert_array_equal(got[1], [4, 4, 4])
         finally:
             w.client.close()
+
+
+def test_workers_see_the_drivers_environment_as_it_is_when_they_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = write_cfg(tmp_path, {"source": synthetic(1, [2]),
+                               "stages": [{"name": "add", "fn": "stage_helpers:add_env"}]})
+    for value in ("1", "5"):  # the fork server is already running for the second pipeline
+        monkeypatch.setenv("SHMBROKER_TEST_ADD", value)
+        with Pipeline.from_yaml(cfg) as p:
+            got = list(p.map([np.zeros(2)]))
+        np.testing.assert_array_equal(got[0], [float(value)] * 2)
+
+
+def test_grouped_source_writes_fit_a_small_arena(tmp_path: Path) -> None:
+    """Items of 3.5 MiB through a 16 MiB arena: the driver's groups stay a small part of the
+    arena and the source gate counts a request's bytes, so the stage always finds room."""
+    cfg = write_cfg(tmp_path, {"broker": {"capacity": "16MiB", "wait_timeout": 5},
+                               "source": synthetic(1, [4]),
+                               "stages": [{"name": "id", "fn": "workers.stages:scale", "args": {"factor": 1.0}}]})
+    arrays = [np.full(int(3.5 * 2**20) // 8, float(i)) for i in range(12)]
+    with Pipeline.from_yaml(cfg) as p:
+        got = list(p.map(arrays))
+    assert [float(g[0]) for g in got] == [float(i) for i in range(12)]
+
+
+def test_a_failing_item_in_a_grouped_task_gets_exactly_its_retries(tmp_path: Path) -> None:
+    calls = tmp_path / "calls.txt"
+    stage = {"name": "f", "fn": "stage_helpers:count_and_fail", "on_error": "retry", "retries": 1,
+             "args": {"value": 2.0, "path": str(calls)}}
+    cfg = write_cfg(tmp_path, {"source": synthetic(1, [2]), "stages": [stage]})
+    with Pipeline.from_yaml(cfg) as p, pytest.raises(StageFailed, match=r"\[2\]"):
+        list(p.map([np.full((2,), float(i)) for i in range(4)]))  # one group, one task of 4 rows
+    assert calls.read_text().count("called") == 2  # the first try and one retry, not three
+
+
+def test_a_result_that_aliases_its_slot_with_another_shape_is_kept_intact(tmp_path: Path) -> None:
+    cfg = write_cfg(tmp_path, {"source": synthetic(1, [2]),
+                               "stages": [{"name": "r", "fn": "stage_helpers:reshapes_out"}]})
+    arrays = [np.full((3,), float(i)) for i in range(6)]
+    with Pipeline.from_yaml(cfg) as p:
+        got = list(p.map(arrays))
+    for i, y in enumerate(got):
+        np.testing.assert_array_equal(y.reshape(-1), np.full((3,), 2.0 * i))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from typing import Any
 
@@ -34,7 +35,7 @@ def probe(specs: tuple[str, ...] = ()) -> tuple[int, dict[str, str]]:
         if START_METHOD == "forkserver":
             ctx = worker_context(START_METHOD)
             r, w = ctx.Pipe(duplex=False)
-            child = ctx.Process(target=_report, args=(w, specs), daemon=True)
+            child = ctx.Process(target=_report, args=(w, specs, dict(os.environ)), daemon=True)
             child.start()
             w.close()
             try:
@@ -68,7 +69,10 @@ def _import_errors(specs: tuple[str, ...]) -> dict[str, str]:
     return errors
 
 
-def _report(conn: Any, specs: tuple[str, ...]) -> None:
+def _report(conn: Any, specs: tuple[str, ...], env: dict[str, str]) -> None:
+    from broker.launcher import adopt_environment
+
+    adopt_environment(env)  # CUDA_VISIBLE_DEVICES and the like as the driver has them now
     conn.send((_count_here(), _import_errors(specs)))
     conn.close()
 

@@ -9,6 +9,17 @@ One worker process serves one stage on one device::
 
 The task's input stays leased by the task until ``done``; if this process
 dies, the broker re-queues the task for another worker.
+
+Variations on that path:
+
+* a CPU stage whose function takes ``out=`` reserves first (once the output's
+  shape is known from an earlier input of the same shape) and computes
+  straight into the slot: ``reserve ──▶ fn(x, out=slot)``, nothing copied;
+* a task with ``each`` carries a few small items for a stage that takes one at
+  a time: ``fn`` is called per row, rows whose results have the same shape
+  share one reservation, and one ``done`` reports them all;
+* on a GPU, the next waiting task's input is copied to the device on a side
+  stream while the current task computes (``_prefetch_next``).
 """
 
 from __future__ import annotations
@@ -90,6 +101,7 @@ class Worker:
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.prefetched: dict[int, tuple[Any, Any]] = {}  # task id -> (inputs on the device, event)
         self.counters_prefetched = 0
+        self.failed_item: int | None = None  # the row of an `each` task the stage raised on
         self.stopping = False
         self.acks: set[int] = set()
         self.client._request("register", stage=stage.name, credits=stage.credits, device=str(device))
@@ -128,8 +140,10 @@ class Worker:
             raise  # the broker's trouble, not the stage's
         except Exception as e:
             log.warning("stage %s failed on items %s: %r", self.stage.name, task["items"][:8], e)
+            which = {"item": self.failed_item} if self.failed_item is not None else {}
+            self.failed_item = None
             self.client._request("fail", task=task["task"], error=f"{type(e).__name__}: {e}",
-                                 trace=traceback.format_exc(), credit=1)
+                                 trace=traceback.format_exc(), credit=1, **which)
             return
         # Not waiting for the reply saves a round trip per task; the broker handles this
         # connection's messages in order, so `done` lands before anything this worker sends next.
@@ -238,10 +252,12 @@ class Worker:
                 return done
         results = []
         with self.torch.inference_mode():
-            for x in xs:
+            for item, x in zip(items, xs, strict=True):
+                self.failed_item = item  # named in `fail` if the stage raises on this row
                 out = self.fn(self._inputs(x, layout_in))
                 fields = self._outputs(out, None)
                 results.append((fields, *self._spec(out, fields, False)))
+        self.failed_item = None
         if self.direct and key[2] and results[0][2] is None and \
                 all(r[1] == results[0][1] for r in results):
             self.out_specs[key] = results[0][1]
@@ -265,9 +281,11 @@ class Worker:
                 for slot in [self.client.view(Handle.from_wire(wire))] for r in range(n)]
         copied = 0
         with self.torch.inference_mode():
-            for x, d in zip(xs, dsts, strict=True):
+            for item, x, d in zip(items, xs, dsts, strict=True):
                 dst = to_tensor(d)
+                self.failed_item = item
                 out = self.fn(self._inputs(x, None), out=dst)
+                self.failed_item = None
                 if isinstance(out, self.torch.Tensor) and out.data_ptr() == dst.data_ptr() and \
                         out.shape == dst.shape and out.dtype == dst.dtype:
                     continue
@@ -326,6 +344,7 @@ class Worker:
         want = tuple(spec["shape"])
         if t is None or tuple(t.shape[1:] if batched else t.shape) != want or \
                 numpy_dtype(t.dtype).str != spec["dtype"]:
+            out = _own(out)  # it may be a view of the slot, which the cancel gives back to the arena
             self.client._request("cancel", rsv=reply["rsv"])
             self.direct = False  # the output's shape is not a function of the input's
             return None, out
@@ -386,6 +405,21 @@ class Worker:
                                  f"{tuple(value.shape)} for {rows} items (want {rows} rows)")
             fields.append((key, value))
         return fields
+
+
+def _own(value: Any) -> Any:
+    """``value`` (a tensor, array, or tuple/list/dict of them) copied, so it aliases nothing."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, dict):
+        return {k: _own(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_own(v) for v in value)
+    return value
 
 
 def worker_main(endpoint: str, stage_json: dict[str, Any], index: int, device: str,
