@@ -119,7 +119,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
     capacity = parse_size(args.capacity or "256MiB")
     endpoint = args.endpoint
     if args.config:
-        cfg = load_config(args.config, args.set)
+        # the stages run in the workers: their code need not be importable where the broker runs
+        cfg = load_config(args.config, args.set, check_imports=False)
         capacity = parse_size(args.capacity) if args.capacity else int(cfg.broker.capacity)
         endpoint = endpoint or cfg.broker.endpoint
         stages, inflight = [s.to_broker() for s in cfg.stages], cfg.broker.max_inflight
