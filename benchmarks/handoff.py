@@ -814,7 +814,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import ray  # noqa: F401
 
-        skipped["ray"] = "importable, but this benchmark has no Ray peer (none could be tested here)"
+        skipped["ray"] = ("importable, but no Ray peer: an ObjectRef handed to another driver process "
+                          "over a Pipe blocked in ray.get for minutes in a test here (ray 2.60.0, "
+                          "2026-11-22); Ray's object-store rate is in rate.py --ray")
     except ImportError as e:
         skipped["ray"] = f"not importable ({e})"
     progress(f"ray: skipped, {skipped['ray']}")

@@ -49,6 +49,12 @@ client is the driver, and the worker's CPU is in the notes). "wall us/op" is
 1e6 / (median ops/s). "others' cores": median over reps of the CPU used meanwhile by
 processes outside this benchmark (plus hypervisor steal), from /proc/stat.
 
+``--ray``: afterwards (Ray's own processes would disturb the rounds above if
+they ran alongside), the same loops against Ray's object store in a fresh
+process: ``r = ray.put(a4k); ray.get(r); del r`` (ray a1) and ``ray.get(r)``
+of one existing ref (the op behind Ray's published gets/s), 5 reps x
+``--seconds``, if ``ray`` is importable (``pip install ray``).
+
 ``--profile``: afterwards, runs a1 once more for ``--profile-seconds`` while
 py-spy samples the broker and the client (``record --gil``: only time spent
 holding the GIL, i.e. running Python) and writes the top functions into the
@@ -453,6 +459,56 @@ SCENARIOS = [
 REFS = ("ping", "ping-zmq", "zmq-echo", "unix-echo")
 
 
+def _ray_loops(reps: int, dur: float, out: Any) -> None:
+    """In a fresh process: Ray's put+get+del and get rates, medians of ``reps`` runs."""
+    try:
+        import ray
+    except ImportError as e:
+        out.send({"skipped": f"ray is not importable ({e})"})
+        return
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        a = np.ones(ITEM_BYTES // 4, np.float32)
+        ref = ray.put(a)
+        res: dict[str, Any] = {"version": ray.__version__}
+        for key in ("put_get", "get"):
+            rates = []
+            for _ in range(reps + 1):  # the first is a warm-up
+                n, end = 0, time.monotonic() + dur
+                t0 = time.monotonic()
+                while time.monotonic() < end:
+                    if key == "get":
+                        ray.get(ref)
+                    else:
+                        r = ray.put(a)
+                        ray.get(r)
+                        del r
+                    n += 1
+                rates.append(n / (time.monotonic() - t0))
+            res[key] = summarize(rates[1:])
+        out.send(res)
+    finally:
+        ray.shutdown()
+
+
+def measure_ray(reps: int, dur: float) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    r, w = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_ray_loops, args=(reps, dur, w))
+    p.start()
+    w.close()
+    try:
+        if r.poll(300):
+            return dict(r.recv())
+        return {"skipped": "no answer from the Ray process within 300 s"}
+    except EOFError:
+        return {"skipped": f"the Ray process exited with code {p.exitcode}"}
+    finally:
+        p.join(60)
+        if p.exitcode is None:
+            p.kill()
+
+
 def profile_a1(bench: Bench, seconds: float) -> dict[str, Any]:
     """py-spy --gil on the broker and on client 0 while it runs a1."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -508,6 +564,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=None, help="seconds per repetition (default 1.5)")
     ap.add_argument("--profile", action="store_true", help="py-spy the broker and a client during a1")
     ap.add_argument("--profile-seconds", type=float, default=8.0)
+    ap.add_argument("--ray", action="store_true", help="also measure Ray's object store (if installed)")
     ap.add_argument("--out", type=Path, default=RESULTS / "rate.json")
     args = ap.parse_args()
     reps = args.reps or (3 if args.quick else 5)
@@ -535,6 +592,7 @@ def main() -> int:
             profile = profile_a1(bench, args.profile_seconds)
     finally:
         bench.close()
+    ray_result = measure_ray(reps, dur) if args.ray else None
 
     rows, results = [], {}
     for name, label, what, rts in SCENARIOS:
@@ -589,6 +647,14 @@ def main() -> int:
     verdict = "MET" if a1 >= TARGET else "MISSED"
     print(f"\ntarget {TARGET:,} small ops/s with one client: {verdict} (a1 median {a1:,.0f} ops/s = "
           f"{a1 / TARGET:.2f}x target, {a1 / RAY_GETS:.2f}x Ray's gets/s)")
+    if ray_result is not None:
+        if "skipped" in ray_result:
+            print(f"\nray: skipped ({ray_result['skipped']})")
+        else:
+            for key, label in (("put_get", "ray put+get+del 4 KiB, 1 client"), ("get", "ray get of one ref")):
+                st = ray_result[key]
+                print(f"\n{label}: {fmt_rate(st)} ops/s (after the rounds above, {reps} reps); "
+                      f"shmbroker a1 / this = {a1 / st['median']:.1f}x")
     if profile is not None:
         for who in ("broker", "client"):
             pr = profile.get(who, {})
@@ -601,7 +667,7 @@ def main() -> int:
             "config": {"reps": reps, "seconds_per_rep": dur, "item_bytes": ITEM_BYTES, "quick": args.quick,
                        "interleaved": True, "warmup_rounds": 1, "argv": sys.argv[1:]},
             "target_ops_s": TARGET, "ray_gets_s": RAY_GETS, "verdict_a1": verdict,
-            "results": results, "table": text, "thread_table": ttext, "profile": profile,
+            "results": results, "table": text, "thread_table": ttext, "profile": profile, "ray": ray_result,
             "elapsed_s": time.monotonic() - t_start}
     write_json(args.out, data)
     print(f"\nwrote {args.out}")
