@@ -26,8 +26,15 @@ lint: install
 	$(BIN)/ruff check broker workers tests benchmarks
 	$(BIN)/mypy
 
-bench: install
+bench: install  # about 8 minutes; results and plots in benchmarks/results/
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/rate.py
 	$(BIN)/python benchmarks/handoff.py
+	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/gpu.py
+	$(BIN)/python benchmarks/pipeline.py --device cuda
 
 soak: install
 	$(BIN)/python -m pytest -q -m soak -p no:cacheprovider
