@@ -46,7 +46,7 @@ __all__ = ["Broker", "Client", "array_spec"]
 
 log = logging.getLogger("shmbroker.client")
 
-REFS_PER_MESSAGE = 4096  # handles per acquire_many/drop message: its frame stays far below MAX_MESSAGE
+REFS_PER_MESSAGE = 1024  # handles per acquire_many/drop message: its frame stays below MAX_MESSAGE
 POOL_MAX = 64 << 10  # arrays up to this size are placed in blocks the client pre-allocates
 POOL_REFILL_BYTES = 256 << 10  # one refill asks for about this many bytes of one size class
 
@@ -341,6 +341,11 @@ class Client:
         must still be alive). Over ``transport="zmq"`` the grant waits for
         its reply, since a message ZeroMQ has queued is lost if this process
         dies; over the Unix connection it is in the kernel when this returns.
+
+        Over the Unix connection a refused grant (the handle was already
+        stale, or this client has 100,000 grants nobody claimed) is raised by
+        this client's next request; a receiver that claims it after the
+        array is gone gets ``StaleHandle`` at its own next request.
         """
         self._check_broker(handle)
         if not 0 < ttl <= 3600 or not 0 < uses <= 1024:
@@ -379,7 +384,11 @@ class Client:
         return self.view(held)
 
     def get_many(self, handles: Iterable[Handle]) -> list[np.ndarray]:
-        """``get`` for many handles with one round trip for those this client does not hold yet."""
+        """``get`` for many handles: one round trip per 1024 of those this client does not hold yet.
+
+        A stale handle raises ``StaleHandle`` and no lease of its group of 1024
+        is taken; the leases of earlier groups are kept (``release`` drops them).
+        """
         hs = list(handles)
         for h in hs:
             self._check_broker(h)

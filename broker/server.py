@@ -70,7 +70,10 @@ DEFAULT_WAIT = 60.0  # seconds a request may wait for arena space when it names 
 TASK_ITEMS, TASK_BYTES = 4, 256 << 10
 SINK_TASK_ITEMS, SINK_TASK_BYTES = 16, 1 << 20
 POOL_BLOCK_MAX = 1 << 20  # the largest block ``alloc_many`` hands out
-MAX_GRANTS = 10_000  # grants of one client not yet claimed or expired
+# Grants of one client not yet claimed or expired. A guard against grants that are never
+# claimed (~250 bytes of broker memory each): a program that reaches it has a bug, and the
+# refusal reaches the granter as a late error (see Client.grant).
+MAX_GRANTS = 100_000
 MAX_BACKLOG = 64 << 20  # bytes queued for a Unix-connected client that is not reading: then it is dropped
 
 
@@ -679,16 +682,19 @@ class BrokerServer:
     def _op_acquire_many(self, conn: Conn, msg: dict[str, Any]) -> None:
         """``acquire`` for many handles in one round trip; a stale one fails the lot (none taken)."""
         refs = msg["refs"]
-        if len(refs) > 4096:  # the reply (~60 B a handle) must stay under MAX_MESSAGE
-            raise BadRequest("acquire_many: at most 4096 handles per request")
+        if len(refs) > 1024:  # a handle of 32 dimensions is ~650 B: the reply stays under MAX_MESSAGE
+            raise BadRequest("acquire_many: at most 1024 handles per request")
         if not all(isinstance(r, list) and len(r) == 2 for r in refs):
             raise BadRequest("acquire_many: refs must be [object id, generation] pairs")
         objs = [self.table.get(oid, gen) for oid, gen in refs]
+        payload = encode("ok", msg["rid"], handles=[self.table.handle(o) for o in objs])
+        if len(payload) > MAX_MESSAGE:  # checked before any lease is taken
+            raise BadRequest(f"acquire_many: the reply would be {len(payload)} bytes; ask for fewer")
         for obj in objs:
             if obj.oid not in conn.leases:
                 conn.leases.add(obj.oid)
                 obj.refs += 1
-        self.reply(conn, msg["rid"], handles=[self.table.handle(o) for o in objs])
+        self.send(conn, payload)
 
     def _release_refs(self, conn: Conn, refs: list[Any]) -> int:
         """Drop this client's leases on ``refs``; the number that were not its (stale)."""
@@ -736,7 +742,11 @@ class BrokerServer:
         deadline = time.monotonic() + ttl
         self.grants[token] = Grant(obj, uses - claimed, deadline, conn.cid)
         self.grants_of[conn.cid] += 1
-        heapq.heappush(self.grant_deadlines, (deadline, token))
+        heap = self.grant_deadlines
+        heapq.heappush(heap, (deadline, token))
+        if len(heap) > 2 * len(self.grants) + 1024:  # entries of grants claimed early: drop them
+            self.grant_deadlines = [(g.deadline, t) for t, g in self.grants.items()]
+            heapq.heapify(self.grant_deadlines)
 
     def _op_claim(self, conn: Conn, msg: dict[str, Any]) -> None:
         """Take the lease a grant holds; no reply. A failure is sent as an error with rid 0."""
@@ -878,8 +888,10 @@ class BrokerServer:
         if self.max_inflight and self.inflight_items and self.inflight_items + n > self.max_inflight:
             return True
         alloc = self.table.alloc
-        _dt, _shape, rowbytes = check_array_spec(msg["dtype"], msg["shape"])
-        return bool(self.inflight_items) and (alloc.used + n * rowbytes) * 2 > alloc.capacity
+        # by what is used now, not counting this request: an item of more than half the arena
+        # must still get in (the driver keeps its groups to 1/16 of the arena, so the source
+        # overshoots half by little)
+        return bool(self.inflight_items) and alloc.used * 2 > alloc.capacity
 
     def _try_reserve(self, conn: Conn, msg: dict[str, Any]) -> bool:
         if self._source_gated(conn, msg):
