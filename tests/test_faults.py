@@ -50,8 +50,11 @@ def soak(tmp_path: Path, count: int, kills: int) -> dict[str, int]:
             assert idx not in got, f"item {idx} delivered twice"
             got[idx] = arr.copy()
             while kill_at and len(got) >= kill_at[0]:
+                alive = [w for w in p.workers if w.proc is not None and w.proc.exitcode is None
+                         and w.proc.pid not in killed]  # not one killed but not reaped yet
+                if not alive:
+                    break  # every worker is down: the next item's sink call kills one
                 kill_at.pop(0)
-                alive = [w for w in p.workers if w.proc is not None and w.proc.exitcode is None]
                 # a random worker among those killed least, so kills spread over the run's
                 # workers instead of tripping one worker's crash-loop limit
                 least = min(len(w.deaths) for w in alive)
