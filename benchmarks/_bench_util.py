@@ -142,6 +142,7 @@ def maybe_plot(path: Path, draw: Callable[[Any], None]) -> bool:
         plt.savefig(path, dpi=110)
     finally:
         plt.close("all")
+    print(f"wrote {path}")
     return True
 
 

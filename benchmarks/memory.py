@@ -121,9 +121,7 @@ def main() -> int:
         ax.set_title(f"{args.items:,}-item run of {args.config.name}")
         ax.legend()
 
-    png = args.out.with_suffix(".png")
-    if maybe_plot(png, draw):
-        print(f"wrote {png}")
+    maybe_plot(args.out.with_suffix(".png"), draw)
     return 0
 
 

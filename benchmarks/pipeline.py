@@ -465,9 +465,7 @@ def main() -> int:
         axes[0].legend()
         fig.suptitle(f"shmbroker pipeline vs DataLoader, 2 cores ({machine['date'][:10]})")
 
-    png = args.out.with_suffix(".png")
-    if maybe_plot(png, draw):
-        print(f"wrote {png}")
+    maybe_plot(args.out.with_suffix(".png"), draw)
     return 0
 
 

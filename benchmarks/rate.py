@@ -686,9 +686,7 @@ def main() -> int:
         ax.set_title(f"shmbroker small-op rate ({machine['date'][:10]}, {machine['cpu_count']} cores)")
         ax.legend()
 
-    png = args.out.with_suffix(".png")
-    if maybe_plot(png, draw):
-        print(f"wrote {png}")
+    maybe_plot(args.out.with_suffix(".png"), draw)
     return 0
 
 

@@ -284,9 +284,7 @@ def main() -> int:
         ax.set_title(f"replicas 1 vs 2: pipeline {rp['median']:.2f}x, raw {rr['median']:.2f}x")
         ax.legend()
 
-    png = args.out.with_suffix(".png")
-    if maybe_plot(png, draw):
-        print(f"wrote {png}")
+    maybe_plot(args.out.with_suffix(".png"), draw)
     return 0
 
 

@@ -960,20 +960,21 @@ class BrokerServer:
         obj = self.table.view(b.obj, b.obj.offset + row * b.rowbytes, b.dtype, (len(items), *b.shape))
         return Segment(obj, items, b, row)
 
-    def _op_commit(self, conn: Conn, msg: dict[str, Any]) -> None:
+    @staticmethod
+    def _take_reservation(conn: Conn, msg: dict[str, Any]) -> Reservation:
         rsv = conn.reservations.pop(msg["rsv"], None)
         if rsv is None:
-            raise BadRequest(f"commit: no open reservation {msg['rsv']}")
-        self._commit(rsv)
+            raise BadRequest(f"{msg['op']}: no open reservation {msg['rsv']}")
+        return rsv
+
+    def _op_commit(self, conn: Conn, msg: dict[str, Any]) -> None:
+        self._commit(self._take_reservation(conn, msg))
         self.reply(conn, msg["rid"])
         self._dispatch()
 
     def _op_cancel(self, conn: Conn, msg: dict[str, Any]) -> None:
         """Give back an open reservation unwritten (its rows become holes of their batch)."""
-        rsv = conn.reservations.pop(msg["rsv"], None)
-        if rsv is None:
-            raise BadRequest(f"cancel: no open reservation {msg['rsv']}")
-        self._cancel(rsv)
+        self._cancel(self._take_reservation(conn, msg))
         self.reply(conn, msg["rid"])
         if self.pending:
             self._retry_pending(time.monotonic())
