@@ -652,9 +652,8 @@ class BrokerServer:
 
     def _try_alloc(self, conn: Conn, msg: dict[str, Any]) -> bool:
         """Serve an ``alloc`` or ``alloc_many`` now if the arena has room; False if not."""
-        if msg["op"] == "alloc":
-            _dt, shape, nbytes = check_array_spec(msg["dtype"], msg["shape"])
-            obj = self.table.new(nbytes, msg["dtype"], shape)
+        if msg["op"] == "alloc":  # its dtype, shape and nbytes were checked when it arrived
+            obj = self.table.new(msg["nbytes"], msg["dtype"], tuple(msg["shape"]))
             if obj is None:
                 return False
             conn.leases.add(obj.oid)

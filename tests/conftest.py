@@ -57,24 +57,12 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str =
 
 def _helper_pids() -> set[int]:
     """Long-lived helpers multiprocessing starts once per session (not leaks)."""
-    pids = set()
-    try:
-        from multiprocessing import resource_tracker
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
 
-        pid = getattr(resource_tracker._resource_tracker, "_pid", None)
-        if pid:
-            pids.add(pid)
-    except Exception:
-        pass
-    try:
-        from multiprocessing import forkserver
-
-        pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
-        if pid:
-            pids.add(pid)
-    except Exception:
-        pass
-    return pids
+    helpers = [(multiprocessing.resource_tracker._resource_tracker, "_pid"),
+               (multiprocessing.forkserver._forkserver, "_forkserver_pid")]
+    return {pid for obj, attr in helpers if (pid := getattr(obj, attr, None))}
 
 
 def descendants() -> dict[int, str]:

@@ -80,11 +80,11 @@ def test_publish_cannot_retype_an_array_that_is_not_a_pool_block(fresh_broker):
             c._request("publish", name="x", oid=h.oid, gen=h.generation, dtype="<f8", shape=[8])
         with Client(fresh_broker.endpoint) as other:
             other.get(h)
-            small = other.put(np.zeros(4, np.uint8))
-            with pytest.raises(Exception, match="not"):  # another client's pool block: not its to type
-                c.get(small)
+            small = other.put(np.zeros(4, np.uint8))  # a 256 B pool block of the other client
+            c.get(small)
+            with pytest.raises(BadRequest, match=r"is \|u1\[256\], not <f8\[1048576\]"):
                 c._request("publish", name="y", oid=small.oid, gen=small.generation,
-                           dtype="<f8", shape=[1 << 20])
+                           dtype="<f8", shape=[1 << 20])  # larger than its block
 
 
 def test_pool_off_and_large_arrays_use_plain_allocations(fresh_broker):

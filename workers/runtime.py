@@ -286,8 +286,7 @@ class Worker:
                 self.failed_item = item
                 out = self.fn(self._inputs(x, None), out=dst)
                 self.failed_item = None
-                if isinstance(out, self.torch.Tensor) and out.data_ptr() == dst.data_ptr() and \
-                        out.shape == dst.shape and out.dtype == dst.dtype:
+                if self._is_slot(out, dst):
                     continue
                 fields = self._outputs(out, None)
                 if self._spec(out, fields, False)[0] != spec:
@@ -336,8 +335,7 @@ class Worker:
             else:
                 dst = to_tensor(slot if batched else slot[0])
                 out = self.fn(inputs, out=dst)
-                if isinstance(out, self.torch.Tensor) and out.data_ptr() == dst.data_ptr() and \
-                        out.shape == dst.shape and out.dtype == dst.dtype:
+                if self._is_slot(out, dst):
                     return (reply["rsv"], 0), None
         fields = self._outputs(out, len(items) if batched else None)
         (_, t), = fields if len(fields) == 1 else [(None, None)]
@@ -349,6 +347,11 @@ class Worker:
             self.direct = False  # the output's shape is not a function of the input's
             return None, out
         return (reply["rsv"], self._write(reply, fields, batched, None)), None
+
+    def _is_slot(self, out: Any, dst: Any) -> bool:
+        """Whether a stage handed ``out=dst`` returned ``dst`` itself (so nothing is left to copy)."""
+        return isinstance(out, self.torch.Tensor) and out.data_ptr() == dst.data_ptr() and \
+            out.shape == dst.shape and out.dtype == dst.dtype
 
     def _write(self, reply: dict[str, Any], fields: list[tuple[Any, Any]], batched: bool,
                layout: dict[str, Any] | None) -> int:
