@@ -1,6 +1,10 @@
-"""shmbroker: NumPy arrays in shared memory, handles over ZeroMQ, zero-copy torch tensors in workers."""
+"""shmbroker's store: NumPy arrays in one shared-memory arena, handles, the broker process and its clients.
 
-from .client import Broker, Client
+``Pipeline`` (YAML pipelines) lives in the layer above, ``shmbroker``; it is
+re-exported here lazily, so ``import broker`` never loads it.
+"""
+
+from .client import Client
 from .errors import (
     ArenaFull,
     BadRequest,
@@ -13,33 +17,23 @@ from .errors import (
     StaleHandle,
     UnknownName,
     UnsupportedArray,
+    WorkerDied,
 )
+from .process import Broker
 from .protocol import Handle
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "ArenaFull",
-    "BadRequest",
-    "Broker",
-    "BrokerError",
-    "BrokerGone",
-    "BrokerTimeout",
-    "Client",
-    "ConfigError",
-    "Handle",
-    "ItemTooLarge",
-    "Pipeline",
-    "StageFailed",
-    "StaleHandle",
-    "UnknownName",
-    "UnsupportedArray",
+    "ArenaFull", "BadRequest", "Broker", "BrokerError", "BrokerGone", "BrokerTimeout", "Client",
+    "ConfigError", "Handle", "ItemTooLarge", "Pipeline", "StageFailed", "StaleHandle", "UnknownName",
+    "UnsupportedArray", "WorkerDied",
 ]
 
 
-def __getattr__(name: str):  # Pipeline imports torch-free config and launcher lazily
-    if name == "Pipeline":
-        from .launcher import Pipeline
+def __getattr__(name: str) -> object:
+    if name == "Pipeline":  # the pipeline layer, imported on first use
+        from shmbroker.driver import Pipeline
 
         return Pipeline
     raise AttributeError(f"module 'broker' has no attribute {name!r}")

@@ -1,52 +1,80 @@
-"""The client API: ``Broker`` starts a broker process, ``Client`` maps its arena and moves handles.
+"""The client API: map a broker's arena, move arrays by handle, and the typed pipeline operations.
 
-A client says hello over ZeroMQ, then fetches the arena's descriptor once
-over the broker's Unix socket and maps it; that connection stays open for the
-client's life and is how each side learns the other has died. By default the
-client's requests and the broker's replies and tasks then travel over that
-same connection (``transport="unix"``), which skips ZeroMQ's I/O threads;
-``transport="zmq"`` keeps them on the DEALER socket.
+::
+
+    c = Client(endpoint)                 # hello, the arena's descriptor, one mapping
+    h = c.put(array)                     # one copy into the arena -> Handle (~100 B)
+    v = c.get(h)                         # a view of the arena in any process: no copy
+    c.release(h)                         # no wait; the block is freed with its last holder
+
+    r = c.reserve(0, [i], shape, dtype)  # pipeline: a slot in stage 0 (split mode: a
+    c.rows(r)[0][...] = item             #   program of yours feeding a running broker)
+    c.commit(r)                          # -> a task for stage 0's workers
+
+Messages and the connection are ``connection.py``'s; the message kinds
+``protocol.py``'s. A client is one process's: it is neither thread-safe nor
+fork-safe (handles pickle and may go anywhere; clients may not).
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
-import json
-import logging
 import math
 import os
-import select
 import socket
-import subprocess
-import sys
 import time
-import weakref
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+import msgspec
 import numpy as np
-import zmq
 
-from .arena import SharedRegion, recv_fd
-from .errors import (
-    BrokerError,
-    BrokerGone,
-    BrokerTimeout,
-    StaleHandle,
-    UnknownName,
-    UnsupportedArray,
-    error_from_wire,
+from .connection import Connection
+from .errors import StaleHandle, UnknownName, UnsupportedArray
+from .protocol import (
+    BFLOAT16,
+    MAX_REFS,
+    Acquire,
+    AcquireMany,
+    Alloc,
+    AllocMany,
+    Cancel,
+    Claim,
+    Commit,
+    ConfigurePipeline,
+    Configured,
+    Done,
+    Drop,
+    Eof,
+    Fail,
+    Grant,
+    Handle,
+    HandleReply,
+    HandlesReply,
+    Layout,
+    Lookup,
+    Message,
+    Ping,
+    Publish,
+    Register,
+    Registered,
+    Reserve,
+    Reserved,
+    Shutdown,
+    StageSettings,
+    Stats,
+    StatsReply,
+    Task,
+    c_strides,
+    storage_dtype,
 )
-from .protocol import FrameReader, Handle, ProtocolError, c_strides, decode, encode, frame
+from .rows import unpack
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Broker", "Client", "array_spec"]
+__all__ = ["Client", "array_spec", "SINK"]
 
-log = logging.getLogger("shmbroker.client")
-
-REFS_PER_MESSAGE = 1024  # handles per acquire_many/drop message: its frame stays below MAX_MESSAGE
+SINK = "__sink__"  # the stage name the driver (or a program collecting results) registers as
 POOL_MAX = 64 << 10  # arrays up to this size are placed in blocks the client pre-allocates
 POOL_REFILL_BYTES = 256 << 10  # one refill asks for about this many bytes of one size class
 
@@ -55,29 +83,27 @@ def _size_class(nbytes: int) -> int:
     return max(256, 1 << (nbytes - 1).bit_length())
 
 
-def array_spec(dtype: Any) -> np.dtype:
-    """The dtype an array is stored as in the arena, or ``UnsupportedArray``.
+def array_spec(dtype: Any) -> str:
+    """The wire dtype an array of ``dtype`` is stored as, or ``UnsupportedArray``.
 
     Non-native byte order is stored native (converted during the one copy that
-    ``put`` makes anyway); object and structured dtypes are refused.
+    ``put`` makes anyway); object and structured dtypes are refused;
+    ``"bfloat16"`` is stored as its raw bits (``<u2`` to NumPy).
     """
+    if isinstance(dtype, str) and dtype == BFLOAT16:
+        return BFLOAT16
     dt = np.dtype(dtype)
     if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
         raise UnsupportedArray(
             f"dtype {dt} cannot be shared: object and structured arrays hold pointers or "
-            f"mixed fields; convert to a plain numeric dtype first"
-        )
+            f"mixed fields; convert to a plain numeric dtype first")
     if dt.kind not in "biufcmM":
         raise UnsupportedArray(f"dtype {dt} (kind {dt.kind!r}) is not supported; use a numeric dtype")
-    return dt.newbyteorder("=") if dt.byteorder not in "=|" else dt
+    return (dt.newbyteorder("=") if dt.byteorder not in "=|" else dt).str
 
 
 class Client:
-    """A connection to a broker and a mapping of its arena. A context manager.
-
-    Not thread-safe and not fork-safe: create one per thread or process
-    (handles pickle, clients do not).
-    """
+    """A connection to a broker and a mapping of its arena. A context manager."""
 
     def __init__(self, endpoint: str, *, name: str | None = None, role: str = "client",
                  timeout: float = 30.0, curve: tuple[str, str] | None = None,
@@ -94,190 +120,42 @@ class Client:
         stay reserved for this client, at most ``POOL_REFILL_BYTES`` (or 4
         blocks) per size class, and return to the arena when it closes.
         """
-        if transport not in ("unix", "zmq"):
-            raise ValueError(f"transport must be 'unix' or 'zmq', got {transport!r}")
         self.endpoint = endpoint
-        self.transport = transport
         self.pool = pool
         self._pool: dict[int, collections.deque[Handle]] = {}
-        self.timeout = timeout
-        self.name = name or f"{role}-{socket.gethostname()}-{os.getpid()}"
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        if curve is not None:
-            from .security import secure_client
-
-            secure_client(self._sock, *curve)
-        self._sock.connect(endpoint)
-        self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
-        self._rid = 0
-        self.inbox: collections.deque[dict[str, Any]] = collections.deque()
         self._held: dict[int, Handle] = {}
         self._grants = 0
-        self._late: collections.deque[tuple[str, str]] = collections.deque()
-        self._alive: socket.socket | None = None
-        self._unix: socket.socket | None = None  # set once requests travel over ``_alive``
-        self._frames = FrameReader()
-        self._received: collections.deque[bytes] = collections.deque()
-        self._upoll = select.poll()
-        self.region: SharedRegion | None = None
-        self._finalizer = weakref.finalize(self, _close_sockets, self._sock, self._ctx)
-        try:
-            hello = self._request("hello", name=self.name, pid=os.getpid(), role=role,
-                                  _timeout=min(timeout, 10.0))
-            self.broker = hello["broker"]
-            self.cid = hello["cid"]
-            self._attach(hello["fd_path"], hello["key"])
-        except BaseException:
-            self.close()
-            raise
+        self.conn = Connection(endpoint, name=name or f"{role}-{socket.gethostname()}-{os.getpid()}",
+                               role=role, timeout=timeout, curve=curve, transport=transport)
+        self.broker = self.conn.broker
+        self.cid = self.conn.cid
 
-    def _attach(self, fd_path: str, key: str) -> None:
-        alive = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        alive.settimeout(10.0)
-        try:
-            alive.connect(fd_path)
-            alive.sendall(f"{key}+{self.transport}".encode())
-            meta, fd = recv_fd(alive)
-        except OSError as e:
-            alive.close()
-            raise BrokerGone(f"could not get the arena from the broker at {fd_path}: {e}") from e
-        alive.setblocking(False)
-        self._alive = alive
-        weakref.finalize(self, alive.close)  # a client dropped without close() still lets go
-        self._poller.register(alive.fileno(), zmq.POLLIN)
-        self.region = SharedRegion.attach(fd, json.loads(meta)["name"])
-        if self.transport == "unix":
-            self._unix = alive
-            self._upoll.register(alive.fileno(), select.POLLIN)
+    @property
+    def timeout(self) -> float:
+        return self.conn.timeout
 
-    # -- messaging --------------------------------------------------------------
-    def send(self, op: str, **fields: Any) -> int:
-        """Send a request without waiting; returns its request id.
+    @property
+    def name(self) -> str:
+        return self.conn.name
 
-        First raises the error of an earlier message that gets no reply
-        (``drop``, ``grant``, ``claim``), if the broker refused one.
-        """
-        self._raise_late()
-        self._rid += 1
-        self._send(encode(op, self._rid, **fields))
-        return self._rid
+    @property
+    def region(self) -> Any:
+        return self.conn.region
 
-    def notify(self, op: str, **fields: Any) -> None:
-        """Send a message that gets no reply (``drop``, ``grant``, ``claim``).
+    def _request(self, msg: Message, timeout: float | None = None) -> Any:
+        return self.conn.request(msg, timeout)
 
-        If the broker refuses it, the refusal arrives as a ``late`` error while
-        this client waits for a later reply, and the request after that raises
-        it (the answer being waited for is not lost).
-        """
-        self._send(encode(op, 0, **fields))
-
-    def _raise_late(self) -> None:
-        if self._late:
-            code, message = self._late.popleft()
-            raise error_from_wire(code, f"an earlier message was refused: {message}")
-
-    def _send(self, payload: bytes) -> None:
-        if self._unix is not None:
-            self._write(frame(payload))
-        else:
-            self._sock.send(payload)
-
-    def _write(self, data: bytes) -> None:
-        assert self._unix is not None
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[self._unix.send(view):]
-            except BlockingIOError:  # the broker is not reading yet: wait for room
-                _, ready, _ = select.select([], [self._unix], [], self.timeout)
-                if not ready:
-                    raise BrokerTimeout(f"the broker at {self.endpoint} took no request for "
-                                        f"{self.timeout:.1f} s") from None
-            except OSError as e:
-                raise BrokerGone(f"the broker at {self.endpoint} exited (its connection closed: "
-                                 f"{e.strerror})") from None
-
-    def _read_unix(self) -> bool:
-        """Take what the Unix connection holds into ``_received``; False if nothing was there."""
-        assert self._unix is not None
-        try:
-            data = self._unix.recv(1 << 18)
-        except BlockingIOError:
-            return False
-        except OSError:
-            data = b""
-        if not data:
-            raise BrokerGone(f"the broker at {self.endpoint} exited (its connection closed)")
-        try:
-            self._received.extend(self._frames.feed(data))
-        except ProtocolError as e:
-            raise BrokerGone(f"the broker at {self.endpoint} sent a bad frame: {e}") from None
-        return True
-
-    def recv(self, timeout: float | None) -> dict[str, Any] | None:
-        """The next message from the broker, or None after ``timeout`` seconds."""
-        if self._unix is not None:
-            if not self._received and not self._read_unix():
-                if not self._upoll.poll(None if timeout is None else max(0.0, timeout) * 1000):
-                    return None
-                self._read_unix()
-            return decode(self._received.popleft()) if self._received else None
-        if self._sock.poll(0, zmq.POLLIN):  # the common case: the reply is already here
-            return decode(self._sock.recv())
-        events = dict(self._poller.poll(None if timeout is None else int(timeout * 1000)))
-        if self._sock in events:
-            return decode(self._sock.recv())
-        if self._alive is not None and self._alive.fileno() in events:
-            try:
-                data = self._alive.recv(64)
-            except BlockingIOError:
-                data = b"?"
-            except OSError:
-                data = b""
-            if not data:
-                raise BrokerGone(f"the broker at {self.endpoint} exited (its connection closed)")
-        return None
-
-    def wait(self, rid: int, timeout: float | None = None) -> dict[str, Any]:
-        """Wait for the reply to request ``rid``; other messages go to ``inbox``."""
-        timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BrokerTimeout(
-                    f"no reply from the broker at {self.endpoint} within {timeout:.1f} s; "
-                    f"is it running? (`shmbroker status`)"
-                )
-            msg = self.recv(left)
-            if msg is None:
-                continue
-            if msg["op"] == "error" and msg.get("late"):  # for a no-reply message: raised by send()
-                self._late.append((msg["code"], msg["message"]))
-                continue
-            if msg["rid"] == rid:
-                if msg["op"] == "error":
-                    raise error_from_wire(msg["code"], msg["message"])
-                return msg
-            if msg["rid"] == 0 and msg["op"] == "error":
-                raise error_from_wire(msg["code"], msg["message"])
-            self.inbox.append(msg)
-
-    def _request(self, op: str, _timeout: float | None = None, **fields: Any) -> dict[str, Any]:
-        return self.wait(self.send(op, **fields), _timeout)
-
-    # -- arrays -----------------------------------------------------------------
+    # -- arrays -------------------------------------------------------------------------------------
     def view(self, handle: Handle) -> np.ndarray:
         """The array a handle this client may read names, as a view of the arena."""
-        assert self.region is not None, "client is closed"
-        dt = np.dtype(handle.dtype)
+        self.conn.check_process()
+        region = self.conn.region
+        assert region is not None, "client is closed"
+        dt = storage_dtype(handle.dtype)
         count = math.prod(handle.shape)
-        if dt.itemsize * count > handle.nbytes or handle.offset + handle.nbytes > self.region.capacity:
+        if dt.itemsize * count > handle.nbytes or handle.offset + handle.nbytes > region.capacity:
             raise StaleHandle(f"handle {handle} does not fit its block")
-        flat = np.frombuffer(self.region.buffer, dtype=dt, count=count, offset=handle.offset)
+        flat = np.frombuffer(region.buffer, dtype=dt, count=count, offset=handle.offset)
         return flat.reshape(handle.shape)
 
     def _check_broker(self, handle: Handle) -> None:
@@ -286,24 +164,24 @@ class Client:
         if handle.broker != self.broker:
             raise StaleHandle(
                 f"handle of broker {handle.broker!r} given to a client of broker {self.broker!r}; "
-                f"a handle is valid only with the broker that made it"
-            )
+                f"a handle is valid only with the broker that made it")
 
     def alloc(self, shape: Iterable[int] | int, dtype: Any = "float32",
               timeout: float | None = None) -> tuple[Handle, np.ndarray]:
         """A writable slot: ``(handle, view)``. Waits up to ``timeout`` s for space."""
-        dt = array_spec(dtype)
+        wire = array_spec(dtype)
         shape = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
-        nbytes = dt.itemsize * math.prod(shape)
+        itemsize = storage_dtype(wire).itemsize
+        nbytes = itemsize * math.prod(shape)
         wait = self.timeout if timeout is None else timeout
         if self.pool and 0 < nbytes <= POOL_MAX:
             block = self._from_pool(nbytes, wait)
-            handle = Handle(self.broker, block.oid, block.generation, block.offset, nbytes, dt.str,
-                            shape, c_strides(shape, dt.itemsize))
+            handle = Handle(self.broker, block.oid, block.generation, block.offset, nbytes, wire,
+                            shape, c_strides(shape, itemsize))
         else:
-            reply = self._request("alloc", _timeout=wait + 5.0, nbytes=nbytes, dtype=dt.str,
-                                  shape=list(shape), timeout=wait)
-            handle = Handle.from_wire(reply["handle"])
+            reply = self._request(Alloc(nbytes=nbytes, dtype=wire, shape=list(shape), timeout=wait),
+                                  wait + 5.0)
+            handle = reply.handle
         self._held[handle.oid] = handle
         return handle, self.view(handle)
 
@@ -313,9 +191,9 @@ class Client:
         blocks = self._pool.setdefault(size, collections.deque())
         if not blocks:
             count = max(4, min(64, POOL_REFILL_BYTES // size))
-            reply = self._request("alloc_many", _timeout=wait + 5.0, nbytes=size, dtype="|u1",
-                                  shape=[size], timeout=wait, count=count)
-            blocks.extend(Handle.from_wire(w) for w in reply["handles"])
+            reply: HandlesReply = self._request(AllocMany(nbytes=size, count=count, timeout=wait),
+                                                wait + 5.0)
+            blocks.extend(reply.handles)
         return blocks.popleft()
 
     def put(self, array: Any, timeout: float | None = None) -> Handle:
@@ -342,23 +220,29 @@ class Client:
         its reply, since a message ZeroMQ has queued is lost if this process
         dies; over the Unix connection it is in the kernel when this returns.
 
-        Over the Unix connection a refused grant (the handle was already
-        stale, or this client has 100,000 grants nobody claimed) is raised by
-        this client's next request; a receiver that claims it after the
-        array is gone gets ``StaleHandle`` at its own next request.
+        Only an array this client holds (``put``, ``alloc``, ``get``) can be
+        granted: that is checked here, before anything is sent, so a grant the
+        broker accepted cannot be refused later and a receiver never reads a
+        block that is not kept alive for it. A client with more than 100,000
+        grants nobody claimed is told so by an error of its next request
+        (the grants are kept).
         """
         self._check_broker(handle)
         if not 0 < ttl <= 3600 or not 0 < uses <= 1024:
             raise ValueError("grant: ttl must be in (0, 3600] s and uses in 1..1024")
+        held = self._held.get(handle.oid)
+        if held is None or held.generation != handle.generation:
+            raise StaleHandle(f"grant: this client holds no lease on {handle}; only an array it "
+                              f"has put, allocated or got (and not released) can be granted")
+        self.conn.poll_late()
         self._grants += 1
         token = self.cid << 32 | self._grants
-        fields = dict(oid=handle.oid, gen=handle.generation, token=token, uses=uses, ttl=ttl)
         expires = time.monotonic() + ttl / 2
-        self.notify("grant", **fields)
-        if self._unix is None:
+        self.conn.notify(Grant(oid=handle.oid, gen=handle.generation, token=token, uses=uses, ttl=ttl))
+        if self.conn.transport == "zmq":
             self.ping()  # handled after the grant: when it returns, the grant is in the broker
-            self._raise_late()
-        return dataclasses.replace(handle, grant=token, expires=expires)
+            self.conn.raise_late()
+        return msgspec.structs.replace(handle, grant=token, expires=expires)
 
     def get(self, handle: Handle) -> np.ndarray:
         """A writable view of the array (no copy); takes a lease until ``release``.
@@ -369,18 +253,16 @@ class Client:
         self._check_broker(handle)
         held = self._held.get(handle.oid)
         if handle.grant and time.monotonic() < handle.expires:
-            fresh = held is None or held.generation != handle.generation
-            if fresh:
-                held = dataclasses.replace(handle, grant=0, expires=0.0)
-            assert held is not None
+            if held is None or held.generation != handle.generation:
+                held = msgspec.structs.replace(handle, grant=0, expires=0.0)
             array = self.view(held)  # bounds checked against the arena before anything else
             # claimed even when this client holds a lease already: the grant is used up
-            self.notify("claim", oid=handle.oid, gen=handle.generation, token=handle.grant)
+            self.conn.notify(Claim(oid=handle.oid, gen=handle.generation, token=handle.grant))
             self._held[held.oid] = held
             return array
         if held is None or held.generation != handle.generation:
-            reply = self._request("acquire", oid=handle.oid, gen=handle.generation)
-            held = self._adopt(handle, reply["handle"])
+            reply = self._request(Acquire(oid=handle.oid, gen=handle.generation))
+            held = self._adopt(handle, reply.handle)
         return self.view(held)
 
     def get_many(self, handles: Iterable[Handle]) -> list[np.ndarray]:
@@ -393,38 +275,41 @@ class Client:
         for h in hs:
             self._check_broker(h)
         todo = [h for h in hs if (held := self._held.get(h.oid)) is None or held.generation != h.generation]
-        for i in range(0, len(todo), REFS_PER_MESSAGE):
-            part = todo[i:i + REFS_PER_MESSAGE]
-            reply = self._request("acquire_many", refs=[[h.oid, h.generation] for h in part])
-            for h, wire in zip(part, reply["handles"], strict=True):
-                self._adopt(h, wire)
+        for i in range(0, len(todo), MAX_REFS):
+            part = todo[i:i + MAX_REFS]
+            reply: HandlesReply = self._request(AcquireMany(refs=[(h.oid, h.generation) for h in part]))
+            for h, srv in zip(part, reply.handles, strict=True):
+                self._adopt(h, srv)
         return [self.view(self._held[h.oid]) for h in hs]
 
-    def _adopt(self, handle: Handle, wire: Any) -> Handle:
+    def _adopt(self, handle: Handle, srv: Handle) -> Handle:
         """Hold an object after the broker granted its lease and returned its record.
 
         The broker's record is what gets mapped. A pooled block's record is
         only bytes (``|u1``) until it is published, so for one the caller's
         dtype and shape are used, checked to fit inside the block.
         """
-        srv = Handle.from_wire(wire)
         if srv.dtype == "|u1" and srv.shape == (srv.nbytes,) and \
                 (handle.dtype, handle.shape) != (srv.dtype, srv.shape):
-            dt = np.dtype(handle.dtype)
-            nbytes = dt.itemsize * math.prod(handle.shape)
+            itemsize = storage_dtype(handle.dtype).itemsize
+            nbytes = itemsize * math.prod(handle.shape)
             if nbytes > srv.nbytes:
                 self._held[srv.oid] = srv  # the lease is taken: release(handle) still drops it
                 raise StaleHandle(f"handle {handle} does not fit the broker's block {srv}")
             srv = Handle(srv.broker, srv.oid, srv.generation, srv.offset, nbytes, handle.dtype,
-                         handle.shape, c_strides(handle.shape, dt.itemsize))
+                         handle.shape, c_strides(handle.shape, itemsize))
         self._held[srv.oid] = srv
         return srv
 
     def tensor(self, handle: Handle) -> torch.Tensor:
-        """``torch.from_numpy(get(handle))``: zero-copy and writable."""
-        from workers.bridge import to_tensor
+        """``torch.from_numpy(get(handle))``: zero-copy and writable (bfloat16 viewed as such).
 
-        return to_tensor(self.get(handle))
+        The one place the client touches torch, imported here and only here.
+        """
+        import torch
+
+        t = torch.from_numpy(self.get(handle))
+        return t.view(torch.bfloat16) if handle.dtype == BFLOAT16 else t
 
     def release(self, handles: Handle | Iterable[Handle]) -> None:
         """Drop this client's reference(s); the block is freed with its last one.
@@ -436,23 +321,23 @@ class Client:
         for h in hs:
             self._check_broker(h)
             self._held.pop(h.oid, None)
-        for i in range(0, len(hs), REFS_PER_MESSAGE):
-            self.notify("drop", refs=[[h.oid, h.generation] for h in hs[i:i + REFS_PER_MESSAGE]])
+        for i in range(0, len(hs), MAX_REFS):
+            self.conn.notify(Drop(refs=[(h.oid, h.generation) for h in hs[i:i + MAX_REFS]]))
 
     def publish(self, name: str, handle: Handle) -> None:
         """Make ``handle`` discoverable by ``name``; the broker keeps it alive until replaced."""
         self._check_broker(handle)
-        self._request("publish", name=name, oid=handle.oid, gen=handle.generation,
-                      dtype=handle.dtype, shape=list(handle.shape))
+        self._request(Publish(name=name, oid=handle.oid, gen=handle.generation, dtype=handle.dtype,
+                              shape=list(handle.shape)))
 
     def lookup(self, name: str, timeout: float = 5.0) -> Handle:
         """Wait up to ``timeout`` s for a handle published under ``name``."""
         deadline = time.monotonic() + timeout
         delay = 0.001
         while True:
-            wire = self._request("lookup", name=name)["handle"]
-            if wire is not None:
-                return Handle.from_wire(wire)
+            reply: HandleReply = self._request(Lookup(name=name))
+            if reply.handle is not None:
+                return reply.handle
             if time.monotonic() + delay > deadline:
                 raise UnknownName(f"nothing was published as {name!r} within {timeout} s")
             time.sleep(delay)
@@ -460,104 +345,118 @@ class Client:
 
     def stats(self) -> dict[str, Any]:
         """Arena and pipeline statistics: capacity, used, peak, objects, stages, ..."""
-        return self._request("stats")["stats"]
+        reply: StatsReply = self._request(Stats())
+        return reply.stats
 
     def ping(self, timeout: float | None = None) -> float:
         t = time.perf_counter()
-        self._request("ping", _timeout=timeout)
+        self._request(Ping(), timeout)
         return time.perf_counter() - t
 
     def shutdown(self) -> None:
         """Ask the broker to stop (it removes its runtime directory)."""
-        self._request("shutdown")
+        self._request(Shutdown())
 
-    # -- lifetime ---------------------------------------------------------------
+    # -- pipeline operations ------------------------------------------------------------------------
+    def configure(self, stages: Sequence[StageSettings | dict[str, Any]], max_inflight: int = 0) -> list[str]:
+        """Give the broker its stages (or check that it runs these); returns their names and the sink's."""
+        settings = [s if isinstance(s, StageSettings) else msgspec.convert(s, StageSettings) for s in stages]
+        reply: Configured = self._request(ConfigurePipeline(stages=settings, max_inflight=max_inflight))
+        return reply.stages
+
+    def register(self, stage: str, credits: int = 1, device: str = "host", pinned: bool = False) -> int:
+        """Receive tasks of ``stage`` (``SINK``: finished items), at most ``credits`` at a time."""
+        reply: Registered = self._request(Register(stage=stage, credits=credits, device=device,
+                                                   pinned=pinned))
+        return reply.stage
+
+    def reserve(self, stage: int, items: Sequence[int], shape: Sequence[int], dtype: Any, *,
+                timeout: float | None = None, layout: Layout | None = None) -> Reserved:
+        """Slots in ``stage`` for ``items`` (ids of your choosing), each ``shape``/``dtype``.
+
+        Waits for arena space up to ``timeout`` s (the broker's ``wait_timeout``
+        when None). Write each item into ``rows(reservation)``, then ``commit``
+        (or ``cancel``) it.
+        """
+        wait = self.timeout if timeout is None else timeout
+        return self._request(self._reserve_msg(stage, items, shape, dtype, timeout, layout),
+                             max(wait, 3600.0 if timeout is None else 0.0) + 5.0)
+
+    def reserve_nowait(self, stage: int, items: Sequence[int], shape: Sequence[int], dtype: Any, *,
+                       timeout: float | None = None, layout: Layout | None = None) -> int:
+        """``reserve`` without waiting: returns the request id; the ``Reserved`` reply (or an
+        ``Error``) arrives through ``next_message``."""
+        return self.conn.send(self._reserve_msg(stage, items, shape, dtype, timeout, layout))
+
+    @staticmethod
+    def _reserve_msg(stage: int, items: Sequence[int], shape: Sequence[int], dtype: Any,
+                     timeout: float | None, layout: Layout | None) -> Reserve:
+        return Reserve(stage=stage, items=list(items), shape=[int(d) for d in shape],
+                       dtype=array_spec(dtype), timeout=timeout, layout=layout)
+
+    def rows(self, reserved: Reserved) -> list[np.ndarray]:
+        """One writable view per item of a reservation, in item order."""
+        out = []
+        for handle, n in reserved.segments:
+            slot = self.view(handle)
+            out.extend(slot[r] for r in range(n))
+        return out
+
+    def commit(self, reserved: Reserved | int, *, wait: bool = True) -> int:
+        """The reservation's items are written: they become tasks of its stage."""
+        rsv = reserved if isinstance(reserved, int) else reserved.rsv
+        return self._maybe_wait(Commit(rsv=rsv), wait)
+
+    def cancel(self, reserved: Reserved | int, *, wait: bool = True) -> int:
+        """Give a reservation back unwritten."""
+        rsv = reserved if isinstance(reserved, int) else reserved.rsv
+        return self._maybe_wait(Cancel(rsv=rsv), wait)
+
+    def task_rows(self, task: Task) -> list[Any]:
+        """The items of a task, one per row: arrays (views), or the tuples/dicts of a layout."""
+        view = self.view(task.handle)
+        if not (task.batched or task.each):
+            return [unpack(view, task.layout)]
+        rows = task.valid if task.valid is not None else range(len(task.items))
+        return [unpack(view[r], task.layout) for r in rows]
+
+    def done(self, task: Task | int, rsvs: Sequence[int] = (), *, busy: float = 0.0, copied: int = 0,
+             credit: int = 1, wait: bool = False) -> int:
+        """A task is finished, its outputs in reservations ``rsvs``; by default not waited for
+        (its reply comes through ``next_message``; the broker handles it before anything this
+        client sends next)."""
+        tid = task if isinstance(task, int) else task.task
+        return self._maybe_wait(Done(task=tid, rsvs=list(rsvs), credit=credit, busy=busy,
+                                     copied=copied), wait)
+
+    def fail(self, task: Task | int, error: str, trace: str = "", *, item: int | None = None,
+             arena: bool = False, credit: int = 1) -> None:
+        """A task's stage raised (``item``: the one row of a grouped task that did), or its
+        output found no arena space in time (``arena``)."""
+        tid = task if isinstance(task, int) else task.task
+        self._request(Fail(task=tid, error=error, trace=trace, credit=credit, item=item, arena=arena))
+
+    def eof(self, items: int) -> None:
+        """The source is exhausted after ``items`` items: partial batches may go now."""
+        self._request(Eof(items=items))
+
+    def next_message(self, timeout: float | None) -> Message | None:
+        """The next task, failure report, or reply to a request sent without waiting; None
+        after ``timeout`` s."""
+        return self.conn.next_message(timeout)
+
+    def _maybe_wait(self, msg: Message, wait: bool) -> int:
+        rid = self.conn.send(msg)
+        if wait:
+            self.conn.wait(rid)
+        return rid
+
+    # -- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:
-        if self._alive is not None:
-            self._alive.close()
-            self._alive = None
-            self._unix = None
-        if self.region is not None:
-            self.region.close()
-            self.region = None
-        self._finalizer()
+        self.conn.close()
 
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _close_sockets(sock: zmq.Socket, ctx: zmq.Context) -> None:
-    sock.close(0)
-    ctx.term()
-
-
-class Broker:
-    """Start a broker in its own process; stop it on exit. A context manager.
-
-    ``endpoint`` is where clients connect (``Client(b.endpoint)``); by default
-    an ipc socket in a fresh 0700 runtime directory.
-    """
-
-    def __init__(self, capacity: int = 256 * 2**20, *, endpoint: str | None = None,
-                 stages: list[dict[str, Any]] | None = None, max_inflight: int = 0,
-                 log_level: str = "WARNING", metrics_port: int | None = None,
-                 curve: dict[str, str] | None = None, hwm: int = 10_000,
-                 startup_timeout: float = 60.0) -> None:
-        cmd = [sys.executable, "-m", "broker.server", "--capacity", str(int(capacity)),
-               "--log-level", log_level, "--parent-pid", str(os.getpid()),
-               "--max-inflight", str(max_inflight), "--hwm", str(hwm)]
-        if endpoint:
-            cmd += ["--endpoint", endpoint]
-        if stages:
-            cmd += ["--stages", json.dumps(stages)]
-        if metrics_port is not None:
-            cmd += ["--metrics-port", str(metrics_port)]
-        if curve:
-            cmd += ["--curve-secret", curve["secret"], "--curve-authorized", curve["authorized"]]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        self._finalizer = weakref.finalize(self, _stop_process, self.proc)
-        try:
-            self.info = self._wait_ready(startup_timeout)
-        except BaseException:
-            self.close()
-            raise
-        self.endpoint: str = self.info["endpoint"]
-        self.pid: int = self.proc.pid
-
-    def _wait_ready(self, timeout: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else b""
-        if not line:
-            code = self.proc.poll()
-            why = f"exited with code {code}" if code is not None else f"not ready in {timeout} s"
-            raise BrokerError(f"the broker process {why}; its log is on stderr above")
-        info = json.loads(line)
-        if "error" in info:
-            raise BrokerError(f"the broker did not start: {info['error']}")
-        return info
-
-    def close(self) -> None:
-        """Stop the broker (SIGTERM, then SIGKILL after 10 s); it removes its runtime directory."""
-        self._finalizer()
-
-    def __enter__(self) -> Broker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()

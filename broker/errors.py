@@ -13,8 +13,10 @@ __all__ = [
     "BadRequest",
     "UnsupportedArray",
     "StageFailed",
+    "WorkerDied",
     "ConfigError",
     "error_from_wire",
+    "format_bytes",
 ]
 
 
@@ -61,15 +63,30 @@ class StageFailed(BrokerError, RuntimeError):
     """A stage function raised; the message names the stage, the item and the worker's traceback."""
 
 
+class WorkerDied(StageFailed):
+    """The workers given an item died more often than its stage's ``retries`` allow; the message
+    names the worker, its pid and its exit code where the process that started it knows it."""
+
+
 class ConfigError(BrokerError, ValueError):
     """A pipeline file is invalid; the message names the file, the key path and what was expected."""
 
 
 _BY_NAME = {cls.__name__: cls for cls in (
     BrokerError, BrokerTimeout, BrokerGone, ArenaFull, ItemTooLarge, StaleHandle,
-    UnknownName, BadRequest, UnsupportedArray, StageFailed, ConfigError)}
+    UnknownName, BadRequest, UnsupportedArray, StageFailed, WorkerDied, ConfigError)}
 
 
 def error_from_wire(code: str, message: str) -> BrokerError:
     """Rebuild the exception the broker reported (unknown codes become ``BrokerError``)."""
     return _BY_NAME.get(code, BrokerError)(message)
+
+
+def format_bytes(n: int) -> str:
+    """``1536 -> '1.5 KiB'``: sizes in messages users read."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -1,6 +1,9 @@
-"""The wire format: every message kind, the Handle, msgpack encode/decode with validation.
+"""The wire format: every message kind declared once as a typed struct, the Handle, frames.
 
-Nothing else in the project calls ``msgpack``.
+Nothing else in the project encodes or decodes a message; nothing else
+checks a message's fields: ``decode`` validates every field of every kind
+(types, bounds, required or optional) in C, through msgspec, and refuses
+anything else with ``ProtocolError``.
 
 Frames
 ------
@@ -19,7 +22,7 @@ broker's events go out on a PUB socket::
     [len][payload] ──────────────────▶  (same payloads)
     [len][payload] ◀──────────────────
 
-    broker PUB  ──▶ [topic][payload]     topic: b"publish" | b"stats"
+    broker PUB  ──▶ [topic][payload]     topic: b"publish"
 
 Why two transports: a ZeroMQ round trip passes through an I/O thread on each
 side; the Unix connection does not, and measured 2–5× faster per round trip
@@ -27,126 +30,63 @@ at half the CPU on the 2-core reference machine (benchmarks/NOTES.md).
 
 ``payload`` is one msgpack map::
 
-    {"v": 1, "op": <kind>, "rid": <request id, 0 if unsolicited>, <fields>}
+    {"op": <kind>, "v": 1, "rid": <request id, 0 if unsolicited>, <the kind's fields>}
 
-Every request gets exactly one reply with the same ``rid``: ``{"op": "ok", ...}``
-or ``{"op": "error", "code": <BrokerError subclass name>, "message": ...}``;
-except the kinds in ``NO_REPLY`` (``drop``, ``grant``, ``claim``), which are
-answered only when refused, by an error marked ``late`` (the client raises it
-at its next request). The broker also sends unsolicited ``task`` messages
-(rid 0) to workers and to the pipeline driver, which credit-based flow
-control bounds.
+Every request gets exactly one reply with the same ``rid``: a reply kind
+(``ok``, ``handle``, ``reserved``, ...) or ``error`` (``code``: a
+``BrokerError`` subclass name, ``message``); except the kinds in
+``NO_REPLY`` (``drop``, ``grant``, ``claim``), answered only when refused,
+by an ``error`` marked ``late`` (the client raises it at its next request).
+The broker also sends unsolicited ``task`` and ``failure`` messages (rid 0)
+to workers and to the pipeline driver, bounded by credits.
 
-A payload that is not msgpack, not a map, of another version, of an unknown
-kind, or whose fields have the wrong type is refused by ``decode`` with
-``ProtocolError``; the broker answers it with an error and keeps serving. On
-a Unix connection a length over ``MAX_MESSAGE`` cannot be skipped (the stream
+A Unix-connection length over ``MAX_MESSAGE`` cannot be skipped (the stream
 cannot be resynchronised), so the broker closes that connection instead.
+A message that omits ``v`` is read as version 1.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-import msgpack
+import msgspec
+import numpy as np
 
 VERSION = 1
 MAX_MESSAGE = 1 << 20  # bytes; handles are ~100 B, a task a few hundred
+MAX_DIMS = 32
+MAX_REFS = 1024  # handles per acquire_many/drop/release message: the frame stays below MAX_MESSAGE
+MAX_ITEMS = 65536  # item ids per reservation
+BFLOAT16 = "bfloat16"  # NumPy has no bfloat16: such arrays are stored, and seen by NumPy, as <u2
 
-__all__ = ["VERSION", "MAX_MESSAGE", "NO_REPLY", "Handle", "ProtocolError", "KINDS", "encode", "decode",
-           "frame", "FrameReader", "c_strides"]
+__all__ = [
+    "VERSION", "MAX_MESSAGE", "MAX_REFS", "NO_REPLY", "BFLOAT16", "ProtocolError", "Handle",
+    "Message", "Layout", "StageSettings", "KINDS", "encode", "decode", "frame", "FrameReader",
+    "c_strides", "storage_dtype",
+    # requests
+    "Hello", "Ping", "Alloc", "AllocMany", "Acquire", "AcquireMany", "Release", "Drop", "Grant",
+    "Claim", "Publish", "Lookup", "Stats", "ConfigurePipeline", "Register", "Reserve", "Commit",
+    "Cancel", "Done", "Fail", "Eof", "Shutdown",
+    # replies and broker messages
+    "Ok", "Welcome", "HandleReply", "HandlesReply", "Released", "Reserved", "StatsReply",
+    "Registered", "Configured", "Error", "Task", "Failure", "Published",
+]
 
 
 class ProtocolError(ValueError):
     """A message that cannot be decoded or does not match its kind's schema."""
 
 
-_INT = (int,)
-_NUM = (int, float)
-_STR = (str,)
-_LIST = (list,)
-_OPT_INT = (int, type(None))
-_OPT_NUM = (int, float, type(None))
-
-# kind -> {field: allowed Python types}. Every field listed is required.
-KINDS: dict[str, dict[str, tuple[type, ...]]] = {
-    # client -> broker
-    "hello": {"name": _STR, "pid": _INT, "role": _STR},
-    "ping": {},
-    "alloc": {"nbytes": _INT, "dtype": _STR, "shape": _LIST, "timeout": _OPT_NUM},
-    "acquire": {"oid": _INT, "gen": _INT},
-    "alloc_many": {"nbytes": _INT, "dtype": _STR, "shape": _LIST, "timeout": _OPT_NUM, "count": _INT},
-    "acquire_many": {"refs": _LIST},
-    "release": {"refs": _LIST},
-    "drop": {"refs": _LIST},  # a release that gets no reply
-    "grant": {"oid": _INT, "gen": _INT, "token": _INT, "uses": _INT, "ttl": _NUM},  # no reply
-    "claim": {"oid": _INT, "gen": _INT, "token": _INT},  # no reply
-    "publish": {"name": _STR, "oid": _INT, "gen": _INT, "dtype": _STR, "shape": _LIST},
-    "lookup": {"name": _STR},
-    "stats": {},
-    "pipeline": {"stages": _LIST, "max_inflight": _INT},
-    "register": {"stage": _STR, "credits": _INT, "device": _STR},
-    "reserve": {"stage": _INT, "items": _LIST, "shape": _LIST, "dtype": _STR,
-                "timeout": _OPT_NUM},
-    "commit": {"rsv": _INT},
-    "cancel": {"rsv": _INT},
-    "done": {"task": _INT, "rsv": _OPT_INT, "credit": _INT, "busy": _NUM},
-    "fail": {"task": _INT, "error": _STR, "trace": _STR, "credit": _INT},
-    "eof": {"items": _INT},
-    "shutdown": {},
-    # broker -> client
-    "ok": {},
-    "error": {"code": _STR, "message": _STR},
-    "task": {"task": _INT, "stage": _INT, "items": _LIST, "handle": _LIST, "rows": _INT},
-    "failure": {"stage": _STR, "items": _LIST, "error": _STR, "trace": _STR, "fatal": _INT},
-}
-
-NO_REPLY = frozenset({"drop", "grant", "claim"})  # kinds answered only if refused (``late`` errors)
-
-_packer = msgpack.Packer(use_bin_type=True)
-
-
-def encode(op: str, rid: int = 0, **fields: Any) -> bytes:
-    """Build one payload; ``fields`` are the kind's fields (extra ones allowed on replies)."""
-    fields["v"] = VERSION
-    fields["op"] = op
-    fields["rid"] = rid
-    return _packer.pack(fields)
-
-
-def decode(payload: bytes) -> dict[str, Any]:
-    """Decode and validate one payload, or raise ``ProtocolError`` saying why."""
-    if len(payload) > MAX_MESSAGE:
-        raise ProtocolError(f"message of {len(payload)} bytes exceeds the {MAX_MESSAGE} byte limit")
-    try:
-        msg = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises a zoo of types on garbage
-        raise ProtocolError(f"not a msgpack message: {type(e).__name__}: {e}") from None
-    if not isinstance(msg, dict):
-        raise ProtocolError(f"message must be a map, got {type(msg).__name__}")
-    if type(msg.get("v")) is not int or msg["v"] != VERSION:  # True and 1.0 equal 1 too
-        raise ProtocolError(f"protocol version {msg.get('v')!r} is not supported (want {VERSION})")
-    op, rid = msg.get("op"), msg.get("rid")
-    if not isinstance(rid, int) or isinstance(rid, bool):
-        raise ProtocolError(f"field 'rid' must be an integer, got {type(rid).__name__}")
-    spec = KINDS.get(op) if isinstance(op, str) else None
-    if spec is None:
-        raise ProtocolError(f"unknown message kind {op!r}")
-    for name, types in spec.items():
-        value = msg.get(name, _MISSING)
-        if value is _MISSING:
-            raise ProtocolError(f"{op}: missing field {name!r}")
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            want = " or ".join(t.__name__ for t in types)
-            raise ProtocolError(f"{op}: field {name!r} must be {want}, got {type(value).__name__}")
-    return msg
-
-
-_MISSING = object()
-
-_LEN = struct.Struct("<I")
+NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+Id = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Dims = Annotated[tuple[NonNeg, ...], msgspec.Meta(max_length=MAX_DIMS)]
+Shape = Annotated[list[Annotated[int, msgspec.Meta(ge=0, lt=2**48)]], msgspec.Meta(max_length=MAX_DIMS)]
+Name = Annotated[str, msgspec.Meta(max_length=4096)]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE)]
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
+Ref = tuple[Id, Id]  # (object id, generation)
+Items = Annotated[list[int], msgspec.Meta(min_length=1, max_length=MAX_ITEMS)]
 
 
 def c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
@@ -156,6 +96,355 @@ def c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
         strides.append(step)
         step *= dim
     return tuple(reversed(strides))
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    """The NumPy dtype an arena array of wire dtype ``dtype`` is viewed as.
+
+    ``"bfloat16"`` is stored as its raw bits, ``<u2`` (NumPy has no bfloat16;
+    ``Client.tensor`` and the workers view it as ``torch.bfloat16``).
+    Raises ``TypeError``/``ValueError`` for a string NumPy does not know.
+    """
+    return np.dtype("<u2") if dtype == BFLOAT16 else np.dtype(dtype)
+
+
+class Handle(msgspec.Struct, frozen=True, array_like=True):
+    """A reference to an array in a broker's arena: ~100 bytes on the wire, a list of 10 fields.
+
+    Pass it to any process (``to_wire`` for msgpack, or pickle); ``Client.get``
+    there resolves it against the broker's own table, which checks
+    ``broker``, ``oid`` and ``generation`` so a handle to a released or reused
+    block is refused, never read as garbage. Arrays in the arena are
+    C-contiguous; ``strides`` are recorded for the consumer's convenience.
+
+    A handle from ``Client.grant`` also carries ``grant`` (a token for a lease
+    the broker holds for the receiver) and ``expires`` (``time.monotonic()``
+    before which the receiver may use it without asking the broker first).
+    """
+
+    broker: Name
+    oid: Id
+    generation: Id
+    offset: NonNeg
+    nbytes: NonNeg
+    dtype: Annotated[str, msgspec.Meta(max_length=64)]
+    shape: Dims
+    strides: Dims
+    grant: NonNeg = 0
+    expires: float = 0.0
+
+    def __post_init__(self) -> None:
+        if len(self.strides) != len(self.shape):
+            raise ValueError(f"handle has {len(self.shape)} dimensions but {len(self.strides)} strides")
+
+    def to_wire(self) -> list[Any]:
+        """The handle as plain lists and scalars (what msgpack carries)."""
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> Handle:
+        """Rebuild and validate a handle from ``to_wire``'s form (8 or 10 fields)."""
+        if not isinstance(wire, (list, tuple)) or len(wire) not in (8, 10):
+            raise ProtocolError(f"a handle is a list of 8 (or 10) fields, got {wire!r:.80}")
+        try:
+            return msgspec.convert(wire, cls)
+        except msgspec.ValidationError as e:
+            raise ProtocolError(f"bad handle: {e}") from None
+
+
+# -- what travels inside messages ----------------------------------------------------------------
+FieldSpec = tuple[Union[int, str], str, Shape, NonNeg]  # key, dtype, shape, offset in the row
+
+
+class Layout(msgspec.Struct, frozen=True):
+    """How a stage's tuple or dict result is packed in one row of bytes (``workers.layout``)."""
+
+    kind: Literal["tuple", "dict"]
+    fields: Annotated[list[FieldSpec], msgspec.Meta(min_length=1, max_length=64)]
+
+
+class StageSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the broker needs to know of a pipeline stage (the rest stays with its workers)."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    batch: NonNeg = 0
+    on_error: Literal["fail", "skip", "retry"] = "fail"
+    retries: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 2
+    batch_timeout: Seconds = 0.05
+
+
+# -- messages ------------------------------------------------------------------------------------
+class Message(msgspec.Struct, tag_field="op", kw_only=True, forbid_unknown_fields=True):
+    """Base of every message: the kind (``op``, the tag), the protocol version and a request id."""
+
+    kind: ClassVar[str] = ""  # the tag, set for every kind below
+    v: Annotated[int, msgspec.Meta(ge=VERSION, le=VERSION)] = VERSION
+    rid: Id = 0
+
+
+# client -> broker
+class Hello(Message, tag="hello"):
+    name: Name
+    pid: NonNeg
+    role: Name
+
+
+class Ping(Message, tag="ping"):
+    pass
+
+
+class Alloc(Message, tag="alloc"):
+    nbytes: NonNeg
+    dtype: Name
+    shape: Shape
+    timeout: Seconds | None = None
+
+
+class AllocMany(Message, tag="alloc_many"):
+    """Up to ``count`` blocks of ``nbytes`` for a client's pool of small arrays."""
+
+    nbytes: NonNeg
+    count: Annotated[int, msgspec.Meta(ge=1, le=256)]
+    timeout: Seconds | None = None
+
+
+class Acquire(Message, tag="acquire"):
+    oid: Id
+    gen: Id
+
+
+class AcquireMany(Message, tag="acquire_many"):
+    refs: Annotated[list[Ref], msgspec.Meta(max_length=MAX_REFS)]
+
+
+class Release(Message, tag="release"):
+    refs: Annotated[list[Ref], msgspec.Meta(max_length=MAX_REFS)]
+
+
+class Drop(Message, tag="drop"):
+    """A release that gets no reply."""
+
+    refs: Annotated[list[Ref], msgspec.Meta(max_length=MAX_REFS)]
+
+
+class Grant(Message, tag="grant"):
+    """Hold a lease for whoever claims ``token`` (no reply)."""
+
+    oid: Id
+    gen: Id
+    token: Id
+    uses: Annotated[int, msgspec.Meta(ge=1, le=1024)]
+    ttl: Annotated[float, msgspec.Meta(gt=0, le=3600)]
+
+
+class Claim(Message, tag="claim"):
+    """Take the lease a grant holds (no reply)."""
+
+    oid: Id
+    gen: Id
+    token: Id
+
+
+class Publish(Message, tag="publish"):
+    name: Name
+    oid: Id
+    gen: Id
+    dtype: Name
+    shape: Shape
+
+
+class Lookup(Message, tag="lookup"):
+    name: Text
+
+
+class Stats(Message, tag="stats"):
+    pass
+
+
+class ConfigurePipeline(Message, tag="pipeline"):
+    stages: Annotated[list[StageSettings], msgspec.Meta(min_length=1, max_length=256)]
+    max_inflight: NonNeg = 0
+
+
+class Register(Message, tag="register"):
+    """A worker (or the driver, for the sink ``__sink__``) joins a stage with ``credits``."""
+
+    stage: Name
+    credits: Annotated[int, msgspec.Meta(ge=1, le=1024)]
+    device: Name
+    pinned: bool = False
+
+
+class Reserve(Message, tag="reserve"):
+    """Slots in stage ``stage`` for ``items``, each an array of ``shape``/``dtype``."""
+
+    stage: NonNeg
+    items: Items
+    shape: Shape
+    dtype: Name
+    timeout: Seconds | None = None
+    layout: Layout | None = None
+
+
+class Commit(Message, tag="commit"):
+    rsv: Id
+
+
+class Cancel(Message, tag="cancel"):
+    rsv: Id
+
+
+class Done(Message, tag="done"):
+    """A task is finished; its outputs are in reservations ``rsvs`` (none for the sink)."""
+
+    task: Id
+    rsvs: Annotated[list[Id], msgspec.Meta(max_length=1024)] = []
+    credit: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 1
+    busy: Seconds = 0.0
+    copied: NonNeg = 0
+
+
+class Fail(Message, tag="fail"):
+    """A task's stage raised (``item``: the one row of a grouped task that did), or its output
+    could not get arena space within the wait (``arena``: backpressure, not the stage's error)."""
+
+    task: Id
+    error: Text
+    trace: Text = ""
+    credit: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 1
+    item: int | None = None
+    arena: bool = False
+
+
+class Eof(Message, tag="eof"):
+    items: NonNeg
+
+
+class Shutdown(Message, tag="shutdown"):
+    pass
+
+
+# broker -> client
+class Ok(Message, tag="ok"):
+    pass
+
+
+class Welcome(Message, tag="welcome"):
+    cid: Id
+    key: Name
+    fd_path: Name
+    capacity: NonNeg
+    broker: Name
+
+
+class HandleReply(Message, tag="handle"):
+    handle: Handle | None
+
+
+class HandlesReply(Message, tag="handles"):
+    handles: list[Handle]
+
+
+class Released(Message, tag="released"):
+    stale: NonNeg
+
+
+class Reserved(Message, tag="reserved"):
+    """A reservation: ``segments`` of ``(slot handle, rows)``, rows in item order."""
+
+    rsv: Id
+    segments: list[tuple[Handle, NonNeg]]
+
+
+class StatsReply(Message, tag="stats_reply"):
+    stats: dict[str, Any]
+
+
+class Registered(Message, tag="registered"):
+    stage: NonNeg
+
+
+class Configured(Message, tag="configured"):
+    stages: list[str]
+
+
+class Error(Message, tag="error"):
+    code: Name
+    message: Text
+    late: bool = False
+
+
+class Task(Message, tag="task"):
+    """Work for a worker (or finished items for the sink): ``rows`` rows of ``handle``.
+
+    ``batched``: ``handle`` is a ``[batch, ...]`` slot whose first rows are
+    the items (``valid``: the rows that hold one, when some were cancelled);
+    ``each``: several items, one per row, for a stage that takes one at a time;
+    otherwise ``handle`` is the one item. ``attempts``: how many times these
+    items were given to a worker before (a retry or a dead worker).
+    """
+
+    task: Id
+    stage: NonNeg
+    items: Items
+    handle: Handle
+    rows: NonNeg
+    valid: list[NonNeg] | None = None
+    batched: bool = False
+    each: bool = False
+    layout: Layout | None = None
+    attempts: NonNeg = 0
+
+
+class Failure(Message, tag="failure"):
+    """Items a stage gave up on; ``fatal`` unless the stage skips them. ``worker_pid``: set
+    when the items failed because the workers processing them died (``code`` WorkerDied)."""
+
+    stage: Name
+    items: list[int]
+    error: Text
+    trace: Text = ""
+    fatal: bool = True
+    code: Name = "StageFailed"
+    worker_pid: NonNeg = 0
+
+
+class Published(Message, tag="published"):
+    name: Text
+    handle: Handle
+
+
+_ALL = (Hello, Ping, Alloc, AllocMany, Acquire, AcquireMany, Release, Drop, Grant, Claim, Publish,
+        Lookup, Stats, ConfigurePipeline, Register, Reserve, Commit, Cancel, Done, Fail, Eof, Shutdown,
+        Ok, Welcome, HandleReply, HandlesReply, Released, Reserved, StatsReply, Registered,
+        Configured, Error, Task, Failure, Published)
+for _cls in _ALL:
+    _cls.kind = _cls.__struct_config__.tag  # type: ignore[assignment]
+KINDS: dict[str, type[Message]] = {cls.kind: cls for cls in _ALL}
+NO_REPLY = frozenset({"drop", "grant", "claim"})  # kinds answered only if refused (``late`` errors)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Union[_ALL])  # type: ignore[valid-type]
+
+
+def encode(msg: Message) -> bytes:
+    """One payload: the message as a msgpack map."""
+    return _encoder.encode(msg)
+
+
+def decode(payload: bytes) -> Message:
+    """Decode and validate one payload, or raise ``ProtocolError`` saying why."""
+    if len(payload) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(payload)} bytes exceeds the {MAX_MESSAGE} byte limit")
+    try:
+        return _decoder.decode(payload)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as e:
+        raise ProtocolError(f"bad message: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"not a msgpack message: {e}") from None
+
+
+_LEN = struct.Struct("<I")
 
 
 def frame(payload: bytes) -> bytes:
@@ -196,65 +485,3 @@ class FrameReader:
     def pending(self) -> int:
         """Bytes of an incomplete payload held back."""
         return len(self._buf)
-
-
-def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or len(value) > 32:
-        raise ProtocolError(f"handle {what} must be a list of at most 32 integers")
-    out = tuple(value)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in out):
-        raise ProtocolError(f"handle {what} must hold non-negative integers, got {value!r:.80}")
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class Handle:
-    """A reference to an array in a broker's arena: ~100 bytes on the wire.
-
-    Pass it to any process (msgpack via ``to_wire``, or pickle); ``Client.get``
-    there resolves it against the broker's own table, which checks
-    ``broker``, ``oid`` and ``generation`` so a handle to a released or reused
-    block is refused, never read as garbage. Arrays in the arena are
-    C-contiguous; ``strides`` are recorded for the consumer's convenience.
-
-    A handle from ``Client.grant`` also carries ``grant`` (a token for a lease
-    the broker holds for the receiver) and ``expires`` (``time.monotonic()``
-    before which the receiver may use it without asking the broker first).
-    """
-
-    broker: str
-    oid: int
-    generation: int
-    offset: int
-    nbytes: int
-    dtype: str
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]
-    grant: int = 0
-    expires: float = 0.0
-
-    def to_wire(self) -> list[Any]:
-        wire = [self.broker, self.oid, self.generation, self.offset, self.nbytes,
-                self.dtype, list(self.shape), list(self.strides)]
-        return wire + [self.grant, self.expires] if self.grant else wire
-
-    @classmethod
-    def from_wire(cls, wire: Any) -> Handle:
-        if not isinstance(wire, (list, tuple)) or len(wire) not in (8, 10):
-            raise ProtocolError(f"a handle is a list of 8 (or 10) fields, got {wire!r:.80}")
-        grant, expires = 0, 0.0
-        if len(wire) == 10:
-            grant, expires = wire[8], wire[9]
-            if type(grant) is not int or grant < 0 or type(expires) not in (int, float):
-                raise ProtocolError("handle grant must be a non-negative integer and expires a number")
-        broker, oid, gen, offset, nbytes, dtype, shape, strides = wire[:8]
-        if not isinstance(broker, str) or not isinstance(dtype, str):
-            raise ProtocolError("handle broker and dtype must be strings")
-        oid, gen, offset, nbytes = _int_tuple([oid, gen, offset, nbytes], "ids")
-        shape, strides = _int_tuple(shape, "shape"), _int_tuple(strides, "strides")
-        if len(strides) != len(shape):
-            raise ProtocolError(f"handle has {len(shape)} dimensions but {len(strides)} strides")
-        return cls(broker, oid, gen, offset, nbytes, dtype, shape, strides, grant, float(expires))
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Handle.from_wire, (self.to_wire(),))

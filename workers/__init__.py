@@ -1,3 +1,3 @@
-"""What runs inside a worker process: the NumPy/torch bridge, devices, the worker loop, built-in stages."""
+"""What runs inside a worker process: its device, the NumPy/torch bridge, the compute paths, the loop, built-in stages."""
 
-__all__ = ["bridge", "devices", "runtime", "stages"]
+__all__ = ["bridge", "compute", "devices", "runtime", "spec", "stages"]

@@ -1,157 +1,123 @@
-"""Device assignment (cpu / cuda:N / auto / devices lists), the CPU fallback, and pinning the arena for CUDA."""
+"""A worker's device: chosen before anything touches CUDA, the arena pinned, streams and the finish line.
+
+Every CUDA call a worker makes goes through ``Device``; its order is the
+point of this module (tests check it with a recording double of
+``torch.cuda``, ``tests/test_cuda_order.py``)::
+
+    Device.select()      torch.cuda.set_device(N)        before the stage is loaded or its
+                                                         factory called (else its model lands on GPU 0)
+    Device.pin(region)   cudaHostRegister(arena, PORTABLE) once; so host<->device copies are DMA
+    per task:            inputs .to(device, non_blocking) (the next task's on a side stream)
+                         the stage runs
+    Device.finished()    torch.cuda.synchronize(device)  the stage's work on every stream of ours
+                         (a stage may launch on streams of its own), before its result is read
+                         results copied device -> slot (non_blocking into the pinned arena)
+    Device.copied()      an event recorded after the copies, waited on, before ``done`` is sent
+    Device.unpin()       cudaHostUnregister(arena)       before the arena is unmapped
+
+A CPU device does none of it. A pinning failure is reported (``pinned``
+false in ``shmbroker status`` and the run's summary) and the copies are then
+staged by the driver; it is never silent.
+"""
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-import sys
-from typing import Any
+from typing import Any, Callable
 
-from broker.config import StageConfig
-from broker.errors import ConfigError
+import numpy as np
 
-__all__ = ["cuda_count", "plan_devices", "pin_memory", "unpin_memory"]
+__all__ = ["Device", "CUDA_HOST_REGISTER_PORTABLE"]
 
 log = logging.getLogger("shmbroker.devices")
 
-
-def cuda_count() -> int:
-    """Number of usable CUDA devices (0 without CUDA or without a CUDA build of torch)."""
-    return probe()[0]
-
-
-@functools.lru_cache(maxsize=8)
-def probe(specs: tuple[str, ...] = ()) -> tuple[int, dict[str, str]]:
-    """What a worker would see: the CUDA device count, and why each ``module:fn`` spec does not import.
-
-    A process that has not imported torch (a pipeline's driver) asks a process
-    forked from the workers' fork server, which has torch loaded already: the
-    driver then never pays torch's ~150 MiB itself.
-    """
-    if "torch" not in sys.modules:
-        from broker.launcher import START_METHOD, worker_context
-
-        if START_METHOD == "forkserver":
-            ctx = worker_context(START_METHOD)
-            r, w = ctx.Pipe(duplex=False)
-            child = ctx.Process(target=_report, args=(w, specs, dict(os.environ)), daemon=True)
-            child.start()
-            w.close()
-            try:
-                if r.poll(120):
-                    count, errors = r.recv()
-                    return int(count), dict(errors)
-            except EOFError:
-                pass
-            finally:
-                r.close()
-                child.join(10)
-            log.warning("the worker probe process gave no answer; importing torch here")
-    return _count_here(), _import_errors(specs)
+# cudaHostRegisterPortable: the pages count as pinned in every CUDA context of the process, not
+# only the current one (a stage may drive a second device). Not Mapped (no device pointer is
+# needed: copies go through the copy engines) and not ReadOnly (results are written back into
+# the arena by device->host copies).
+CUDA_HOST_REGISTER_PORTABLE = 1
 
 
-def _count_here() -> int:
-    import torch
+class Device:
+    """One worker's device (``cpu`` or ``cuda:N``) and the CUDA calls made on it."""
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    def __init__(self, name: str) -> None:
+        import torch
 
+        self.torch = torch
+        if name == "cuda":  # no index: the one this process would use
+            name = f"cuda:{torch.cuda.current_device()}"
+        self.device = torch.device(name)
+        self.cuda = self.device.type == "cuda"
+        self.pinned: int | None = None  # the registered host address
+        self.pin_error = ""
+        self.copy_stream: Any = None
 
-def _import_errors(specs: tuple[str, ...]) -> dict[str, str]:
-    from broker.config import resolve
+    def __str__(self) -> str:
+        return str(self.device)
 
-    errors = {}
-    for spec in specs:
-        try:
-            resolve(spec)
-        except (ImportError, AttributeError, TypeError) as e:
-            errors[spec] = str(e)
-    return errors
+    def select(self) -> None:
+        """Make this the current device: the first CUDA call of the worker."""
+        if self.cuda:
+            self.torch.cuda.set_device(self.device)
+            self.copy_stream = self.torch.cuda.Stream(self.device)
 
+    def pin(self, buffer: Any) -> bool:
+        """Register ``buffer`` (the arena) as page-locked; False, with ``pin_error`` set, if refused."""
+        if not self.cuda:
+            return False
+        arr = np.frombuffer(buffer, dtype=np.uint8)
+        err = self.torch.cuda.cudart().cudaHostRegister(arr.ctypes.data, arr.nbytes,
+                                                        CUDA_HOST_REGISTER_PORTABLE)
+        code = int(getattr(err, "value", err))
+        if code != 0:
+            self.pin_error = f"cudaHostRegister of the {arr.nbytes} byte arena failed ({err}); " \
+                             f"check `ulimit -l` (docker: --ulimit memlock=-1)"
+            log.warning("%s; host-device copies will be staged", self.pin_error)
+            return False
+        self.pinned = arr.ctypes.data
+        return True
 
-def _report(conn: Any, specs: tuple[str, ...], env: dict[str, str]) -> None:
-    from broker.launcher import adopt_environment
+    def unpin(self) -> None:
+        """Unregister the arena; call before it is unmapped."""
+        if self.pinned is not None:
+            self.torch.cuda.cudart().cudaHostUnregister(self.pinned)
+            self.pinned = None
 
-    adopt_environment(env)  # CUDA_VISIBLE_DEVICES and the like as the driver has them now
-    conn.send((_count_here(), _import_errors(specs)))
-    conn.close()
+    def to_device(self, t: Any) -> Any:
+        return t.to(self.device, non_blocking=True) if self.cuda else t
 
+    def on_side_stream(self, make: Callable[[], Any]) -> tuple[Any, Any]:
+        """``make()`` with its device work queued on the copy stream; returns ``(its result, an
+        event recorded after it)`` (no event on the CPU)."""
+        if not self.cuda:
+            return make(), None
+        with self.torch.cuda.stream(self.copy_stream):
+            out = make()
+            event = self.torch.cuda.Event()
+            event.record(self.copy_stream)
+        return out, event
 
-def plan_devices(stage: StageConfig, count: int, require_gpu: bool = False,
-                 warn: Any = None) -> list[str]:
-    """One device string per worker process of ``stage``, given ``count`` CUDA devices.
+    def use_prefetched(self, inputs: Any, event: Any) -> None:
+        """Inputs made on the side stream are used on the current one: wait for their copy and
+        keep their memory until then."""
+        if event is None:
+            return
+        stream = self.torch.cuda.current_stream(self.device)
+        stream.wait_event(event)
+        values = inputs.values() if isinstance(inputs, dict) else \
+            inputs if isinstance(inputs, tuple) else (inputs,)
+        for t in values:
+            t.record_stream(stream)
 
-    * ``device: cpu``: ``replicas`` processes on the CPU.
-    * ``device: auto``: CUDA when there is one, else the CPU (no warning: that is what auto means).
-    * ``device: cuda`` / ``cuda:N``: on a host without CUDA, the CPU with one warning,
-      unless ``require_gpu``; an index the host does not have is an error.
-    * ``devices: all | [0, 2]`` picks the GPUs; ``replicas_per_device`` puts that many
-      processes on each, else ``replicas`` processes go round-robin over them.
-    """
-    where = f"stages[{stage.name}]"
-    if stage.device == "cpu":
-        return ["cpu"] * _total(stage, 1)
-    if count == 0:
-        if stage.device != "auto" and require_gpu:
-            raise ConfigError(f"{where}.device: {stage.device} was required but this host has no "
-                              f"CUDA device (torch.cuda.is_available() is False)")
-        if stage.device != "auto" and warn is not None:
-            warn(f"stage {stage.name!r} asks for {stage.device} but this host has no CUDA device; "
-                 f"running it on the CPU (pass --require-gpu to fail instead)")
-        return ["cpu"] * _total(stage, 1)
-    gpus = _gpus(stage, count, where)
-    if stage.replicas_per_device:
-        return [f"cuda:{g}" for g in gpus for _ in range(stage.replicas_per_device)]
-    return [f"cuda:{gpus[i % len(gpus)]}" for i in range(_total(stage, len(gpus)))]
+    def finished(self) -> None:
+        """Wait for all of the stage's device work, on any stream (before its result is read)."""
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
 
-
-def _total(stage: StageConfig, ndev: int) -> int:
-    if stage.replicas_per_device:
-        return stage.replicas_per_device * ndev
-    return stage.replicas
-
-
-def _gpus(stage: StageConfig, count: int, where: str) -> list[int]:
-    if stage.device.startswith("cuda:"):
-        idx = int(stage.device[5:])
-        if stage.devices is not None:
-            raise ConfigError(f"{where}: give either device: cuda:N or devices:, not both")
-        if idx >= count:
-            raise ConfigError(f"{where}.device: cuda:{idx} does not exist; this host has "
-                              f"{count} CUDA device(s): cuda:0..cuda:{count - 1}")
-        return [idx]
-    if stage.devices is None or stage.devices == "all":
-        return list(range(count))
-    bad = [d for d in stage.devices if d >= count]
-    if bad:
-        raise ConfigError(f"{where}.devices: {bad} do not exist; this host has {count} CUDA device(s)")
-    return list(stage.devices)
-
-
-def pin_memory(buffer: Any) -> bool:
-    """Register a host buffer (the arena) as page-locked with CUDA, once per GPU worker.
-
-    With the arena pinned, ``tensor.to(device, non_blocking=True)`` is a real
-    asynchronous DMA instead of a staged copy. Returns False where it cannot
-    (no CUDA, or the locked-memory limit refused).
-    """
-    import numpy as np
-    import torch
-
-    if not torch.cuda.is_available():
-        return False
-    arr = np.frombuffer(buffer, dtype=np.uint8)
-    err = torch.cuda.cudart().cudaHostRegister(arr.ctypes.data, arr.nbytes, 0)
-    ok = int(getattr(err, "value", err)) == 0
-    if not ok:
-        log.warning("could not pin the arena (%s); host-device copies will be staged; "
-                    "check `ulimit -l`", err)
-    return ok
-
-
-def unpin_memory(buffer: Any) -> None:
-    import numpy as np
-    import torch
-
-    arr = np.frombuffer(buffer, dtype=np.uint8)
-    torch.cuda.cudart().cudaHostUnregister(arr.ctypes.data)
+    def copied(self) -> None:
+        """Wait for the result copies queued on the current stream (before ``done`` is sent)."""
+        if self.cuda:
+            event = self.torch.cuda.Event()
+            event.record(self.torch.cuda.current_stream(self.device))
+            event.synchronize()

@@ -1,19 +1,25 @@
-"""The YAML pipeline schema (pydantic) and loading with errors that name the file, the key path and what was expected."""
+"""The YAML pipeline schema (pydantic) and loading with errors that name the file, the key path and what was expected.
+
+Only the file: whether a stage's code imports and which devices its workers
+get is ``plan.py``'s to find out (it asks a process like the workers).
+"""
 
 from __future__ import annotations
 
-import importlib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .arena import format_bytes, host_memory_limit
-from .errors import ConfigError
+from broker.arena import host_memory_limit
+from broker.errors import ConfigError, format_bytes
+from broker.protocol import BFLOAT16, StageSettings
+from broker.security import is_loopback
+from workers.spec import StageSpec
 
-__all__ = ["PipelineConfig", "StageConfig", "load_config", "parse_size", "resolve", "apply_overrides"]
+__all__ = ["PipelineConfig", "StageConfig", "load_config", "parse_size", "apply_overrides"]
 
 _DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 _FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -21,6 +27,19 @@ _FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def check_dtype(v: str) -> str:
+    """A dtype NumPy knows, or ``bfloat16`` (stored as its raw bits); else ``ValueError``."""
+    if v == BFLOAT16:
+        return v
+    import numpy as np
+
+    try:
+        np.dtype(v)
+    except TypeError:
+        raise ValueError(f"unknown dtype {v!r} (a NumPy dtype such as float32, or bfloat16)") from None
+    return v
 
 
 def parse_size(value: Any) -> int:
@@ -65,10 +84,8 @@ class BrokerConfig(_Strict):
     @model_validator(mode="after")
     def _loopback(self) -> BrokerConfig:
         ep = self.endpoint or ""
-        if ep.startswith("tcp://") and not self.allow_remote:
-            host = ep[6:].rsplit(":", 1)[0]
-            if host not in ("127.0.0.1", "localhost", "[::1]"):
-                raise ValueError(f"tcp endpoint {ep} is not loopback; set allow_remote: true to expose it")
+        if not is_loopback(ep) and not self.allow_remote:
+            raise ValueError(f"tcp endpoint {ep} is not loopback; set allow_remote: true to expose it")
         if self.allow_remote and self.curve is None:
             raise ValueError("allow_remote: true needs curve keys (server_secret, authorized, "
                              "server_public, client_secret): remote endpoints are authenticated")
@@ -147,14 +164,7 @@ class StageConfig(_Strict):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str | None) -> str | None:
-        if v is not None:
-            import numpy as np
-
-            try:
-                np.dtype(v)
-            except TypeError:
-                raise ValueError(f"unknown dtype {v!r}") from None
-        return v
+        return None if v is None else check_dtype(v)
 
     @model_validator(mode="after")
     def _one_callable(self) -> StageConfig:
@@ -162,10 +172,16 @@ class StageConfig(_Strict):
             raise ValueError("a stage names exactly one of fn or factory")
         return self
 
-    def to_broker(self) -> dict[str, Any]:
+    def to_broker(self) -> StageSettings:
         """What the broker needs to know of this stage."""
-        return {"name": self.name, "batch": self.batch, "on_error": self.on_error,
-                "retries": self.retries, "batch_timeout": self.batch_timeout}
+        return StageSettings(name=self.name, batch=self.batch, on_error=self.on_error,
+                             retries=self.retries, batch_timeout=self.batch_timeout)
+
+    def worker_spec(self, index: int, search_path: tuple[str, ...] = ()) -> StageSpec:
+        """What this stage's workers need to know of it."""
+        return StageSpec(name=self.name, index=index, fn=self.fn, factory=self.factory,
+                         args=dict(self.args), batch=self.batch, dtype=self.dtype,
+                         credits=self.credits, threads=self.threads, search_path=search_path)
 
 
 class PipelineConfig(_Strict):
@@ -198,17 +214,6 @@ class PipelineConfig(_Strict):
             if s.name == name:
                 return s
         raise ConfigError(f"no stage named {name!r}; the stages are {[s.name for s in self.stages]}")
-
-
-def resolve(spec: str) -> Callable[..., Any]:
-    """Import ``module:function``."""
-    module, _, attr = spec.partition(":")
-    obj = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"{spec} is not callable")
-    return obj
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:
@@ -258,8 +263,8 @@ def _step(node: Any, part: str, key: str, nxt: str) -> Any:
     return node.setdefault(part, [] if nxt.isdigit() else {})
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, check_host: bool = True,
-                check_imports: bool = True) -> PipelineConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None,
+                check_host: bool = True) -> PipelineConfig:
     """Read, override, validate; every problem is a ``ConfigError`` naming file and key path."""
     path = Path(path)
     try:
@@ -278,22 +283,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None, check_host
                  + (f" (got {err['input']!r:.60})" if err["type"] != "missing" else "")
                  for err in e.errors()]
         raise ConfigError("\n".join(lines)) from None
-    if check_imports:
-        from workers.devices import probe  # stage code is imported where workers run, not here
-
-        _count, errors = probe(tuple(st.fn or st.factory or "" for st in cfg.stages))
-        for i, st in enumerate(cfg.stages):
-            spec = st.fn or st.factory or ""
-            if spec in errors:
-                raise ConfigError(f"{path}: stages[{i}].{'fn' if st.fn else 'factory'}: cannot import "
-                                  f"{spec!r}: {errors[spec]}")
-        for where, fn in (("source.fn", getattr(cfg.source, "fn", None)),
-                          ("sink.fn", getattr(cfg.sink, "fn", None))):
-            if fn:
-                try:
-                    resolve(fn)
-                except (ImportError, AttributeError, TypeError) as e:
-                    raise ConfigError(f"{path}: {where}: cannot import {fn!r}: {e}") from None
     if check_host:
         limit, where = host_memory_limit()
         if cfg.broker.capacity > limit:

@@ -10,9 +10,11 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from .arena import format_bytes, host_memory_limit
+from broker.arena import host_memory_limit
+from broker.errors import ConfigError, format_bytes
+from broker.rundir import base_dir
+
 from .config import PipelineConfig
-from .rundir import base_dir
 
 __all__ = ["Check", "run_checks"]
 
@@ -71,9 +73,7 @@ def _rundir() -> Check:
 def _gpus(cfg: PipelineConfig | None, require_gpu: bool) -> list[Check]:
     if cfg is None or all(s.device == "cpu" for s in cfg.stages):
         return [Check("cuda", "ok", "no GPU stages")]
-    from workers.devices import cuda_count, plan_devices
-
-    from .errors import ConfigError
+    from .plan import cuda_count, plan_devices
 
     count = cuda_count()
     out = []

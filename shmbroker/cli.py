@@ -9,8 +9,7 @@ import sys
 import time
 from typing import Any
 
-from .arena import format_bytes
-from .errors import BrokerError
+from broker.errors import BrokerError, format_bytes
 
 log = logging.getLogger("shmbroker.cli")
 
@@ -79,7 +78,7 @@ def find_endpoint(endpoint: str | None) -> str:
     """The given endpoint, else the one live broker's in the runtime directory."""
     if endpoint:
         return endpoint
-    from .rundir import base_dir, list_rundirs
+    from broker.rundir import base_dir, list_rundirs
 
     live = [e for e in list_rundirs() if e.live and "endpoint" in e.info]
     if not live:
@@ -95,9 +94,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .config import load_config
-    from .launcher import Pipeline
+    from .driver import Pipeline
+    from .plan import check_imports
 
     cfg = load_config(args.file, args.set)
+    check_imports(cfg, args.file)
     preflight(cfg, args.require_gpu)
     with Pipeline(cfg, path=args.file, require_gpu=args.require_gpu, log_level=args.log_level,
                   log_json=args.log_json, progress=not args.no_progress) as p:
@@ -112,20 +113,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from .config import load_config, parse_size
-    from .server import run_broker
+    from broker.server import DEFAULT_WAIT, run_broker
 
-    stages, inflight, metrics, curve, hwm = None, 0, None, None, 10_000
+    from .config import load_config, parse_size
+
+    stages, inflight, metrics, curve, hwm, wait = None, 0, None, None, 10_000, DEFAULT_WAIT
     capacity = parse_size(args.capacity or "256MiB")
     endpoint = args.endpoint
     if args.config:
         # the stages run in the workers: their code need not be importable where the broker runs
-        cfg = load_config(args.config, args.set, check_imports=False)
+        cfg = load_config(args.config, args.set)
         capacity = parse_size(args.capacity) if args.capacity else int(cfg.broker.capacity)
         endpoint = endpoint or cfg.broker.endpoint
         stages, inflight = [s.to_broker() for s in cfg.stages], cfg.broker.max_inflight
         metrics = cfg.broker.metrics_port
         hwm = cfg.broker.hwm
+        wait = cfg.broker.wait_timeout
         curve = cfg.broker.curve.broker_args() if cfg.broker.curve else None
 
     def announce(info: dict[str, Any]) -> None:
@@ -133,23 +136,26 @@ def cmd_broker(args: argparse.Namespace) -> int:
               f"(arena {format_bytes(info['capacity'])})", flush=True)
 
     return run_broker(capacity, endpoint, None, stages, inflight, announce, metrics_port=metrics,
-                      curve=curve, hwm=hwm)
+                      curve=curve, hwm=hwm, wait_timeout=wait)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.devices import cuda_count, plan_devices
     from workers.runtime import worker_main
 
     from .config import load_config
+    from .plan import cuda_count, plan_devices, search_path
 
     # the broker's container holds the arena; this one's memory limit need not cover it
     cfg = load_config(args.config, args.set, check_host=False)
     stage = cfg.stage(args.stage)
     index = cfg.stages.index(stage)
-    device = args.device or plan_devices(stage.model_copy(update={"replicas": 1}), cuda_count(),
-                                         warn=log.warning)[0]
-    return worker_main(find_endpoint(args.endpoint or cfg.broker.endpoint), stage.model_dump(), index,
-                       device, args.log_level, args.log_json,
+    device = args.device
+    if device is None or device == "cuda":  # the stage's planned device (its first replica's)
+        override = {"replicas": 1} if device is None else {"replicas": 1, "device": "cuda"}
+        device = plan_devices(stage.model_copy(update=override), cuda_count(), warn=log.warning)[0]
+    spec = stage.worker_spec(index, search_path(args.config))
+    return worker_main(find_endpoint(args.endpoint or cfg.broker.endpoint), spec, device,
+                       args.log_level, args.log_json,
                        cfg.broker.curve.client_args() if cfg.broker.curve else None)
 
 
@@ -179,7 +185,7 @@ def render_status(st: dict[str, Any]) -> Any:
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .client import Client
+    from broker.client import Client
 
     console = Console()
     with Client(find_endpoint(args.endpoint), role="status", timeout=5.0) as c:
@@ -196,8 +202,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .plan import check_imports
 
     cfg = load_config(args.file, args.set)
+    check_imports(cfg, args.file)
     print(f"{args.file}: ok: {len(cfg.stages)} stage(s) "
           f"({', '.join(s.name for s in cfg.stages)}), arena {format_bytes(int(cfg.broker.capacity))}")
     return 0
@@ -244,7 +252,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from .rundir import base_dir, cleanup, list_rundirs
+    from broker.rundir import base_dir, cleanup, list_rundirs
 
     for e in list_rundirs():
         if e.live:
@@ -258,7 +266,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .logs import setup_logging
+    from broker.logs import setup_logging
 
     args = _parser().parse_args(argv)
     setup_logging(args.log_level, args.log_json, role=args.cmd)

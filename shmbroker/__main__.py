@@ -1,0 +1,7 @@
+"""``python -m shmbroker ...``: the ``shmbroker`` command."""
+
+import sys
+
+from shmbroker.cli import main
+
+sys.exit(main())

@@ -1,0 +1,437 @@
+"""``Pipeline``: start a broker and the workers a config names, feed the source, collect the sink.
+
+``Pipeline`` is the Python face of ``shmbroker run``::
+
+    with Pipeline.from_yaml("configs/demo.yaml") as p:
+        summary = p.run()                 # source -> stages -> sink
+    with Pipeline.from_yaml("cfg.yaml") as p:
+        for out in p.map(arrays):         # in input order
+            ...
+
+The driver (this process) is the source and the sink, through the public
+client operations: it reserves slots in stage 0 for groups of items of one
+shape (``reserve_nowait``, two groups in flight; the broker holds it back
+while ``max_inflight`` items are in flight or half the arena is taken:
+backpressure), writes each item once, commits, and receives finished items
+as tasks of the sink stage. It de-duplicates by item index, so a re-run
+after a worker's death delivers each item once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Generator, Iterable, Iterator
+
+import numpy as np
+
+from broker.client import SINK, Client
+from broker.errors import ArenaFull, BrokerError, BrokerTimeout, ItemTooLarge, StageFailed, WorkerDied
+from broker.errors import error_from_wire, format_bytes
+from broker.process import Broker
+from broker.protocol import Error, Failure, Reserved, Task
+
+from .config import NpySink, PipelineConfig, load_config
+from .io import make_sink, source_items
+from .plan import check_imports, cuda_count, plan_devices, search_path
+from .summary import Progress, Summary
+from .supervisor import Supervisor, WorkerProc, describe_exit
+
+__all__ = ["Pipeline", "Summary"]
+
+log = logging.getLogger("shmbroker.driver")
+
+FEED_ITEMS = 16  # items of one shape the driver reserves and commits with one request each
+FEED_BYTES = 4 << 20  # ... and at most this many bytes of them
+FEED_WAIT = 0.005  # s the driver waits for the source to fill a group before sending it
+_COUNTERS = ("done", "failed", "busy", "copied")
+
+
+class Seen:
+    """Item indices delivered or skipped: a low-water mark and the indices above it.
+
+    Sources number items 0, 1, 2, ...; as delivery catches up the mark moves
+    and the set empties, so memory stays bounded by the items out of order,
+    never by the length of the run.
+    """
+
+    def __init__(self) -> None:
+        self.mark = 0  # every index below it is in
+        self.above: set[int] = set()
+        self.count = 0
+
+    def __contains__(self, idx: int) -> bool:
+        return idx < self.mark or idx in self.above
+
+    def add(self, idx: int) -> None:
+        if idx in self:
+            return
+        self.count += 1
+        self.above.add(idx)
+        while self.mark in self.above:
+            self.above.discard(self.mark)
+            self.mark += 1
+
+
+@dataclass
+class _DriveState:
+    submitted: int = 0
+    seen: Seen = field(default_factory=Seen)  # delivered or skipped
+    delivered: int = 0
+    skipped: set[int] = field(default_factory=set)
+    duplicates: int = 0
+    bytes_in: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    stats_at: float = 0.0
+    supervised_at: float = 0.0
+    base: dict[str, dict[str, float]] = field(default_factory=dict)
+    queues: str = ""
+
+
+class Pipeline:
+    """A broker, its workers and a driver for one pipeline config. A context manager."""
+
+    def __init__(self, cfg: PipelineConfig, *, path: str | None = None, require_gpu: bool = False,
+                 log_level: str = "WARNING", log_json: bool = False, progress: bool = False,
+                 sink_credits: int = 16) -> None:
+        self.cfg = cfg
+        self.path = path
+        self.require_gpu = require_gpu
+        self.log_level = log_level
+        self.log_json = log_json
+        self.progress = progress
+        self.sink_credits = sink_credits
+        self.broker: Broker | None = None
+        self.client: Client | None = None
+        self.supervisor: Supervisor | None = None
+        self.workers: list[WorkerProc] = []
+        self.warnings: list[str] = []
+        self._unfinished = False
+        self._rows_left: dict[int, int] = {}  # sink task -> rows not yet finished with
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Iterable[str] = (), **kw: Any) -> Pipeline:
+        cfg = load_config(path, list(overrides))
+        check_imports(cfg, path)
+        return cls(cfg, path=str(path), **kw)
+
+    # -- lifetime -----------------------------------------------------------------------------------
+    def plan(self) -> list[WorkerProc]:
+        """One ``WorkerProc`` per (stage, device, replica), CUDA fallback decided here."""
+        count = cuda_count() if any(s.device != "cpu" for s in self.cfg.stages) else 0
+        where = search_path(self.path)
+        out = []
+        for i, st in enumerate(self.cfg.stages):
+            for j, dev in enumerate(plan_devices(st, count, self.require_gpu, warn=self._warn)):
+                out.append(WorkerProc(st.worker_spec(i, where), f"worker:{st.name}:{j}", dev))
+        return out
+
+    def _warn(self, text: str) -> None:
+        self.warnings.append(text)
+        log.warning("%s", text)
+
+    def start(self) -> Pipeline:
+        cfg = self.cfg
+        self.workers = self.plan()
+        curve = cfg.broker.curve
+        self.broker = Broker(int(cfg.broker.capacity), endpoint=cfg.broker.endpoint,
+                             stages=[s.to_broker() for s in cfg.stages],
+                             max_inflight=cfg.broker.max_inflight, wait_timeout=cfg.broker.wait_timeout,
+                             log_level=self.log_level, metrics_port=cfg.broker.metrics_port,
+                             hwm=cfg.broker.hwm, curve=curve.broker_args() if curve else None)
+        self.supervisor = Supervisor(self.broker.endpoint, self.workers, self.log_level, self.log_json,
+                                     curve.client_args() if curve else None)
+        self.supervisor.start()
+        self.client = Client(self.broker.endpoint, role="driver", name=f"driver:{cfg.name}",
+                             curve=curve.client_args() if curve else None)
+        self.client.register(SINK, credits=self.sink_credits)
+        return self
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        return dict(self.supervisor.restarts) if self.supervisor else {}
+
+    def close(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.close()
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.broker is not None:
+            self.broker.close()
+            self.broker = None
+
+    def __enter__(self) -> Pipeline:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- feeding ------------------------------------------------------------------------------------
+    def _groups(self, items: Iterator[tuple[int, np.ndarray]]) -> Iterator[list[tuple[int, np.ndarray]]]:
+        """The source's items in groups of one shape: at most ``FEED_ITEMS`` (a quarter of
+        max_inflight), ``FEED_BYTES`` and 1/16 of the arena (a group is one block, freed with its
+        last item), and what the source gives within ``FEED_WAIT``."""
+        cap = int(self.cfg.broker.capacity)
+        inflight = self.cfg.broker.max_inflight
+        group_max = max(1, min(FEED_ITEMS, inflight // 4)) if inflight else FEED_ITEMS
+        group_bytes = min(FEED_BYTES, cap // 16)
+        group: list[tuple[int, np.ndarray]] = []
+        nbytes, started = 0, time.monotonic()
+        for idx, arr in items:
+            if arr.nbytes > cap:
+                raise ItemTooLarge(f"item {idx} of {format_bytes(arr.nbytes)} ({arr.dtype}"
+                                   f"{list(arr.shape)}) is larger than the arena ({format_bytes(cap)})")
+            if group and (arr.shape != group[0][1].shape or arr.dtype != group[0][1].dtype
+                          or nbytes + arr.nbytes > group_bytes or time.monotonic() - started >= FEED_WAIT):
+                yield group
+                group, nbytes = [], 0
+            if not group:
+                started = time.monotonic()
+            group.append((idx, arr))
+            nbytes += arr.nbytes
+            if len(group) >= group_max:
+                yield group
+                group, nbytes = [], 0
+        if group:
+            yield group
+
+    def _write_items(self, group: list[tuple[int, np.ndarray]], reserved: Reserved,
+                     state: _DriveState) -> None:
+        """Copy a group's items into the rows the broker reserved for them (in item order)."""
+        assert self.client is not None
+        for row, (_, arr) in zip(self.client.rows(reserved), group, strict=True):
+            np.copyto(row, arr, casting="no" if arr.dtype.isnative else "equiv")
+            state.bytes_in += row.nbytes
+
+    # -- driving ------------------------------------------------------------------------------------
+    def _drive(self, items: Iterator[tuple[int, np.ndarray]],
+               state: _DriveState) -> Iterator[tuple[int, Any, int]]:
+        """Feed ``items`` into stage 0; yield ``(index, result, task)`` as the sink receives them.
+
+        The caller calls ``_done(task)`` when it has finished with the result (a view).
+        """
+        c = self.client
+        assert c is not None
+        if self._unfinished:
+            raise BrokerError("a previous run() or map() of this Pipeline stopped before its end "
+                              "(items of it are still in flight); start a new Pipeline")
+        self._unfinished = True  # cleared only when this run drains completely
+        groups = self._groups(items)
+        outstanding: dict[int, Any] = {}  # request id -> the group reserved, or None
+        reserving = 0
+        exhausted = eof_sent = False
+        stall = max(self.cfg.broker.wait_timeout, 60.0) * 2
+        last_progress = time.monotonic()
+        while True:
+            while not exhausted and reserving < 2:
+                group = next(groups, None)
+                if group is None:
+                    exhausted = True
+                    break
+                first = group[0][1]
+                rid = c.reserve_nowait(0, [i for i, _ in group], first.shape, first.dtype,
+                                       timeout=self.cfg.broker.wait_timeout)
+                outstanding[rid] = group
+                reserving += 1
+                state.submitted += len(group)
+            if exhausted and not eof_sent and not reserving:
+                c.eof(state.submitted)
+                eof_sent = True
+            if exhausted and not outstanding and state.seen.count >= state.submitted:
+                self._unfinished = False
+                return
+            if self.progress and time.monotonic() - state.stats_at > 1.0:
+                state.stats_at = time.monotonic()
+                state.queues = " ".join(f"{st['name']}:{st['queue'] + st['inflight']}"
+                                        for st in c.stats()["stages"][:-1])
+            msg = c.next_message(0.2)
+            if time.monotonic() - state.supervised_at > 0.1:
+                state.supervised_at = time.monotonic()
+                assert self.supervisor is not None
+                self.supervisor.supervise()
+            if msg is None:
+                if time.monotonic() - last_progress > stall:
+                    raise BrokerTimeout(f"no progress for {stall:.0f} s; stage state: {self._stage_state()}")
+                continue
+            last_progress = time.monotonic()
+            if isinstance(msg, Task):
+                yield from self._received(msg, state)
+            elif isinstance(msg, Failure):
+                self._on_failure(msg, state)
+            elif msg.rid in outstanding:
+                group = outstanding.pop(msg.rid)
+                if isinstance(msg, Error):
+                    raise error_from_wire(msg.code, msg.message)
+                if isinstance(msg, Reserved):
+                    reserving -= 1
+                    self._write_items(group, msg, state)
+                    outstanding[c.commit(msg, wait=False)] = None
+            elif isinstance(msg, Error):
+                raise error_from_wire(msg.code, msg.message)
+
+    def _received(self, task: Task, state: _DriveState) -> Iterator[tuple[int, Any, int]]:
+        assert self.client is not None
+        self._rows_left[task.task] = len(task.items)  # its `done` goes when the last row is finished
+        for idx, result in zip(task.items, self.client.task_rows(task), strict=True):
+            if idx in state.seen:
+                state.duplicates += 1
+                self._done(task.task)
+                continue
+            state.seen.add(idx)
+            state.delivered += 1
+            yield idx, result, task.task
+
+    def _on_failure(self, msg: Failure, state: _DriveState) -> None:
+        if msg.fatal:
+            if msg.code == "ArenaFull":
+                raise ArenaFull(msg.error)
+            if msg.code == "WorkerDied":
+                code = self.supervisor.exit_code(msg.worker_pid) if self.supervisor else None
+                raise WorkerDied(f"stage {msg.stage!r} gave up on item(s) {msg.items[:20]}: "
+                                 f"{msg.error}; the last worker's {describe_exit(code)}")
+            raise StageFailed(f"stage {msg.stage!r} failed on item(s) {msg.items}: {msg.error}\n"
+                              f"--- worker traceback ---\n{msg.trace}")
+        log.warning("stage %s skipped item(s) %s: %s", msg.stage, msg.items, msg.error)
+        for i in msg.items:
+            state.seen.add(i)
+            state.skipped.add(i)
+        record = {"stage": msg.stage, "items": msg.items, "error": msg.error, "trace": msg.trace}
+        state.failures.append(record)
+        path = self.failures_path()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:  # one JSON line per failure, written as it happens
+                f.write(json.dumps(record) + "\n")
+
+    def failures_path(self) -> Path | None:
+        """Where skipped items are recorded: ``failures:`` of the config, else beside an npy sink."""
+        if self.cfg.failures:
+            return Path(self.cfg.failures)
+        if isinstance(self.cfg.sink, NpySink):
+            return Path(self.cfg.sink.path) / "failures.jsonl"
+        return None
+
+    def _stage_state(self) -> str:
+        assert self.client is not None
+        try:
+            st = self.client.stats()
+        except BrokerError as e:
+            return f"(stats unavailable: {e})"
+        return ", ".join(f"{s['name']}: queue {s['queue']} inflight {s['inflight']} workers "
+                         f"{len(s['workers'])}" for s in st["stages"])
+
+    def _done(self, task: int) -> None:
+        """One row of a sink task is finished with; the task's ``done`` goes with its last row."""
+        assert self.client is not None
+        left = self._rows_left.pop(task, 1) - 1
+        if left > 0:
+            self._rows_left[task] = left
+            return
+        self.client.done(task)
+
+    # -- the two ways to run ------------------------------------------------------------------------
+    def run(self, sink: Callable[[int, Any], None] | None = None) -> Summary:
+        """Drive the config's source through the stages to its sink; return the summary."""
+        items, total = source_items(self.cfg)
+        write = sink or make_sink(self.cfg, total)
+        assert self.client is not None
+        state = _DriveState(base=_baseline(self.client))
+        t0 = time.perf_counter()
+        bar = Progress(total, self.progress)
+        try:
+            for idx, view, task in self._drive(items, state):
+                write(idx, view)
+                self._done(task)
+                bar.update(state.delivered, state.bytes_in, state.queues)
+        finally:
+            bar.close()
+        return self._summary(state, time.perf_counter() - t0)
+
+    def map(self, arrays: Iterable[Any], copy: bool = True) -> Iterator[Any]:
+        """Feed arrays through the stages; yield results in input order.
+
+        With ``copy=True`` (default) each result is the caller's own array. With
+        ``copy=False`` it is a view of the arena, valid only until the next
+        iteration (its slot is then released and reused).
+        """
+        assert self.client is not None
+        state = _DriveState(base=_baseline(self.client))
+        items = ((i, np.asarray(a)) for i, a in enumerate(arrays))
+        try:
+            yield from self._ordered(self._drive(items, state), state, copy)
+        finally:
+            # a caller that stopped early: give back every sink task not finished with, including
+            # the rows of many-row tasks that were never yielded
+            for t in list(self._rows_left):
+                self.client.done(t)
+            self._rows_left.clear()
+        self.last_summary = self._summary(state, 0.0)
+
+    def _ordered(self, delivered: Iterator[tuple[int, Any, int]], state: _DriveState,
+                 copy: bool) -> Iterator[Any]:
+        ready: dict[int, tuple[Any, int]] = {}
+        nxt = 0
+        for idx, view, task in delivered:
+            if copy:
+                ready[idx] = (_copy(view), -1)
+                self._done(task)
+            else:
+                ready[idx] = (view, task)
+            nxt = yield from self._in_order(ready, state, nxt)
+        # results that waited for an earlier item which turned out skipped after they came
+        yield from self._in_order(ready, state, nxt)
+
+    def _in_order(self, ready: dict[int, tuple[Any, int]], state: _DriveState,
+                  nxt: int) -> Generator[Any, None, int]:
+        """Yield the results from index ``nxt`` on while they are there; returns the next index."""
+        while True:
+            while nxt in state.skipped:
+                nxt += 1
+            if nxt not in ready:
+                return nxt
+            out, t = ready.pop(nxt)
+            nxt += 1
+            try:
+                yield out
+            finally:
+                if t >= 0:
+                    self._done(t)
+
+    def _summary(self, state: _DriveState, seconds: float) -> Summary:
+        assert self.client is not None and self.broker is not None
+        self.client.ping()  # let the last dones land before reading the stage counters
+        stats = self.client.stats()
+        stages = []
+        for i, st in enumerate(stats["stages"][:-1]):
+            devices = sorted({w.device for w in self.workers if w.spec.index == i})
+            base = state.base.get(st["name"], {})  # this run's share of the broker's lifetime counters
+            run = {k: st[k] - base.get(k, 0) for k in _COUNTERS}
+            pinned = [w["pinned"] for w in st["workers"]]
+            stages.append({**st, **run, "device": ",".join(devices), "workers": len(st["workers"]),
+                           "unpinned": sum(1 for p in pinned if not p) if any(
+                               d.startswith("cuda") for d in devices) else 0})
+        copied = state.bytes_in + sum(s["copied"] for s in stages)
+        n = max(1, state.delivered)
+        return Summary(self.cfg.name, state.delivered, sorted(state.skipped), state.duplicates,
+                       seconds, state.bytes_in, stages, stats["peak"], stats["capacity"],
+                       self.restarts, copied / n, state.failures)
+
+
+def _baseline(client: Client) -> dict[str, dict[str, float]]:
+    return {st["name"]: {k: st[k] for k in _COUNTERS} for st in client.stats()["stages"]}
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: v.copy() for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(v.copy() for v in value)
+    return value.copy()

@@ -1,0 +1,105 @@
+"""Planning a run: which workers each stage gets on which device, and whether the stage code imports.
+
+``plan_devices`` is pure (a stage and a CUDA device count in, one device
+string per worker out), so it is tested with any count. ``check_imports``
+and ``cuda_count`` ask a process like the workers (``supervisor.probe``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from broker.errors import ConfigError
+
+from .config import PipelineConfig, StageConfig
+from .supervisor import probe
+
+__all__ = ["plan_devices", "cuda_count", "check_imports", "search_path"]
+
+
+def cuda_count() -> int:
+    """Number of usable CUDA devices (0 without CUDA or without a CUDA build of torch)."""
+    return probe()[0]
+
+
+def search_path(config_path: str | Path | None) -> tuple[str, ...]:
+    """Where stage modules are looked for after ``sys.path``: the config file's directory, then
+    the working directory."""
+    dirs = [str(Path(config_path).resolve().parent)] if config_path else []
+    cwd = str(Path.cwd())
+    return tuple(dirs + [cwd] if cwd not in dirs else dirs)
+
+
+def check_imports(cfg: PipelineConfig, path: str | Path | None) -> None:
+    """Every stage, source and sink function imports where it will run; else ``ConfigError``
+    naming the file, the key and where the module was looked for."""
+    where = search_path(path)
+    specs = tuple(st.fn or st.factory or "" for st in cfg.stages)
+    _count, errors = probe(specs, where)
+    for i, st in enumerate(cfg.stages):
+        spec = st.fn or st.factory or ""
+        if spec in errors:
+            raise ConfigError(f"{path}: stages[{i}].{'fn' if st.fn else 'factory'}: cannot import "
+                              f"{spec!r}: {errors[spec]}")
+    from workers.spec import resolve
+
+    for key, fn in (("source.fn", getattr(cfg.source, "fn", None)),
+                    ("sink.fn", getattr(cfg.sink, "fn", None))):
+        if fn:
+            try:
+                resolve(fn, where)
+            except (ImportError, AttributeError, TypeError) as e:
+                raise ConfigError(f"{path}: {key}: cannot import {fn!r}: {e}") from None
+
+
+def plan_devices(stage: StageConfig, count: int, require_gpu: bool = False,
+                 warn: Any = None) -> list[str]:
+    """One device string per worker process of ``stage``, given ``count`` CUDA devices.
+
+    * ``device: cpu``: ``replicas`` processes on the CPU.
+    * ``device: auto``: CUDA when there is one, else the CPU (no warning: that is what auto means).
+    * ``device: cuda`` / ``cuda:N``: on a host without CUDA, the CPU with one warning,
+      unless ``require_gpu``; an index the host does not have is an error.
+    * ``devices: all | [0, 2]`` picks the GPUs; ``replicas_per_device`` puts that many
+      processes on each, else ``replicas`` processes go round-robin over them.
+    """
+    where = f"stages[{stage.name}]"
+    if stage.device == "cpu":
+        return ["cpu"] * _total(stage, 1)
+    if count == 0:
+        if stage.device != "auto" and require_gpu:
+            raise ConfigError(f"{where}.device: {stage.device} was required but this host has no "
+                              f"CUDA device (torch.cuda.is_available() is False)")
+        if stage.device != "auto" and warn is not None:
+            warn(f"stage {stage.name!r} asks for {stage.device} but this host has no CUDA device; "
+                 f"running it on the CPU (pass --require-gpu to fail instead)")
+        return ["cpu"] * _total(stage, 1)
+    gpus = _gpus(stage, count, where)
+    if stage.replicas_per_device:
+        return [f"cuda:{g}" for g in gpus for _ in range(stage.replicas_per_device)]
+    return [f"cuda:{gpus[i % len(gpus)]}" for i in range(_total(stage, len(gpus)))]
+
+
+def _total(stage: StageConfig, ndev: int) -> int:
+    if stage.replicas_per_device:
+        return stage.replicas_per_device * ndev
+    return stage.replicas
+
+
+def _gpus(stage: StageConfig, count: int, where: str) -> list[int]:
+    if stage.device.startswith("cuda:"):
+        idx = int(stage.device[5:])
+        if stage.devices is not None:
+            raise ConfigError(f"{where}: give either device: cuda:N or devices:, not both")
+        if idx >= count:
+            raise ConfigError(f"{where}.device: cuda:{idx} does not exist; this host has "
+                              f"{count} CUDA device(s): cuda:0..cuda:{count - 1}")
+        return [idx]
+    if stage.devices is None or stage.devices == "all":
+        return list(range(count))
+    bad = [d for d in stage.devices if d >= count]
+    if bad:
+        raise ConfigError(f"{where}.devices: {bad} do not exist; this host has {count} CUDA device(s)")
+    return list(stage.devices)
+

@@ -1,0 +1,79 @@
+"""What a run reports: the summary table of items, stages, copies and the arena, and a live progress line."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.errors import format_bytes
+
+__all__ = ["Summary", "Progress"]
+
+
+@dataclass
+class Summary:
+    """What a run did; ``render()`` draws it as a table."""
+
+    name: str
+    items: int
+    skipped: list[int]
+    duplicates: int
+    seconds: float
+    bytes_in: int
+    stages: list[dict[str, Any]]
+    arena_peak: int
+    capacity: int
+    restarts: dict[str, int]
+    copied_per_item: float
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def items_per_s(self) -> float:
+        return self.items / self.seconds if self.seconds else 0.0
+
+    def render(self) -> Any:
+        from rich.table import Table
+
+        t = Table(title=f"{self.name}: {self.items} items in {self.seconds:.2f} s "
+                        f"({self.items_per_s:.1f} items/s, "
+                        f"{self.bytes_in / max(self.seconds, 1e-9) / 1e6:.1f} MB/s in)")
+        for col in ("stage", "device", "workers", "items", "items/s", "busy s", "restarts", "copied/item"):
+            t.add_column(col, justify="left" if col in ("stage", "device") else "right")
+        for st in self.stages:
+            t.add_row(st["name"], st["device"], str(st["workers"]), str(st["done"]),
+                      f"{st['rate']:.1f}", f"{st['busy']:.2f}", str(self.restarts.get(st["name"], 0)),
+                      format_bytes(int(st["copied"] / max(1, st["done"]))))
+        t.caption = (f"arena peak {format_bytes(self.arena_peak)} of {format_bytes(self.capacity)}; "
+                     f"bytes copied per item {format_bytes(int(self.copied_per_item))} "
+                     f"(source write + stage writes); skipped {len(self.skipped)}, "
+                     f"duplicates dropped {self.duplicates}")
+        return t
+
+
+
+
+class Progress:
+    """A live progress line on a terminal (rich); nothing otherwise."""
+
+    def __init__(self, total: int | None, enabled: bool) -> None:
+        self.bar: Any = None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("[bold]items"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("items", total=total, rate="")
+            self.t0 = time.perf_counter()
+
+    def update(self, done: int, nbytes: int, queues: str) -> None:
+        if self.bar is not None:
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(self.task, completed=done,
+                            rate=f"{done / dt:.1f} items/s {nbytes / dt / 1e6:.1f} MB/s queues {queues}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

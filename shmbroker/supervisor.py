@@ -1,0 +1,238 @@
+"""Worker processes: how they start (fork server with torch preloaded), their restarts, their exit codes.
+
+Workers are forked from a server process that has imported torch once
+(``forkserver``), so they share its pages: ~20 MiB of private memory each
+instead of ~180 MiB for a process that imports torch itself (``spawn``), and
+they start in milliseconds. ``SHMBROKER_START_METHOD=spawn`` restores fully
+independent interpreters. Processes that must answer like a worker would
+(the CUDA device count, whether stage code imports: ``probe``) are forked
+the same way, so the driver itself never imports torch.
+
+A worker that exits is restarted with back-off; one that dies
+``MAX_RESTARTS`` times within ``RESTART_WINDOW`` seconds fails the run. The
+exit codes of workers that died are kept (the last ``KEPT_EXITS``), so the
+broker's report of items whose workers died can name the code.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.errors import BrokerError, ConfigError
+from workers.spec import StageSpec
+
+__all__ = ["start_method", "worker_context", "adopt_environment", "probe", "WorkerProc", "Supervisor",
+           "describe_exit"]
+
+log = logging.getLogger("shmbroker.supervisor")
+
+MAX_RESTARTS = 5  # deaths of one worker within RESTART_WINDOW before the run fails
+RESTART_WINDOW = 60.0
+FORKSERVER_PRELOAD = ["torch", "workers.runtime", "workers.stages"]
+START_METHODS = ("forkserver", "spawn")
+KEPT_EXITS = 1000
+
+
+def start_method() -> str:
+    """``SHMBROKER_START_METHOD``, ``forkserver`` by default; anything else is a ``ConfigError``."""
+    method = os.environ.get("SHMBROKER_START_METHOD", "forkserver")
+    if method not in START_METHODS:
+        raise ConfigError(f"SHMBROKER_START_METHOD must be forkserver or spawn, not {method!r}")
+    return method
+
+
+def worker_context(method: str | None = None) -> Any:
+    method = method or start_method()
+    if method not in START_METHODS:
+        raise ConfigError(f"SHMBROKER_START_METHOD must be forkserver or spawn, not {method!r}")
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        # Takes effect when this process's fork server starts (with its first worker). CUDA is
+        # not initialised by importing torch, so forked workers may still use their GPU.
+        ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return ctx
+
+
+def adopt_environment(env: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+
+
+def describe_exit(code: int | None) -> str:
+    """``-9`` -> ``'exit code -9 (SIGKILL: killed, often by the OOM killer)'``."""
+    if code is None:
+        return "exit code unknown (a worker this process did not start)"
+    if code < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        why = ": killed, often by the OOM killer" if code == -9 else ""
+        return f"exit code {code} ({name}{why})"
+    return f"exit code {code}"
+
+
+def _worker_entry(env: dict[str, str], *args: Any) -> None:
+    """A worker process's target, importable without torch (the driver only pickles its name).
+
+    A forked worker inherits the fork server's environment, taken when the server started;
+    ``env`` is the driver's at the time of this spawn (as a spawned process would see it).
+    """
+    adopt_environment(env)
+    from workers.runtime import worker_process
+
+    worker_process(*args)
+
+
+# -- asking a process like the workers ------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def probe(specs: tuple[str, ...] = (), search_path: tuple[str, ...] = ()) -> tuple[int, dict[str, str]]:
+    """What a worker would see: the CUDA device count, and why each ``module:fn`` does not import.
+
+    A process that has not imported torch (a pipeline's driver) asks a process
+    forked from the workers' fork server, which has torch loaded already: the
+    driver then never pays torch's ~150 MiB itself.
+    """
+    if "torch" not in sys.modules and start_method() == "forkserver":
+        ctx = worker_context("forkserver")
+        r, w = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=_report, args=(w, specs, search_path, dict(os.environ)), daemon=True)
+        child.start()
+        w.close()
+        try:
+            if r.poll(120):
+                count, errors = r.recv()
+                return int(count), dict(errors)
+        except EOFError:
+            pass
+        finally:
+            r.close()
+            child.join(10)
+        log.warning("the worker probe process gave no answer; importing torch here")
+    return _count_here(), _import_errors(specs, search_path)
+
+
+def _count_here() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _import_errors(specs: tuple[str, ...], search_path: tuple[str, ...]) -> dict[str, str]:
+    from workers.spec import resolve
+
+    errors = {}
+    for spec in specs:
+        try:
+            resolve(spec, search_path)
+        except (ImportError, AttributeError, TypeError) as e:
+            errors[spec] = str(e)
+    return errors
+
+
+def _report(conn: Any, specs: tuple[str, ...], search_path: tuple[str, ...], env: dict[str, str]) -> None:
+    adopt_environment(env)  # CUDA_VISIBLE_DEVICES and the like as the driver has them now
+    conn.send((_count_here(), _import_errors(specs, search_path)))
+    conn.close()
+
+
+# -- the workers of a run --------------------------------------------------------------------------
+@dataclass(eq=False)
+class WorkerProc:
+    """One planned worker: a stage on a device, and the process that currently runs it."""
+
+    spec: StageSpec
+    name: str
+    device: str
+    proc: multiprocessing.process.BaseProcess | None = None
+    restarts: int = 0
+    restart_at: float = 0.0
+    deaths: list[float] = field(default_factory=list)
+
+
+class Supervisor:
+    """Starts the planned workers, restarts the ones that exit, stops them all at the end."""
+
+    def __init__(self, endpoint: str, workers: list[WorkerProc], log_level: str = "WARNING",
+                 log_json: bool = False, curve: tuple[str, str] | None = None) -> None:
+        self.endpoint = endpoint
+        self.workers = workers
+        self.log_level = log_level
+        self.log_json = log_json
+        self.curve = curve
+        self.ctx = worker_context()
+        self.restarts: collections.Counter[str] = collections.Counter()
+        self.exits: collections.OrderedDict[int, int] = collections.OrderedDict()  # pid -> code
+
+    def start(self) -> None:
+        for w in self.workers:
+            self._spawn(w)
+
+    def _spawn(self, w: WorkerProc) -> None:
+        w.proc = self.ctx.Process(
+            target=_worker_entry, name=w.name, daemon=True,
+            args=(dict(os.environ), self.endpoint, w.spec, w.device, self.log_level, self.log_json,
+                  self.curve))
+        w.proc.start()
+
+    def supervise(self) -> None:
+        """Restart workers that exited, with back-off; fail once one dies ``MAX_RESTARTS``
+        times within ``RESTART_WINDOW`` seconds (a crash loop, not bad luck over hours)."""
+        now = time.monotonic()
+        for w in self.workers:
+            if w.proc is None or w.proc.exitcode is None:
+                continue
+            if w.restart_at == 0.0:
+                code = w.proc.exitcode
+                self._record_exit(w)
+                w.deaths = [t for t in w.deaths if now - t < RESTART_WINDOW] + [now]
+                if len(w.deaths) > MAX_RESTARTS:
+                    raise BrokerError(
+                        f"worker {w.name} on {w.device} exited {len(w.deaths)} times within "
+                        f"{RESTART_WINDOW:.0f} s, last with {describe_exit(code)}; giving up; "
+                        f"see its log above")
+                w.restart_at = now + min(0.1 * 2 ** (len(w.deaths) - 1), 5.0)
+                log.warning("worker %s exited with %s; restarting", w.name, describe_exit(code))
+                self.restarts[w.spec.name] += 1
+            elif now >= w.restart_at:
+                w.restarts += 1
+                w.restart_at = 0.0
+                self._spawn(w)
+
+    def _record_exit(self, w: WorkerProc) -> None:
+        assert w.proc is not None and w.proc.pid is not None and w.proc.exitcode is not None
+        self.exits[w.proc.pid] = w.proc.exitcode
+        if len(self.exits) > KEPT_EXITS:
+            self.exits.popitem(last=False)
+
+    def exit_code(self, pid: int, wait: float = 2.0) -> int | None:
+        """The exit code of worker ``pid`` (waiting up to ``wait`` s for it to be reaped), or
+        None if it is not one of ours."""
+        if pid in self.exits:
+            return self.exits[pid]
+        for w in self.workers:
+            if w.proc is not None and w.proc.pid == pid:
+                w.proc.join(wait)
+                return w.proc.exitcode
+        return None
+
+    def close(self) -> None:
+        started = [w.proc for w in self.workers if w.proc is not None and w.proc.pid is not None]
+        for p in started:
+            if p.exitcode is None:
+                p.terminate()
+        for p in started:
+            p.join(5)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
