@@ -29,7 +29,7 @@ import msgspec
 import numpy as np
 
 from .connection import Connection
-from .errors import StaleHandle, UnknownName, UnsupportedArray
+from .errors import BadRequest, StaleHandle, UnknownName, UnsupportedArray
 from .protocol import (
     BFLOAT16,
     MAX_REFS,
@@ -40,8 +40,8 @@ from .protocol import (
     Cancel,
     Claim,
     Commit,
-    ConfigurePipeline,
     Configured,
+    ConfigurePipeline,
     Done,
     Drop,
     Eof,
@@ -77,6 +77,12 @@ __all__ = ["Client", "array_spec", "SINK"]
 SINK = "__sink__"  # the stage name the driver (or a program collecting results) registers as
 POOL_MAX = 64 << 10  # arrays up to this size are placed in blocks the client pre-allocates
 POOL_REFILL_BYTES = 256 << 10  # one refill asks for about this many bytes of one size class
+
+
+def _finite(seconds: float) -> float:
+    if not math.isfinite(seconds) or seconds < 0:
+        raise BadRequest(f"timeout must be a finite number of seconds >= 0, got {seconds!r}")
+    return seconds
 
 
 def _size_class(nbytes: int) -> int:
@@ -173,7 +179,7 @@ class Client:
         shape = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
         itemsize = storage_dtype(wire).itemsize
         nbytes = itemsize * math.prod(shape)
-        wait = self.timeout if timeout is None else timeout
+        wait = _finite(self.timeout if timeout is None else timeout)
         if self.pool and 0 < nbytes <= POOL_MAX:
             block = self._from_pool(nbytes, wait)
             handle = Handle(self.broker, block.oid, block.generation, block.offset, nbytes, wire,
@@ -378,7 +384,7 @@ class Client:
         when None). Write each item into ``rows(reservation)``, then ``commit``
         (or ``cancel``) it.
         """
-        wait = self.timeout if timeout is None else timeout
+        wait = _finite(self.timeout if timeout is None else timeout)
         return self._request(self._reserve_msg(stage, items, shape, dtype, timeout, layout),
                              max(wait, 3600.0 if timeout is None else 0.0) + 5.0)
 
@@ -396,7 +402,7 @@ class Client:
 
     def rows(self, reserved: Reserved) -> list[np.ndarray]:
         """One writable view per item of a reservation, in item order."""
-        out = []
+        out: list[np.ndarray] = []
         for handle, n in reserved.segments:
             slot = self.view(handle)
             out.extend(slot[r] for r in range(n))

@@ -138,7 +138,7 @@ class Connection:
         self.raise_late()
 
     def _sort_received(self) -> None:
-        keep = collections.deque()
+        keep: collections.deque[bytes] = collections.deque()
         while self._received:
             payload = self._received.popleft()
             msg = decode(payload)

@@ -526,8 +526,8 @@ class Scheduler:
             st = self.stages[task.stage]
             st.inflight -= 1
             self.counters["requeued"] += 1
-            error = (f"the worker {m.name or cid} (pid {m.pid}) processing item(s) {task.items[:16]} "
-                     f"died; it was attempt {task.attempts + 1} of {st.retries + 1}")
+            error = (f"worker {m.name or cid} (pid {m.pid}) died while processing it "
+                     f"(attempt {task.attempts + 1} of {st.retries + 1})")
             parts = [task]
             if task.each:
                 parts = self._row_tasks(task.stage, task.obj, task.items, 1, 1, task.attempts)

@@ -55,8 +55,8 @@ from .protocol import (
     Cancel,
     Claim,
     Commit,
-    ConfigurePipeline,
     Configured,
+    ConfigurePipeline,
     Done,
     Drop,
     Eof,
@@ -135,7 +135,7 @@ class Waiting:
               expired_only: bool = False) -> None:
         """Try each parked request (or only time out the expired ones); ``done`` gets each answer."""
         for priority in sorted(self.queues):
-            queue, keep = self.queues[priority], collections.deque()
+            queue, keep = self.queues[priority], collections.deque[Parked]()
             for p in queue:
                 try:
                     answer: Message | BrokerError | None = None if expired_only else p.attempt()
@@ -467,7 +467,7 @@ class BrokerServer:
 
     def stats(self) -> dict[str, Any]:
         counters = self.table.counters + self.scheduler.counters + self.counters
-        counters["bad_frames"] += self.transport.bad_frames
+        counters["bad_messages"] += self.transport.bad_frames
         return {**self.table.stats(), "clients": len(self.sessions), "pending": self.waiting.count,
                 "inflight_items": self.scheduler.inflight_items, "stages": self.scheduler.stats(),
                 "counters": dict(counters), "requests": dict(self.requests), "pid": os.getpid(),

@@ -272,7 +272,7 @@ class ObjectTable:
             raise StaleHandle(f"claim of a granted handle failed: {e}; the grant expired or was "
                               f"used up before this claim, and the array is gone") from None
         self._lease(cid, obj)
-        if 0 < token >> 32 and len(self.early_claims) < EARLY_CLAIMS_MAX:
+        if token >> 32 > 0 and len(self.early_claims) < EARLY_CLAIMS_MAX:
             n, _ = self.early_claims.get(token, (0, 0.0))
             self.early_claims[token] = (n + 1, self.clock() + EARLY_CLAIM_TTL)
 

@@ -198,7 +198,6 @@ class Transport:
             except zmq.Again:
                 return
             if len(frames) != 2:
-                self.bad_frames += 1
                 if frames:
                     self.on_message(frames[0], b"")  # an empty payload: refused as not msgpack
                 continue

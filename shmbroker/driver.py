@@ -29,8 +29,16 @@ from typing import Any, Callable, Generator, Iterable, Iterator
 import numpy as np
 
 from broker.client import SINK, Client
-from broker.errors import ArenaFull, BrokerError, BrokerTimeout, ItemTooLarge, StageFailed, WorkerDied
-from broker.errors import error_from_wire, format_bytes
+from broker.errors import (
+    ArenaFull,
+    BrokerError,
+    BrokerTimeout,
+    ItemTooLarge,
+    StageFailed,
+    WorkerDied,
+    error_from_wire,
+    format_bytes,
+)
 from broker.process import Broker
 from broker.protocol import Error, Failure, Reserved, Task
 
@@ -296,7 +304,8 @@ class Pipeline:
             if msg.code == "WorkerDied":
                 code = self.supervisor.exit_code(msg.worker_pid) if self.supervisor else None
                 raise WorkerDied(f"stage {msg.stage!r} gave up on item(s) {msg.items[:20]}: "
-                                 f"{msg.error}; the last worker's {describe_exit(code)}")
+                                 f"{msg.error}, with {describe_exit(code)}; raise the stage's "
+                                 f"retries if its workers die for reasons of their own")
             raise StageFailed(f"stage {msg.stage!r} failed on item(s) {msg.items}: {msg.error}\n"
                               f"--- worker traceback ---\n{msg.trace}")
         log.warning("stage %s skipped item(s) %s: %s", msg.stage, msg.items, msg.error)

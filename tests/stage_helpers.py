@@ -62,6 +62,10 @@ def die(x: torch.Tensor) -> torch.Tensor:
     os._exit(17)  # a worker that crashes on every item (segfault-like: no traceback, no fail message)
 
 
+def die_at_start():
+    os._exit(17)  # a factory that kills its worker before it ever registers
+
+
 def fail_first(x: torch.Tensor, marker: str) -> torch.Tensor:
     """Fail the first call across all workers (a marker file remembers), succeed after."""
     if not os.path.exists(marker):

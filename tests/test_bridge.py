@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from broker import UnsupportedArray
-from workers.bridge import cast, numpy_dtype, to_numpy, to_tensor, torch_dtype, write_into
+from workers.bridge import cast, to_numpy, to_tensor, torch_dtype, wire_dtype, write_into
 
 
 def _ptr(a: np.ndarray) -> int:
@@ -48,7 +48,7 @@ def test_to_tensor_keeps_the_dtype(dtype):
     a = (np.arange(6) % 2).astype(dtype)
     t = to_tensor(a)
     assert t.dtype == torch_dtype(dtype)
-    assert numpy_dtype(t.dtype) == np.dtype(dtype)
+    assert wire_dtype(t.dtype) == np.dtype(dtype).str
     assert np.array_equal(t.numpy(), a)
 
 
@@ -220,3 +220,15 @@ def test_write_into_rejects_a_shape_mismatch(result):
     with pytest.raises(ValueError, match=r"does not match slot \(3, 4\)"):
         write_into(slot, result)
     assert (slot == 5.0).all(), "a refused result must not touch the slot"
+
+
+def test_bfloat16_is_stored_as_its_raw_bits_and_read_back_as_bfloat16():
+    """NumPy has no bfloat16: the arena holds its 16 bits (<u2); both directions keep every value."""
+    values = torch.tensor([1.0, -2.5, 3.140625, 65280.0, 1e-3], dtype=torch.bfloat16)
+    assert wire_dtype(torch.bfloat16) == "bfloat16" and torch_dtype("bfloat16") == torch.bfloat16
+    slot = np.zeros(5, dtype="<u2")  # what the arena's view of a bfloat16 slot is
+    assert write_into(slot, values, wire="bfloat16") == 10
+    back = to_tensor(slot, "bfloat16")
+    assert back.dtype == torch.bfloat16 and torch.equal(back, values)
+    assert np.shares_memory(to_numpy(back), slot)  # the bits, viewed: no copy
+    assert cast(torch.ones(2), "bfloat16").dtype == torch.bfloat16

@@ -6,13 +6,13 @@ as a real worker would; this module imports torch lazily so they start fast.
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import pickle
 import threading
 import time
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -257,7 +257,7 @@ def test_stale_handle_is_refused_here_and_in_another_client(fresh_broker):
             c.get(old)
         with pytest.raises(StaleHandle, match="stale"):
             other.get(old)
-        forged = dataclasses.replace(new, generation=old.generation)  # live oid, old generation
+        forged = msgspec.structs.replace(new, generation=old.generation)  # live oid, old generation
         with pytest.raises(StaleHandle):
             other.get(forged)
         assert other.get(new).tolist() == [7.0] * 16  # the live handle still works
@@ -283,12 +283,12 @@ def test_handle_of_another_broker_is_refused(broker, client, fresh_broker):
 def test_forged_offsets_are_never_read(client):
     h = client.put(np.arange(8, dtype=np.int64))
     try:
-        forged = dataclasses.replace(h, offset=2**40, nbytes=2**41)
+        forged = msgspec.structs.replace(h, offset=2**40, nbytes=2**41)
         with Client(client.endpoint) as other:
             # the broker's own record of the block is what gets mapped, not the forged numbers
             assert other.get(forged).tolist() == list(range(8))
             other.release(forged)
-        bogus = dataclasses.replace(h, oid=h.oid + 10_000)
+        bogus = msgspec.structs.replace(h, oid=h.oid + 10_000)
         with pytest.raises(StaleHandle):
             client.get(bogus)
     finally:

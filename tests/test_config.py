@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from broker import arena
-from broker.config import StageConfig, load_config, parse_size
 from broker.errors import ConfigError
-from workers.devices import plan_devices
+from shmbroker.config import StageConfig, load_config, parse_size
+from shmbroker.plan import plan_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,16 +64,18 @@ def test_errors_name_file_and_key_path(tmp_path: Path, changes: dict, expected: 
 
 
 def test_unimportable_stage_function_fails_before_anything_starts(tmp_path: Path) -> None:
+    from shmbroker.plan import check_imports
+
     path = cfg_file(tmp_path, stages__1__fn="no_such_module_xyz:fn")
     with pytest.raises(ConfigError, match=r"stages\[1\]\.fn: cannot import 'no_such_module_xyz:fn'"):
-        load_config(path)
+        check_imports(load_config(path), path)
     path = cfg_file(tmp_path, stages__0__fn="workers.stages:no_such_fn")
     with pytest.raises(ConfigError, match=r"stages\[0\]\.fn: cannot import"):
-        load_config(path)
+        check_imports(load_config(path), path)
 
 
 def test_capacity_beyond_host_or_cgroup_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("broker.config.host_memory_limit", lambda: (32 * 2**20, "the container's memory limit"))
+    monkeypatch.setattr("shmbroker.config.host_memory_limit", lambda: (32 * 2**20, "the container's memory limit"))
     with pytest.raises(ConfigError) as err:
         load_config(cfg_file(tmp_path))
     text = str(err.value)

@@ -526,7 +526,7 @@ def test_broker_memory_limit_covers_the_arena(compose: dict[str, Any]) -> None:
     assert len(brokers) == 1, f"expected one broker service, got {sorted(brokers)}"
     (name, svc), = brokers.items()
     file, cfg = config_of(compose, svc)
-    # pydantic's ByteSize is what broker.config reads broker.capacity with
+    # pydantic's ByteSize is what shmbroker.config reads broker.capacity with
     capacity = int(TypeAdapter(ByteSize).validate_python((cfg.get("broker") or {}).get("capacity", DEFAULT_CAPACITY)))
     limit = memory_limit(svc)
     assert limit is not None, f"service {name}: no memory limit (deploy.resources.limits.memory or mem_limit)"

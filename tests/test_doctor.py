@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from broker import doctor
-from broker.cli import main, preflight
-from broker.config import load_config
 from broker.errors import BrokerError
+from shmbroker import doctor
+from shmbroker.cli import main, preflight
+from shmbroker.config import load_config
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -54,7 +54,7 @@ def test_busy_tcp_endpoint(tmp_path: Path) -> None:
 
 
 def test_impossible_gpu_is_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("workers.devices.cuda_count", lambda: 2)
+    monkeypatch.setattr("shmbroker.plan.cuda_count", lambda: 2)
     cfg = load_config(DEMO, ["stages.infer.device=cuda:5"])
     c = by_name(doctor.run_checks(cfg))["devices of infer"]
     assert c.status == "fail" and "cuda:5 does not exist" in c.detail

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from broker import BrokerGone, Pipeline
+from broker import BrokerGone, Pipeline, WorkerDied
 from broker.rundir import base_dir
 
 
@@ -134,4 +135,21 @@ def test_a_crash_looping_worker_fails_the_run_with_the_reason(tmp_path: Path) ->
     with Pipeline.from_yaml(path) as p, pytest.raises(BrokerError) as err:
         p.run(sink=lambda i, a: None)
     text = str(err.value)
-    assert "worker:crash:0 on cpu exited 6 times within 60 s, last with code 17" in text
+    # the item that kills every worker fails after its stage's retries (2): 3 attempts, not a
+    # crash loop forever; the error names the item, the attempts and the exit code
+    assert isinstance(err.value, WorkerDied), text
+    assert re.search(r"stage 'crash' gave up on item\(s\) \[[012]\]", text) and "attempt 3 of 3" in text, text
+    assert "exit code 17" in text, text
+
+
+def test_a_worker_that_cannot_start_fails_the_run_with_its_exit_code(tmp_path: Path) -> None:
+    path = tmp_path / "nostart.yaml"
+    path.write_text(yaml.safe_dump({
+        "source": {"type": "synthetic", "count": 3, "shape": [2]},
+        "stages": [{"name": "crash", "factory": "stage_helpers:die_at_start"}],
+    }))
+    from broker import BrokerError
+
+    with Pipeline.from_yaml(path) as p, pytest.raises(BrokerError) as err:
+        p.run(sink=lambda i, a: None)
+    assert "worker:crash:0 on cpu exited 6 times within 60 s, last with exit code 17" in str(err.value)

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from broker import Broker, Client
-from broker.protocol import Handle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,12 +26,11 @@ def free_port() -> int:
 
 def queue_items(c: Client, n: int, shape: tuple[int, ...] = (256,)) -> None:
     """Play the driver: put ``n`` items into stage 0, where no worker takes them."""
-    c._request("register", stage="__sink__", credits=1, device="host")
+    c.register("__sink__", credits=1)
     for i in range(n):
-        reply = c._request("reserve", stage=0, items=[i], shape=list(shape), dtype="<f4", timeout=1.0)
-        (wire, _), = reply["segments"]
-        c.view(Handle.from_wire(wire))[0] = i
-        c._request("commit", rsv=reply["rsv"])
+        reserved = c.reserve(0, [i], shape, "<f4", timeout=1.0)
+        c.rows(reserved)[0][0] = i
+        c.commit(reserved)
 
 
 STAGES = [{"name": "prep", "batch": 0}, {"name": "infer", "batch": 4}]
@@ -43,7 +41,7 @@ def test_status_json_and_table_match_the_broker_state() -> None:
         queue_items(c, 3)
         held = c.put(np.zeros(1000, np.float64))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        out = subprocess.run([sys.executable, "-m", "broker.cli", "status", "--json", "--endpoint", b.endpoint],
+        out = subprocess.run([sys.executable, "-m", "shmbroker", "status", "--json", "--endpoint", b.endpoint],
                              capture_output=True, text=True, timeout=60, env=env)
         assert out.returncode == 0, out.stderr
         st = json.loads(out.stdout)
@@ -53,7 +51,7 @@ def test_status_json_and_table_match_the_broker_state() -> None:
         assert [s["name"] for s in st["stages"]] == ["prep", "infer", "__sink__"]
         assert st["stages"][0]["queue"] == 3 and st["stages"][1]["queue"] == 0
         assert st["inflight_items"] == 3
-        text = subprocess.run([sys.executable, "-m", "broker.cli", "status", "--endpoint", b.endpoint],
+        text = subprocess.run([sys.executable, "-m", "shmbroker", "status", "--endpoint", b.endpoint],
                               capture_output=True, text=True, timeout=60, env={**env, "COLUMNS": "160"})
         assert text.returncode == 0, text.stderr
         prep_row = next(line for line in text.stdout.splitlines() if "prep" in line)
@@ -63,7 +61,7 @@ def test_status_json_and_table_match_the_broker_state() -> None:
 
 def test_status_without_a_broker_fails_clearly(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SHMBROKER_RUNTIME_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "broker.cli", "status"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "shmbroker", "status"], capture_output=True, text=True,
                          timeout=60, env=env)
     assert out.returncode == 2
     assert "no running broker found" in out.stderr
@@ -98,7 +96,7 @@ def test_prometheus_endpoint_reports_queue_depth_and_arena_use() -> None:
 def test_cleanup_cli_keeps_a_live_broker(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with Broker(capacity=4 * 2**20) as b:
-        out = subprocess.run([sys.executable, "-m", "broker.cli", "cleanup"], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-m", "shmbroker", "cleanup"], capture_output=True, text=True,
                              timeout=60, env=env)
         assert out.returncode == 0, out.stderr
         assert "kept" in out.stdout
@@ -116,11 +114,10 @@ def test_source_backpressure_waits_then_fails_with_the_reason() -> None:
         queue_items(c, 2)
         t = time.monotonic()
         with pytest.raises(ArenaFull, match=r"2 items stayed in flight \(max_inflight 2\)"):
-            c._request("reserve", stage=0, items=[9], shape=[4], dtype="<f4", timeout=0.5)
+            c.reserve(0, [9], [4], "<f4", timeout=0.5)
         assert time.monotonic() - t >= 0.45  # it waited for room before giving up
         # a worker-side write (downstream) is not gated by the source's limit
-        reply = c._request("reserve", stage=1, items=[0], shape=[4], dtype="<f4", timeout=0.5)
-        assert reply["segments"]
+        assert c.reserve(1, [0], [4], "<f4", timeout=0.5).segments
 
 
 def test_a_non_finite_wait_is_refused_not_parked_forever() -> None:
@@ -131,5 +128,5 @@ def test_a_non_finite_wait_is_refused_not_parked_forever() -> None:
     with Broker(capacity=4 * 2**20) as b, Client(b.endpoint) as c:
         c.alloc((7 * 2**19,), "uint8")  # 3.5 MiB of 4: the next 1 MiB must wait
         for bad in (float("nan"), float("inf")):
-            with pytest.raises(BadRequest, match="finite"):
-                c._request("alloc", nbytes=2**20, dtype="|u1", shape=[2**20], timeout=bad)
+            with pytest.raises(BadRequest, match="finite|timeout"):
+                c.alloc((2**20,), "uint8", timeout=bad)

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from broker import Pipeline, StageFailed
-from broker.config import load_config
+from shmbroker.config import load_config
 from workers.stages import linear, normalize, scale
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def test_map_yields_in_input_order_and_dtype_cast(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_driver_feeds_items_of_one_shape_in_groups(tmp_path: Path, batch: int) -> None:
-    from broker.launcher import FEED_ITEMS
+    from shmbroker.driver import FEED_ITEMS
 
     cfg = write_cfg(tmp_path, {
         "source": synthetic(1, [4]),
@@ -171,7 +171,10 @@ def test_exactly_once_when_a_worker_is_killed_mid_run(tmp_path: Path) -> None:
 
     with Pipeline.from_yaml(cfg) as p:
         summary = p.run(sink=sink)
+        assert p.client is not None
+        requeued = p.client.stats()["counters"].get("requeued", 0)
     assert killed and summary.restarts.get("slow", 0) >= 1
+    assert requeued >= 1, "the killed worker held a task: the broker must have re-queued it"
     assert sorted(got) == list(range(count))
     for i, x in enumerate(reference_items(count, [8])):
         np.testing.assert_array_equal(got[i], x + 1)
@@ -222,7 +225,7 @@ def test_cli_run_json_summary_and_config_error(tmp_path: Path) -> None:
         "sink": {"type": "npy", "path": str(out)},
     })
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{TESTS}"}
-    cmd = [sys.executable, "-m", "broker.cli", "run", str(cfg), "--json", "--no-progress"]
+    cmd = [sys.executable, "-m", "shmbroker", "run", str(cfg), "--json", "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -233,7 +236,7 @@ def test_cli_run_json_summary_and_config_error(tmp_path: Path) -> None:
     bad = write_cfg(tmp_path, {"source": synthetic(1, [1]),
                                "stages": [{"name": "s", "fn": "workers.stages:scale", "replicas": "two"}]},
                     "bad.yaml")
-    proc = subprocess.run([sys.executable, "-m", "broker.cli", "run", str(bad)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "shmbroker", "run", str(bad)], capture_output=True,
                           text=True, timeout=60, env=env)
     assert proc.returncode == 2
     assert f"{bad}: stages[0].replicas:" in proc.stderr
@@ -270,7 +273,7 @@ def test_worker_attached_from_another_terminal_is_picked_up(tmp_path: Path) -> N
     got: dict[int, np.ndarray] = {}
     with Pipeline.from_yaml(cfg) as p:
         assert p.broker is not None and not p.workers
-        attached = subprocess.Popen([sys.executable, "-m", "broker.cli", "worker", "--config", str(cfg),
+        attached = subprocess.Popen([sys.executable, "-m", "shmbroker", "worker", "--config", str(cfg),
                                      "--stage", "ext", "--endpoint", p.broker.endpoint], env=env)
         try:
             p.run(sink=lambda i, a: got.__setitem__(i, a.copy()))
@@ -403,7 +406,7 @@ def test_the_driver_never_imports_torch_and_workers_start_by_the_chosen_method(m
 
 
 def test_an_unknown_start_method_is_refused() -> None:
-    from broker.launcher import worker_context
+    from shmbroker.supervisor import worker_context
 
     with pytest.raises(ValueError, match="forkserver or spawn"):
         worker_context("fork")
@@ -413,44 +416,43 @@ def test_prefetch_copies_the_next_tasks_input_ahead_and_that_copy_is_used(monkey
     """The GPU overlap's bookkeeping, run on the CPU (SHMBROKER_PREFETCH=1): while one task
     computes, the next waiting task's input is already made; its task then uses it."""
     from broker import Broker, Client
-    from broker.config import StageConfig
-    from broker.protocol import Handle
+    from broker.protocol import Task
     from workers.runtime import Worker
+    from workers.spec import StageSpec
 
     monkeypatch.setenv("SHMBROKER_PREFETCH", "1")
-    stage = StageConfig.model_validate({"name": "prep", "fn": "workers.stages:scale", "args": {"factor": 2.0},
-                                        "credits": 2})
+    spec = StageSpec(name="prep", index=0, fn="workers.stages:scale", args={"factor": 2.0}, credits=2)
     with Broker(capacity=16 * 2**20, stages=[{"name": "prep", "batch": 0}]) as b, \
             Client(b.endpoint, role="driver", pool=False) as c:
-        c._request("register", stage="__sink__", credits=8, device="host")
+        c.register("__sink__", credits=8)
         for i in range(2):
-            reply = c._request("reserve", stage=0, items=[i], shape=[3], dtype="<f4", timeout=1.0)
-            (wire, _), = reply["segments"]
-            c.view(Handle.from_wire(wire))[0] = i + 1
-            c._request("commit", rsv=reply["rsv"])
-        w = Worker(b.endpoint, stage, 0, "cpu")
+            reserved = c.reserve(0, [i], [3], "<f4", timeout=1.0)
+            c.rows(reserved)[0][:] = i + 1
+            c.commit(reserved)
+        w = Worker(b.endpoint, spec, "cpu")
+        inbox = w.client.conn.inbox
         try:
             deadline = time.monotonic() + 10
-            while sum(m["op"] == "task" for m in w.client.inbox) < 2 and time.monotonic() < deadline:
-                msg = w.client.recv(0.5)
+            while sum(isinstance(m, Task) for m in inbox) < 2 and time.monotonic() < deadline:
+                msg = w.client.conn.recv(0.5)
                 if msg is not None:
-                    w.client.inbox.append(msg)
-            first = w.client.inbox.popleft()
+                    inbox.append(msg)
+            first = inbox.popleft()
             w._prefetch_next()
-            second = w.client.inbox[0]
-            assert list(w.prefetched) == [second["task"]]
+            second = inbox[0]
+            assert list(w.compute.prefetched) == [second.task]
             w.process(first)
-            w.process(w.client.inbox.popleft())
-            assert w.counters_prefetched == 1 and not w.prefetched
+            w.process(inbox.popleft())
+            assert w.compute.counters_prefetched == 1 and not w.compute.prefetched
             got = {}
             while len(got) < 2 and time.monotonic() < deadline:
-                msg = c.recv(0.5)
-                if msg is not None and msg["op"] == "task":
-                    got[msg["items"][0]] = c.view(Handle.from_wire(msg["handle"])).copy()
+                msg = c.next_message(0.5)
+                if isinstance(msg, Task):
+                    got[msg.items[0]] = c.task_rows(msg)[0].copy()
             np.testing.assert_array_equal(got[0], [2, 2, 2])
             np.testing.assert_array_equal(got[1], [4, 4, 4])
         finally:
-            w.client.close()
+            w.close()
 
 
 def test_workers_see_the_drivers_environment_as_it_is_when_they_start(

@@ -11,7 +11,7 @@ import pytest
 import zmq.auth
 
 from broker import Broker, BrokerError, BrokerTimeout, Client
-from broker.config import BrokerConfig
+from shmbroker.config import BrokerConfig
 
 
 def free_port() -> int:

@@ -47,7 +47,7 @@ def load_stage(spec: StageSpec, device: str) -> Callable[[Any], Any]:
         args = dict(spec.args)
         if "device" in inspect.signature(factory).parameters:
             args.setdefault("device", device)
-        return factory(**args)  # type: ignore[no-any-return]
+        return factory(**args)
     fn = resolve(spec.fn or "", spec.search_path)
     return functools.partial(fn, **spec.args) if spec.args else fn  # keeps an ``out`` parameter visible
 

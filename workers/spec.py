@@ -68,4 +68,4 @@ def resolve(spec: str, search_path: tuple[str, ...] | list[str] = ()) -> Callabl
             raise AttributeError(f"module {module!r} has no attribute {part!r} (for {spec!r})") from None
     if not callable(obj):
         raise TypeError(f"{spec} is not callable")
-    return obj  # type: ignore[no-any-return]
+    return obj
