@@ -243,6 +243,12 @@ class Scheduler:
                 f"{what}: {self.inflight_items} items stayed in flight (max_inflight "
                 f"{self.max_inflight}) until the timeout; the stages or the sink are not keeping up "
                 f"(is a stage without workers? `shmbroker status`)")
+        if msg.stage == 0 and self.inflight_items and alloc.used * 2 > alloc.capacity:
+            return ArenaFull(
+                f"{what}: the source may fill at most half the arena, and items in the pipeline "
+                f"held {format_bytes(alloc.used)} of {format_bytes(alloc.capacity)} until the "
+                f"timeout; the stages or the sink are not keeping up (`shmbroker status`): raise "
+                f"capacity or wait_timeout, or lower max_inflight")
         return ArenaFull(
             f"{what}: the arena stayed full "
             f"({format_bytes(alloc.used)} of {format_bytes(alloc.capacity)} used, largest free block "
@@ -540,6 +546,14 @@ class Scheduler:
         return len(m.tasks)
 
     # -- reporting ----------------------------------------------------------------------------------
+    def sizes(self) -> dict[str, int]:
+        """How many entries each of the scheduler's structures holds (each bounded by live state)."""
+        return {"queued": sum(len(st.queue) for st in self.stages),
+                "batches": sum(len(st.batches) for st in self.stages),
+                "tasks": sum(len(m.tasks) for m in self.members.values()),
+                "reservations": sum(len(m.reservations) for m in self.members.values()),
+                "members": len(self.members), "kept_failures": len(self.kept_failures)}
+
     def stats(self) -> list[dict[str, object]]:
         now = self.clock()
         out = []

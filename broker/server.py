@@ -471,6 +471,8 @@ class BrokerServer:
         return {**self.table.stats(), "clients": len(self.sessions), "pending": self.waiting.count,
                 "inflight_items": self.scheduler.inflight_items, "stages": self.scheduler.stats(),
                 "counters": dict(counters), "requests": dict(self.requests), "pid": os.getpid(),
+                "sizes": {**self.table.sizes(), **self.scheduler.sizes(), "pending": self.waiting.count,
+                          "sessions": len(self.sessions)},
                 "uptime": time.time() - self.started, "memfd": self.region.name}
 
     def close(self) -> None:

@@ -334,3 +334,11 @@ class ObjectTable:
                 "largest_free": a.largest_free, "objects": len(self.objects), "blocks": a.blocks,
                 "names": len(self.names), "grants": len(self.grants)}
 
+    def sizes(self) -> dict[str, int]:
+        """How many entries each of the table's structures holds (each bounded by live state)."""
+        a = self.alloc
+        return {"objects": len(self.objects), "blocks": len(self._block_objs), "used_blocks": a.blocks,
+                "free_blocks": len(a._free_start), "leases": sum(len(v) for v in self.leases.values()),
+                "grants": len(self.grants), "grant_heap": len(self._grant_heap),
+                "early_claims": len(self.early_claims), "names": len(self.names)}
+

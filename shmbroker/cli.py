@@ -172,13 +172,15 @@ def render_status(st: dict[str, Any]) -> Any:
     for col in ("stage", "batch", "queue", "in flight", "done", "failed", "items/s", "workers"):
         stages.add_column(col, justify="left" if col == "stage" else "right")
     workers = Table(title="workers")
-    for col in ("stage", "pid", "device", "done", "busy %"):
-        workers.add_column(col, justify="left" if col in ("stage", "device") else "right")
+    for col in ("stage", "pid", "device", "pinned", "done", "busy %"):
+        workers.add_column(col, justify="left" if col in ("stage", "device", "pinned") else "right")
     for s in st["stages"]:
         stages.add_row(s["name"], str(s["batch"] or "-"), str(s["queue"]), str(s["inflight"]),
                        str(s["done"]), str(s["failed"]), f"{s['rate']:.1f}", str(len(s["workers"])))
         for w in s["workers"]:
-            workers.add_row(s["name"], str(w["pid"]), w["device"], str(w["done"]), f"{100 * w['busy']:.0f}")
+            pinned = "yes" if w["pinned"] else ("NO" if w["device"].startswith("cuda") else "-")
+            workers.add_row(s["name"], str(w["pid"]), w["device"], pinned, str(w["done"]),
+                            f"{100 * w['busy']:.0f}")
     return Group(head, stages, workers)
 
 

@@ -119,6 +119,7 @@ class Pipeline:
         self.warnings: list[str] = []
         self._unfinished = False
         self._rows_left: dict[int, int] = {}  # sink task -> rows not yet finished with
+        self.state: _DriveState | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Iterable[str] = (), **kw: Any) -> Pipeline:
@@ -232,6 +233,7 @@ class Pipeline:
             raise BrokerError("a previous run() or map() of this Pipeline stopped before its end "
                               "(items of it are still in flight); start a new Pipeline")
         self._unfinished = True  # cleared only when this run drains completely
+        self.state = state  # the last run's bookkeeping (tests check it stays bounded)
         groups = self._groups(items)
         outstanding: dict[int, Any] = {}  # request id -> the group reserved, or None
         reserving = 0

@@ -49,6 +49,10 @@ class Summary:
                      f"bytes copied per item {format_bytes(int(self.copied_per_item))} "
                      f"(source write + stage writes); skipped {len(self.skipped)}, "
                      f"duplicates dropped {self.duplicates}")
+        unpinned = {st["name"]: st["unpinned"] for st in self.stages if st.get("unpinned")}
+        if unpinned:
+            t.caption += "; NOT PINNED (host-device copies staged): " + ", ".join(
+                f"{n} worker(s) of {name}" for name, n in unpinned.items()) + "; see `ulimit -l`"
         return t
 
 

@@ -19,6 +19,7 @@ import pytest
 from broker import (
     ArenaFull,
     Broker,
+    BrokerError,
     Client,
     Handle,
     ItemTooLarge,
@@ -501,3 +502,35 @@ def test_many_brokers_do_not_mix(broker):
         assert c2.stats()["capacity"] == 8 * MiB
         c1.release(h1)
         c2.release(h2)
+
+
+def test_a_client_used_in_a_forked_child_fails_clearly(client):
+    """A forked child inherits the parent's socket and leases; using them would mix the two
+    processes' messages. Every call in the child raises, saying what to do; the parent is fine."""
+    h = client.put(np.arange(4.0))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: whatever happens, it reports and exits here
+        try:
+            os.close(r)
+            outcome = []
+            for call in (client.ping, lambda: client.get(h), lambda: client.put(np.ones(3))):
+                try:
+                    call()
+                    outcome.append("no error")
+                except BrokerError as e:
+                    outcome.append(str(e))
+            os.write(w, "\n".join(outcome).encode())
+        except BaseException as e:
+            os.write(w, f"unexpected {type(e).__name__}: {e}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        lines = f.read().splitlines()
+    os.waitpid(pid, 0)
+    assert len(lines) == 3
+    for line in lines:
+        assert "used in its forked child" in line and "create a new Client in the child" in line, line
+    assert client.get(h).tolist() == [0.0, 1.0, 2.0, 3.0]  # the parent's client still works
+    client.release(h)

@@ -496,3 +496,68 @@ def test_a_result_that_aliases_its_slot_with_another_shape_is_kept_intact(tmp_pa
         got = list(p.map(arrays))
     for i, y in enumerate(got):
         np.testing.assert_array_equal(y.reshape(-1), np.full((3,), 2.0 * i))
+
+
+def test_a_stalled_sink_makes_stage_writes_wait_not_fail(tmp_path: Path) -> None:
+    """The sink stops reading for a while: the stage's writes wait for room (up to
+    broker.wait_timeout) and every item arrives; nothing is counted as the stage's failure."""
+    cfg = write_cfg(tmp_path, {
+        "broker": {"capacity": "8MiB", "wait_timeout": 10},
+        "source": synthetic(12, [1 << 18], "float32"),  # 1 MiB items
+        "stages": [{"name": "twice", "fn": "workers.stages:scale", "args": {"factor": 2.0},
+                    "on_error": "skip"}],
+    })
+    got: list[int] = []
+
+    def sink(idx: int, arr: np.ndarray) -> None:
+        if not got:
+            time.sleep(1.0)  # the consumer stalls while the stage keeps producing
+        got.append(idx)
+
+    with Pipeline.from_yaml(cfg) as p:
+        summary = p.run(sink=sink)
+        assert p.client is not None
+        failed = p.client.stats()["stages"][0]["failed"]
+    assert summary.items == 12 and summary.skipped == [] and sorted(got) == list(range(12))
+    assert failed == 0
+
+
+def test_a_stage_write_that_finds_no_room_in_time_is_backpressure_not_a_skip() -> None:
+    """A worker's write into the next stage that times out waiting for arena space is never the
+    stage's error: with `on_error: skip` the item is not dropped but goes back to its queue, the
+    driver is told the run is stuck (ArenaFull, naming the stage), and once room appears the
+    same item is processed."""
+    from broker import Broker, Client
+    from broker.protocol import Failure, Task
+    from workers.runtime import Worker
+    from workers.spec import StageSpec
+
+    spec = StageSpec(name="twice", index=0, fn="workers.stages:scale", args={"factor": 2.0})
+    with Broker(capacity=4 * 2**20, stages=[{"name": "twice", "on_error": "skip"}],
+                wait_timeout=0.3) as b, Client(b.endpoint, role="driver", pool=False) as c:
+        c.register("__sink__", credits=4)
+        reserved = c.reserve(0, [7], [1 << 18], "<f4")  # one 1 MiB item
+        c.rows(reserved)[0][:] = 1.5
+        c.commit(reserved)
+        hog, _ = c.alloc((5 << 19,), "uint8")  # 2.5 MiB: the stage's 1 MiB result cannot fit
+        w = Worker(b.endpoint, spec, "cpu")
+        try:
+            task = w.client.next_message(5)
+            assert isinstance(task, Task) and task.items == [7]
+            w.process(task)  # its reserve waits 0.3 s, then: backpressure
+            msg = c.next_message(5)
+            assert isinstance(msg, Failure) and msg.code == "ArenaFull" and msg.items == [7], msg
+            assert "stage 'twice' could not write its result" in msg.error and msg.fatal
+            st = c.stats()
+            assert st["stages"][0]["failed"] == 0 and st["counters"]["arena_waits"] == 1
+            assert st["stages"][0]["queue"] + st["stages"][0]["inflight"] == 1  # not dropped
+            c.release(hog)
+            again = w.client.next_message(5)
+            assert isinstance(again, Task) and again.items == [7] and again.attempts == 0
+            w.process(again)
+            result = c.next_message(5)
+            assert isinstance(result, Task) and result.items == [7]
+            np.testing.assert_array_equal(c.task_rows(result)[0], np.full(1 << 18, 3.0, np.float32))
+            c.done(result, wait=True)
+        finally:
+            w.close()
