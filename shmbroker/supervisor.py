@@ -1,9 +1,9 @@
 """Worker processes: how they start (fork server with torch preloaded), their restarts, their exit codes.
 
 Workers are forked from a server process that has imported torch once
-(``forkserver``), so they share its pages: ~20 MiB of private memory each
-instead of ~180 MiB for a process that imports torch itself (``spawn``), and
-they start in milliseconds. ``SHMBROKER_START_METHOD=spawn`` restores fully
+(``forkserver``), so they share its pages: about 50 MiB of PSS each instead
+of about 170 MiB for a process that imports torch itself (``spawn``;
+``benchmarks/memory.py``, benchmarks/NOTES.md), and they start in milliseconds. ``SHMBROKER_START_METHOD=spawn`` restores fully
 independent interpreters. Processes that must answer like a worker would
 (the CUDA device count, whether stage code imports: ``probe``) are forked
 the same way, so the driver itself never imports torch.

@@ -53,7 +53,7 @@ DOCKERIGNORE = REPO / ".dockerignore"
 # stages are validated) and its libraries' page cache; the broker's start-time check compares
 # the capacity with memory.max - memory.current, so the limit must leave this much over.
 HEADROOM = 512 * 2**20
-# BrokerConfig.capacity's default (broker/config.py), for a config that does not set it.
+# BrokerConfig.capacity's default (shmbroker/config.py), for a config that does not set it.
 DEFAULT_CAPACITY = 256 * 2**20
 
 Instruction = dict[str, Any]  # dockerfile-parse's {"instruction", "value", "startline", ...}
@@ -324,6 +324,19 @@ def test_cpu_image_installs_torch_before_the_project() -> None:
             "docker/Dockerfile: `pip install .` should keep the installed torch (--constraint)"
         return
     pytest.fail("docker/Dockerfile: no stage runs `pip install .`")
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_every_package_of_the_project_is_copied_before_it_is_installed(dockerfile: Path) -> None:
+    """`pip install .` in the image builds what pyproject.toml lists: each package must be in
+    the build context (a package missing there installs a console script that cannot import)."""
+    import tomllib
+
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    copied = {dest.strip("/") for stage in stages(dockerfile)
+              for sources, dest, _ in copies(stage, from_context=True) for _src in sources}
+    missing = [p for p in packages if p not in copied]
+    assert not missing, f"{dockerfile.name} does not COPY {missing} (pyproject.toml packages: {packages})"
 
 
 def test_cuda_image_is_a_pytorch_cuda_runtime() -> None:

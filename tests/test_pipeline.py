@@ -263,7 +263,10 @@ def test_demo_config_runs_as_shipped(tmp_path: Path) -> None:
         np.testing.assert_allclose(np.load(tmp_path / f"{i:06d}.npy"), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_worker_attached_from_another_terminal_is_picked_up(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", [None, "cuda"])
+def test_worker_attached_from_another_terminal_is_picked_up(tmp_path: Path, device: str | None) -> None:
+    """`--device cuda` without an index means the stage's planned device (here, with no GPU,
+    the CPU after a warning), never a crash in set_device."""
     # the stage has no workers of its own (replicas: 0): only the attached one can finish the run
     cfg = write_cfg(tmp_path, {
         "source": synthetic(12, [4]),
@@ -273,8 +276,9 @@ def test_worker_attached_from_another_terminal_is_picked_up(tmp_path: Path) -> N
     got: dict[int, np.ndarray] = {}
     with Pipeline.from_yaml(cfg) as p:
         assert p.broker is not None and not p.workers
+        extra = ["--device", device] if device else []
         attached = subprocess.Popen([sys.executable, "-m", "shmbroker", "worker", "--config", str(cfg),
-                                     "--stage", "ext", "--endpoint", p.broker.endpoint], env=env)
+                                     "--stage", "ext", "--endpoint", p.broker.endpoint, *extra], env=env)
         try:
             p.run(sink=lambda i, a: got.__setitem__(i, a.copy()))
             stats = p.client.stats() if p.client else {}
@@ -282,6 +286,7 @@ def test_worker_attached_from_another_terminal_is_picked_up(tmp_path: Path) -> N
             attached.terminate()
             attached.wait(30)
     assert [w["pid"] for w in stats["stages"][0]["workers"]] == [attached.pid]
+    assert stats["stages"][0]["workers"][0]["device"] == "cpu"
     for i, x in enumerate(reference_items(12, [4])):
         np.testing.assert_array_equal(got[i], x * 5)
 
@@ -561,3 +566,29 @@ def test_a_stage_write_that_finds_no_room_in_time_is_backpressure_not_a_skip() -
             c.done(result, wait=True)
         finally:
             w.close()
+
+
+def test_bfloat16_results_flow_between_stages_and_reach_the_sink_as_their_raw_bits(tmp_path: Path) -> None:
+    """NumPy has no bfloat16: a stage with `dtype: bfloat16` stores its results as 16 raw bits,
+    the next stage receives torch.bfloat16 tensors, and NumPy consumers see uint16 bits."""
+    import torch
+
+    arrays = [np.linspace(-3, 3, 10, dtype=np.float32) * (i + 1) for i in range(6)]
+    want = [torch.from_numpy(a).bfloat16() for a in arrays]
+    one = write_cfg(tmp_path, {"source": synthetic(1, [10]),
+                               "stages": [{"name": "half", "fn": "workers.stages:identity",
+                                           "dtype": "bfloat16"}]}, "one.yaml")
+    with Pipeline.from_yaml(one) as p:
+        bits = list(p.map(arrays))
+    for b, w in zip(bits, want, strict=True):
+        assert b.dtype == np.uint16
+        assert torch.equal(torch.from_numpy(b.astype(np.int16)).view(torch.bfloat16), w)
+    two = write_cfg(tmp_path, {"source": synthetic(1, [10]),
+                               "stages": [{"name": "half", "fn": "workers.stages:identity", "dtype": "bfloat16"},
+                                          {"name": "back", "fn": "workers.stages:cast",
+                                           "args": {"dtype": "float32"}, "batch": 4}]}, "two.yaml")
+    with Pipeline.from_yaml(two) as p:
+        back = list(p.map(arrays))
+    for b, w in zip(back, want, strict=True):  # the second stage got bfloat16 values, not their bits
+        assert b.dtype == np.float32
+        np.testing.assert_array_equal(b, w.float().numpy())
