@@ -126,3 +126,26 @@ def reshapes_out(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
         return y
     out.copy_(y)
     return out.unsqueeze(0)
+
+
+# -- CUDA call order (tests/test_cuda_order.py) ---------------------------------------------------
+order_log: list = []  # test_cuda_order points this at its recording double's list of calls
+
+
+def record_device_factory(device: str = "cpu"):
+    """A factory that notes the device it was given and the current CUDA device when it runs (the
+    test's double of ``torch.cuda`` on a CPU host); its stage notes each call and returns x*2."""
+    order_log.append(("factory", device, torch.cuda.current_device()))
+
+    def double(x: torch.Tensor) -> torch.Tensor:
+        order_log.append(("stage", float(x.reshape(-1)[0])))
+        return x * 2
+
+    return double
+
+
+def cuda_device_of(x: torch.Tensor, seconds: float = 0.05) -> torch.Tensor:
+    """[current CUDA device, the input's device index (-1 on the CPU), pid] (real GPUs only)."""
+    time.sleep(seconds)  # long enough that every worker of the stage gets some of the items
+    index = x.device.index if x.is_cuda else -1
+    return torch.tensor([torch.cuda.current_device(), index, os.getpid()], dtype=torch.int64)
