@@ -435,6 +435,9 @@ class Scheduler:
         missing = [r for r in msg.rsvs if r not in m.reservations]
         if missing or len(set(msg.rsvs)) != len(msg.rsvs):
             raise BadRequest(f"done: no open reservation {missing[0] if missing else msg.rsvs}")
+        if not msg.rsvs and m.tasks[msg.task].stage != len(self.stages) - 1:
+            raise BadRequest(f"done: task {msg.task} of stage {self.stages[m.tasks[msg.task].stage].name!r} "
+                             f"names no reservation for its outputs (only the sink's tasks have none)")
         task = self._finish(m, msg.task, msg.credit, "done")
         for r in msg.rsvs:
             self._commit(m.reservations.pop(r))
@@ -538,7 +541,7 @@ class Scheduler:
             if task.each:
                 parts = self._row_tasks(task.stage, task.obj, task.items, 1, 1, task.attempts)
                 self.table.decref(task.obj)
-            for t in parts:
+            for t in reversed(parts):  # each goes to the front: keep the items' order
                 self._attempt_failed(st, t, error, "", code="WorkerDied", pid=m.pid)
         if m.stage >= 0:
             self.counters["workers_lost"] += 1

@@ -300,9 +300,10 @@ class ObjectTable:
     @property
     def next_deadline(self) -> float | None:
         """When ``expire`` next has something to do (None: nothing pending)."""
+        due = [self._grant_heap[0][0]] if self._grant_heap else []
         if self.early_claims:
-            return self._claims_swept + 1.0
-        return self._grant_heap[0][0] if self._grant_heap else None
+            due.append(self._claims_swept + 1.0)
+        return min(due, default=None)
 
     # -- names --------------------------------------------------------------------------------
     def publish(self, cid: int, name: str, oid: int, gen: int, dtype: str, shape: list[int]) -> Handle:
@@ -315,7 +316,7 @@ class ObjectTable:
                 raise BadRequest(f"publish: object {obj.oid} is {obj.dtype}{list(obj.shape)}, "
                                  f"not {dtype}{shape}")
             obj.dtype, obj.shape, obj.nbytes = dtype, tuple(shape), nbytes
-            obj.pooled = False  # what a published name resolves to does not change after
+        obj.pooled = False  # typed by its first publish: what a name resolves to never changes
         old = self.names.get(name)
         obj.refs += 1
         self.names[name] = obj

@@ -193,9 +193,10 @@ def test_credits_bound_the_tasks_in_flight() -> None:
     first = run.tasks(W0)
     assert [t.items for t in first] == [[0], [1]]
     assert run.stage("a")["queue"] == 3 and run.stage("a")["inflight"] == 2
-    run.s.done(W0, Done(task=first[0].task))
+    run.s.done(W0, Done(task=first[0].task, rsvs=[run.reserve(W0, 1, first[0].items).rsv]))
     assert [t.items for t in run.tasks(W0)] == [[2]]
-    run.s.done(W0, Done(task=first[1].task, credit=0))  # a worker that wants no more for now
+    run.s.done(W0, Done(task=first[1].task, rsvs=[run.reserve(W0, 1, first[1].items).rsv],
+                        credit=0))  # a worker that wants no more for now
     assert run.tasks(W0) == []
     assert run.s.members[W0].credits == 0 and run.stage("a")["queue"] == 2
 
@@ -754,16 +755,28 @@ def test_a_dead_workers_grouped_task_comes_back_one_item_per_task() -> None:
     assert task.each
     run.s.drop(W0)
     queue = list(run.s.stages[0].queue)
-    assert sorted((t.items[0], len(t.items), t.attempts, t.each) for t in queue) == \
-        [(1, 1, 1, False), (2, 1, 1, False), (3, 1, 1, False)]
+    assert [(t.items[0], len(t.items), t.attempts, t.each) for t in queue] == \
+        [(1, 1, 1, False), (2, 1, 1, False), (3, 1, 1, False)]  # in the items' order
     run.register(W1, "a", credits=8)
     got = run.tasks(W1)
     assert sorted(t.items[0] for t in got) == [1, 2, 3]
     offsets = {t.items[0]: t.handle.offset for t in got}
     assert offsets[2] - offsets[1] == ROW and offsets[3] - offsets[1] == 2 * ROW
     for t in got:
-        run.s.done(W1, Done(task=t.task))
+        run.s.done(W1, Done(task=t.task, rsvs=[run.reserve(W1, 1, t.items).rsv]))
     assert run.stage("a")["done"] == 3
+
+
+def test_done_without_outputs_is_refused_except_at_the_sink() -> None:
+    """A stage task that names no output reservation would make its items vanish (and stay
+    counted in flight, holding the source's gate shut); only the sink's tasks have no outputs."""
+    run = Run([{"name": "a"}])
+    run.register(W0, "a", credits=1)
+    run.put(0, [1])
+    (task,) = run.tasks(W0)
+    with pytest.raises(BadRequest, match="names no reservation for its outputs"):
+        run.s.done(W0, Done(task=task.task))
+    assert run.stage("a")["inflight"] == 1 and run.s.inflight_items == 1  # nothing was lost
 
 
 def test_drop_cancels_reservations_and_forgets_the_member() -> None:

@@ -369,8 +369,6 @@ def test_early_claims_are_forgotten_after_their_ttl(table: ObjectTable, clock: F
     assert table.grants[tok(A, 1)].uses == 1 and refs(table, h) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="next_deadline ignores grant deadlines while early claims are "
-                                       "pending, so a grant expires up to 1 s after its ttl")
 def test_next_deadline_is_the_earliest_pending_work(table: ObjectTable, clock: FakeClock) -> None:
     h1, h2 = put(table), put(table)
     table.claim(B, *ref(h1), tok(A, 9))  # an early claim whose grant never comes
@@ -465,8 +463,6 @@ def test_a_pooled_block_is_typed_only_by_a_lease_holder_and_within_its_block(tab
     assert table.publish(C, "x", *ref(blk), "<f4", [64]).dtype == "<f4"  # any lease holder
 
 
-@pytest.mark.xfail(strict=True, reason="a pooled block first published as its own bytes (|u1) stays "
-                                       "pooled, so a later publish retypes what the first name resolves to")
 def test_a_pooled_block_published_as_bytes_is_typed_for_good(table: ObjectTable) -> None:
     (blk,) = table.alloc_many(A, 256, 1)
     first = table.publish(A, "x", *ref(blk), "|u1", [256])
