@@ -10,7 +10,7 @@ For each size, interleaved rep by rep, p50 over ``--reps``:
 
 * H2D pageable: ``torch.from_numpy(arena view).to("cuda", non_blocking=True)`` + sync,
   before the arena is registered (the driver copies through a staging buffer).
-* H2D pinned: the same after ``workers.devices.pin_memory`` registered the whole
+* H2D pinned: the same after ``workers.devices.Device.pin`` registered the whole
   arena once (what a GPU worker does at start): a direct DMA.
 * D2H into the slot: ``workers.bridge.write_into(arena view, cuda tensor, non_blocking=True)``
   + sync, pinned (how a GPU stage's result lands in the next stage's slot).
@@ -52,7 +52,7 @@ def measure(sizes: list[int], reps: int) -> dict[str, Any]:
 
     from broker import Broker, Client
     from workers.bridge import to_tensor, write_into
-    from workers.devices import pin_memory, unpin_memory
+    from workers.devices import Device
 
     dev = torch.device("cuda")
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(dev), "sizes": {}}
@@ -79,11 +79,12 @@ def measure(sizes: list[int], reps: int) -> dict[str, Any]:
             for f in (h2d, h2d_ref):
                 f()  # warm-up: CUDA context, allocator
             pageable = p50_us(h2d, reps)
-            pinned_ok = pin_memory(c.region.buffer)
+            device = Device("cuda")
+            pinned_ok = device.pin(c.region.buffer)
             pinned = p50_us(h2d, reps)
             down = p50_us(d2h, reps)
             reference = p50_us(h2d_ref, reps)
-            unpin_memory(c.region.buffer)
+            device.unpin()
             gbs = {k: n / (v * 1e-6) / 1e9 for k, v in
                    (("h2d_pageable", pageable), ("h2d_pinned", pinned), ("d2h_pinned", down),
                     ("h2d_torch_pinned", reference))}

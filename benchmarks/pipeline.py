@@ -177,7 +177,7 @@ def child_shmbroker(nbytes: int, target: float, reps: int, cap_items: int | None
                      "broker": c1.get(p.broker.pid, 0) - c0.get(p.broker.pid, 0)}
             for w in p.workers:
                 if w.proc is not None and w.proc.pid in c1:
-                    key = p.cfg.stages[w.stage].name
+                    key = w.spec.name
                     roles[key] = roles.get(key, 0.0) + c1[w.proc.pid] - c0.get(w.proc.pid, 0.0)
             roles["total"] = cpu_delta(c0, c1)
             return s, wall, s.copied_per_item, roles

@@ -36,7 +36,7 @@ c   ``Pipeline.map`` over tiny float32 arrays (64 B and 4 KiB) through one
     done, driver done = 5 broker requests and 2 task messages.
 
 References (same machine, same loop shape, 1 client):
-ping       ``Client._request("ping")``: one broker round trip, no work (Unix transport).
+ping       ``Client.ping()``: one broker round trip, no work (Unix transport).
 ping-zmq   the same over ZeroMQ (``transport="zmq"``).
 zmq-echo   a Python ROUTER process echoing a ~100 B msgpack map to a DEALER
            (the broker's transport without the broker's logic).
@@ -123,7 +123,7 @@ def _loop_ping(c: Any, dur: float) -> int:
     n = 0
     end = time.monotonic() + dur
     while time.monotonic() < end:
-        c._request("ping")
+        c.ping()
         n += 1
     return n
 
