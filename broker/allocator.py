@@ -40,6 +40,11 @@ def _round_up(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
+def _aligned(offset: int, align: int, lead: int) -> int:
+    """The first start at or after ``offset`` whose ``start + lead`` is ``align``-ed."""
+    return _round_up(offset + lead, align) - lead
+
+
 def _bin_floor(units: int) -> int:
     """Index of the bin a free block of ``units`` granules belongs to."""
     if units < _SL:
@@ -64,6 +69,7 @@ class Block:
     offset: int
     size: int
     generation: int
+    lead: int = 0  # bytes before the aligned start (a header)
 
 
 class Allocator:
@@ -135,13 +141,13 @@ class Allocator:
         del self._free_end[offset + bsize]
         return offset, bsize
 
-    def _take_aligned(self, size: int, align: int) -> tuple[int, int] | None:
+    def _take_aligned(self, size: int, align: int, lead: int = 0) -> tuple[int, int] | None:
         """The last resort before saying "full": any free block that holds ``size`` at an
         ``align``-ed start, found by a scan of the free blocks. The padded request above misses
         a block that fits exactly once aligned (a page-aligned hole left by a freed page-aligned
         block, say); without this the arena would refuse a request it can serve."""
         for offset, bsize in self._free_start.items():
-            if _round_up(offset, align) + size <= offset + bsize:
+            if _aligned(offset, align, lead) + size <= offset + bsize:
                 self._remove(offset, bsize)
                 return offset, bsize
         return None
@@ -160,34 +166,39 @@ class Allocator:
         self._insert(offset, size)
 
     # -- public API -------------------------------------------------------------
-    def alloc(self, nbytes: int) -> Block | None:
-        """Allocate ``nbytes`` (0 allowed); ``None`` if it does not fit now."""
+    def alloc(self, nbytes: int, lead: int = 0) -> Block | None:
+        """Allocate ``nbytes`` (0 allowed); ``None`` if it does not fit now.
+
+        ``lead``: bytes at the start of the block that come before the aligned
+        start (a header): the block's ``offset + lead`` is aligned, so the data
+        after a header keeps the alignment a block of its size gets.
+        """
         size = max(GRANULE, _round_up(nbytes, GRANULE))
         if size > self.capacity:
             raise ValueError(
                 f"{format_bytes(nbytes)} does not fit in an arena of "
                 f"{format_bytes(self.capacity)}"
             )
-        align = PAGE if size >= PAGE else GRANULE
+        align = PAGE if size - lead >= PAGE else GRANULE
         got = self._take(size)
-        if got is not None and _round_up(got[0], align) + size > got[0] + got[1]:
+        if got is not None and _aligned(got[0], align, lead) + size > got[0] + got[1]:
             self._give_back(*got)  # fits but not once aligned: ask for room to align
             got = None
         if got is None and align > GRANULE and size + align - GRANULE <= self.capacity:
             got = self._take(size + align - GRANULE)
         if got is None and align > GRANULE:
-            got = self._take_aligned(size, align)
+            got = self._take_aligned(size, align, lead)
         if got is None:
             return None
         offset, bsize = got
-        start = _round_up(offset, align)
+        start = _aligned(offset, align, lead)
         if start > offset:
             self._give_back(offset, start - offset)
         tail = offset + bsize - (start + size)
         if tail:
             self._give_back(start + size, tail)
         self._generation += 1
-        block = Block(start, size, self._generation)
+        block = Block(start, size, self._generation, lead)
         self._used[start] = block
         self.used += size
         self.peak = max(self.peak, self.used)
@@ -220,14 +231,14 @@ class Allocator:
 
     def check(self) -> None:
         """Verify the invariants (tests call this): tiling, coalescing, bins."""
-        spans = sorted([(b.offset, b.size, "u") for b in self._used.values()] +
-                       [(o, s, "f") for o, s in self._free_start.items()])
+        spans = sorted([(b.offset, b.size, "u", b.lead) for b in self._used.values()] +
+                       [(o, s, "f", 0) for o, s in self._free_start.items()])
         pos, prev = 0, ""
-        for off, size, kind in spans:
+        for off, size, kind, lead in spans:
             assert off == pos, f"gap or overlap at {pos}: next span starts at {off}"
             assert not (kind == prev == "f"), f"uncoalesced free blocks at {off}"
             if kind == "u":
-                assert off % (PAGE if size >= PAGE else GRANULE) == 0, f"misaligned {off}"
+                assert (off + lead) % (PAGE if size - lead >= PAGE else GRANULE) == 0, f"misaligned {off}"
             pos, prev = off + size, kind
         assert pos == self.capacity, f"spans end at {pos}, capacity {self.capacity}"
         assert self.used == sum(b.size for b in self._used.values())

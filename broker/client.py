@@ -18,7 +18,6 @@ fork-safe (handles pickle and may go anywhere; clients may not).
 
 from __future__ import annotations
 
-import collections
 import math
 import os
 import socket
@@ -29,7 +28,10 @@ import msgspec
 import numpy as np
 
 from .connection import Connection
-from .errors import BadRequest, StaleHandle, UnknownName, UnsupportedArray
+from .errors import BadRequest, BrokerError, StaleHandle, UnknownName, UnsupportedArray
+from .holds import HEADER, ControlRegion, Holds, register_reader
+from .holds import Layout as ControlLayout
+from .pool import POOL_MAX, REFILL_BYTES, Pool, size_class
 from .protocol import (
     BFLOAT16,
     MAX_REFS,
@@ -55,6 +57,8 @@ from .protocol import (
     Message,
     Ping,
     Publish,
+    QueueInfo,
+    QueueOpen,
     Register,
     Registered,
     Reserve,
@@ -67,26 +71,27 @@ from .protocol import (
     c_strides,
     storage_dtype,
 )
+from .queue import HandleQueue
 from .rows import unpack
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Client", "array_spec", "SINK"]
+__all__ = ["Client", "array_spec", "SINK", "POOL_MAX"]
 
 SINK = "__sink__"  # the stage name the driver (or a program collecting results) registers as
-POOL_MAX = 64 << 10  # arrays up to this size are placed in blocks the client pre-allocates
-POOL_REFILL_BYTES = 256 << 10  # one refill asks for about this many bytes of one size class
+POOL_REFILL_BYTES = REFILL_BYTES
+# How this client holds an array (the second item of a ``_held`` entry):
+POOLED = 0  # in a block of its own pool (the third item: that block's handle)
+LEASE = 1  # by a lease in the broker's table (put/alloc of a large array, a claimed grant, ...)
+HOLD = 2  # by a hold in its table in shared memory (the third item: the entry's index)
+_Spec = tuple[str, np.dtype, tuple[int, ...], int, tuple[int, ...], int]
 
 
 def _finite(seconds: float) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise BadRequest(f"timeout must be a finite number of seconds >= 0, got {seconds!r}")
     return seconds
-
-
-def _size_class(nbytes: int) -> int:
-    return max(256, 1 << (nbytes - 1).bit_length())
 
 
 def array_spec(dtype: Any) -> str:
@@ -113,28 +118,40 @@ class Client:
 
     def __init__(self, endpoint: str, *, name: str | None = None, role: str = "client",
                  timeout: float = 30.0, curve: tuple[str, str] | None = None,
-                 transport: str = "unix", pool: bool = True) -> None:
+                 transport: str = "unix", pool: bool = True, holds: bool = True) -> None:
         """``curve=(broker_public_key_file, own_secret_key_file)`` for a CURVE-protected broker.
 
         ``transport``: ``"unix"`` (default) carries requests over the Unix
         connection the arena came through; ``"zmq"`` keeps them on ZeroMQ.
 
-        ``pool``: arrays of at most ``POOL_MAX`` bytes go into blocks this
-        client takes from the broker a batch at a time (one round trip per
-        batch of a size class: powers of two from 256 B), so most small
-        ``put``/``alloc`` calls need no round trip. The blocks not yet used
-        stay reserved for this client, at most ``POOL_REFILL_BYTES`` (or 4
-        blocks) per size class, and return to the arena when it closes.
+        ``holds``: take holds in shared memory (no message; ``holds.py``) where
+        the broker offers a hold table; ``False`` takes every lease by message.
+
+        ``pool``: arrays of at most ``POOL_MAX`` (1 MiB) go into blocks this
+        client takes from the broker a batch at a time and reuses once nobody
+        holds them (``pool.py``), so a steady ``put``/``release`` loop needs no
+        message. The blocks stay this client's (about as many as it used at
+        once, at most 4 MiB of free ones per size class) until it closes.
         """
         self.endpoint = endpoint
         self.pool = pool
-        self._pool: dict[int, collections.deque[Handle]] = {}
-        self._held: dict[int, Handle] = {}
+        self._held: dict[int, tuple[Handle, int, Any]] = {}
         self._grants = 0
+        self._wait = timeout
+        self._specs: dict[tuple[Any, Any], _Spec] = {}
+        self._dtypes: dict[str, np.dtype] = {}
         self.conn = Connection(endpoint, name=name or f"{role}-{socket.gethostname()}-{os.getpid()}",
                                role=role, timeout=timeout, curve=curve, transport=transport)
         self.broker = self.conn.broker
         self.cid = self.conn.cid
+        self._buffer = self.conn.region.buffer if self.conn.region is not None else None
+        self._capacity = self.conn.capacity
+        self.holds: Holds | None = None
+        assert self.conn.region is not None
+        if holds and self.conn.slot >= 0 and register_reader():
+            control = ControlRegion(self.conn.region.buffer, ControlLayout.for_capacity(self.conn.capacity))
+            self.holds = Holds(control, self.conn.slot)
+        self._pool = Pool(self._refill, self.holds.region if self.holds else None, self._give_back)
 
     @property
     def timeout(self) -> float:
@@ -155,14 +172,18 @@ class Client:
     def view(self, handle: Handle) -> np.ndarray:
         """The array a handle this client may read names, as a view of the arena."""
         self.conn.check_process()
-        region = self.conn.region
-        assert region is not None, "client is closed"
-        dt = storage_dtype(handle.dtype)
-        count = math.prod(handle.shape)
-        if dt.itemsize * count > handle.nbytes or handle.offset + handle.nbytes > region.capacity:
+        buffer = self._buffer
+        if buffer is None:
+            raise BrokerError("this client is closed")
+        dt = self._dtypes.get(handle.dtype) or self._dtype(handle.dtype)
+        if dt.itemsize * math.prod(handle.shape) > handle.nbytes or \
+                handle.offset + handle.nbytes > self._capacity:
             raise StaleHandle(f"handle {handle} does not fit its block")
-        flat = np.frombuffer(region.buffer, dtype=dt, count=count, offset=handle.offset)
-        return flat.reshape(handle.shape)
+        return np.ndarray(handle.shape, dt, buffer, handle.offset)
+
+    def _dtype(self, wire: str) -> np.dtype:
+        dt = self._dtypes[wire] = storage_dtype(wire)
+        return dt
 
     def _check_broker(self, handle: Handle) -> None:
         if not isinstance(handle, Handle):
@@ -175,32 +196,54 @@ class Client:
     def alloc(self, shape: Iterable[int] | int, dtype: Any = "float32",
               timeout: float | None = None) -> tuple[Handle, np.ndarray]:
         """A writable slot: ``(handle, view)``. Waits up to ``timeout`` s for space."""
-        wire = array_spec(dtype)
-        shape = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
-        itemsize = storage_dtype(wire).itemsize
-        nbytes = itemsize * math.prod(shape)
-        wait = _finite(self.timeout if timeout is None else timeout)
-        if self.pool and 0 < nbytes <= POOL_MAX:
-            block = self._from_pool(nbytes, wait)
-            handle = Handle(self.broker, block.oid, block.generation, block.offset, nbytes, wire,
-                            shape, c_strides(shape, itemsize))
+        key = (dtype, shape if isinstance(shape, (int, tuple)) else tuple(shape))
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = self._spec(key)
+        wire, dt, shape, nbytes, strides, size = spec
+        wait = self.timeout if timeout is None else _finite(timeout)
+        if size and self.pool:
+            self._wait = wait
+            block, gen = self._pool.take(size)
+            handle = Handle(self.broker, block.oid, gen, block.offset, nbytes, wire, shape, strides)
+            self._held[block.oid] = (handle, POOLED, block)
         else:
             reply = self._request(Alloc(nbytes=nbytes, dtype=wire, shape=list(shape), timeout=wait),
                                   wait + 5.0)
             handle = reply.handle
-        self._held[handle.oid] = handle
-        return handle, self.view(handle)
+            self._held[handle.oid] = (handle, LEASE, None)
+        self.conn.check_process()
+        assert self._buffer is not None
+        return handle, np.ndarray(shape, dt, self._buffer, handle.offset)
 
-    def _from_pool(self, nbytes: int, wait: float) -> Handle:
-        """A block of ``nbytes``' size class this client already holds; refilled in one round trip."""
-        size = _size_class(nbytes)
-        blocks = self._pool.setdefault(size, collections.deque())
-        if not blocks:
-            count = max(4, min(64, POOL_REFILL_BYTES // size))
-            reply: HandlesReply = self._request(AllocMany(nbytes=size, count=count, timeout=wait),
-                                                wait + 5.0)
-            blocks.extend(reply.handles)
-        return blocks.popleft()
+    def _spec(self, key: tuple[Any, Any]) -> _Spec:
+        """``(wire dtype, NumPy dtype, shape, nbytes, strides, pool size class or 0)`` of an
+        array to allocate (cached)."""
+        dtype, shape = key
+        wire = array_spec(dtype)
+        shape = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
+        dt = storage_dtype(wire)
+        nbytes = dt.itemsize * math.prod(shape)
+        spec = (wire, dt, shape, nbytes, c_strides(shape, dt.itemsize),
+                size_class(nbytes) if 0 < nbytes <= POOL_MAX else 0)
+        if len(self._specs) > 1024:
+            self._specs.clear()
+        self._specs[key] = spec
+        return spec
+
+    def _refill(self, size: int, count: int) -> list[Handle]:
+        reply: HandlesReply = self._request(AllocMany(nbytes=size, count=count, timeout=self._wait),
+                                            self._wait + 5.0)
+        return reply.handles
+
+    def _give_back(self, blocks: list[Handle]) -> None:
+        """Pooled blocks this client lets go of (their generation is whatever the header says)."""
+        region = self.holds.region if self.holds else None
+        self._drop([(b.oid, region.generation(b.offset) if region else b.generation) for b in blocks])
+
+    def _drop(self, refs: list[tuple[int, int]]) -> None:
+        for i in range(0, len(refs), MAX_REFS):
+            self.conn.notify(Drop(refs=refs[i:i + MAX_REFS]))
 
     def put(self, array: Any, timeout: float | None = None) -> Handle:
         """Copy ``array`` into the arena (exactly one copy) and return its handle.
@@ -210,7 +253,7 @@ class Client:
         """
         array = np.asarray(array)
         handle, out = self.alloc(array.shape, array.dtype, timeout)
-        np.copyto(out, array, casting="no" if array.dtype == out.dtype else "equiv")
+        out[...] = array  # the same dtype, or the same in native byte order: exact
         return handle
 
     def grant(self, handle: Handle, uses: int = 1, ttl: float = 30.0) -> Handle:
@@ -236,10 +279,11 @@ class Client:
         self._check_broker(handle)
         if not 0 < ttl <= 3600 or not 0 < uses <= 1024:
             raise ValueError("grant: ttl must be in (0, 3600] s and uses in 1..1024")
-        held = self._held.get(handle.oid)
-        if held is None or held.generation != handle.generation:
+        entry = self._held.get(handle.oid)
+        if entry is None or entry[0].generation != handle.generation:
             raise StaleHandle(f"grant: this client holds no lease on {handle}; only an array it "
                               f"has put, allocated or got (and not released) can be granted")
+        self._lease_for_broker(entry)
         self.conn.poll_late()
         self._grants += 1
         token = self.cid << 32 | self._grants
@@ -250,43 +294,119 @@ class Client:
             self.conn.raise_late()
         return msgspec.structs.replace(handle, grant=token, expires=expires)
 
-    def get(self, handle: Handle) -> np.ndarray:
-        """A writable view of the array (no copy); takes a lease until ``release``.
+    def _lease_for_broker(self, entry: tuple[Handle, int, Any]) -> None:
+        """The broker is to keep this array alive (a grant, a name): a pooled block leaves the
+        pool (its release becomes a drop); a hold becomes a lease (the broker must know it)."""
+        handle, kind, extra = entry
+        if kind == POOLED:
+            self._held[handle.oid] = (handle, LEASE, None)
+        elif kind == HOLD:
+            self._request(Acquire(oid=handle.oid, gen=handle.generation))
+            assert self.holds is not None
+            self.holds.drop(extra)
+            self._held[handle.oid] = (handle, LEASE, None)
 
-        For a handle from ``grant`` (before its ``expires``), the lease is
-        claimed without waiting for the broker.
+    def holds_handle(self, handle: Handle) -> bool:
+        """Whether this client holds ``handle``'s array (put, alloc or get, not released)."""
+        entry = self._held.get(handle.oid)
+        return entry is not None and entry[0].generation == handle.generation
+
+    def get(self, handle: Handle) -> np.ndarray:
+        """A writable view of the array (no copy), held until ``release``.
+
+        The hold is taken in this client's table in shared memory, without a
+        message (a stale handle is refused at once); where there is no table,
+        by a lease from the broker (one round trip). A handle from ``grant``
+        (before its ``expires``) claims the lease the broker keeps for it with
+        a message nobody waits for.
         """
         self._check_broker(handle)
-        held = self._held.get(handle.oid)
+        entry = self._held.get(handle.oid)
+        if entry is not None and entry[0].generation != handle.generation:
+            entry = None
         if handle.grant and time.monotonic() < handle.expires:
-            if held is None or held.generation != handle.generation:
-                held = msgspec.structs.replace(handle, grant=0, expires=0.0)
-            array = self.view(held)  # bounds checked against the arena before anything else
-            # claimed even when this client holds a lease already: the grant is used up
+            plain = msgspec.structs.replace(handle, grant=0, expires=0.0)
+            array = self.view(entry[0] if entry is not None else plain)  # bounds checked first
+            # claimed even when this client holds it already: the grant is used up, not left to expire
             self.conn.notify(Claim(oid=handle.oid, gen=handle.generation, token=handle.grant))
-            self._held[held.oid] = held
+            if entry is not None:
+                self._held_twice(entry)
+            else:
+                self._held[plain.oid] = (plain, LEASE, None)
             return array
-        if held is None or held.generation != handle.generation:
-            reply = self._request(Acquire(oid=handle.oid, gen=handle.generation))
-            held = self._adopt(handle, reply.handle)
-        return self.view(held)
+        if entry is not None:
+            return self.view(entry[0] if entry[1] == LEASE else handle)
+        if self._hold(handle):
+            return self.view(handle)
+        reply = self._request(Acquire(oid=handle.oid, gen=handle.generation))
+        return self.view(self._adopt(handle, reply.handle))
+
+    def _held_twice(self, entry: tuple[Handle, int, Any]) -> None:
+        """A claim made while already holding the array took a lease this client does not need:
+        keep one reference (the lease, which the broker now has) and let the other go."""
+        handle, kind, extra = entry
+        if kind == HOLD:
+            assert self.holds is not None
+            self.holds.drop(extra)
+            self._held[handle.oid] = (handle, LEASE, None)
+        elif kind == POOLED:  # the broker keeps the block alive for the lease: it leaves the pool
+            self._held[handle.oid] = (handle, LEASE, None)
+        else:  # a lease already: the claim did not add one (the broker counts one lease per client)
+            pass
+
+    def _hold(self, handle: Handle) -> bool:
+        """Hold ``handle``'s block in shared memory; False if this client has no free hold (then
+        the caller takes a lease). ``StaleHandle`` if the array was released."""
+        holds = self.holds
+        if holds is None:
+            return False
+        base = handle.block
+        if base % 64 or not HEADER <= base < self._capacity:
+            raise StaleHandle(f"handle {handle} names no block of this arena")
+        i = holds.take(base, handle.generation)
+        if i is None:
+            return False
+        if i < 0:
+            raise StaleHandle(f"handle (object {handle.oid}, generation {handle.generation}) is stale: "
+                              f"the array was released or its memory reused; keep a reference (do "
+                              f"not release) while it is in use")
+        room = int(holds.words[((base - HEADER) >> 3) + 1])  # the block's size, from its header
+        itemsize = storage_dtype(handle.dtype).itemsize
+        if not base <= handle.offset or handle.offset + handle.nbytes > base + room or \
+                itemsize * math.prod(handle.shape) > handle.nbytes:
+            holds.drop(i)
+            raise StaleHandle(f"handle {handle} does not fit its block of {room} bytes")
+        self._held[handle.oid] = (handle, HOLD, i)
+        return True
 
     def get_many(self, handles: Iterable[Handle]) -> list[np.ndarray]:
-        """``get`` for many handles: one round trip per 1024 of those this client does not hold yet.
+        """``get`` for many handles: holds in shared memory, or one round trip per 1024 leases.
 
-        A stale handle raises ``StaleHandle`` and no lease of its group of 1024
-        is taken; the leases of earlier groups are kept (``release`` drops them).
+        A stale handle raises ``StaleHandle`` and none of the holds of this call
+        is kept; leases taken by earlier groups of 1024 are (``release`` drops them).
         """
         hs = list(handles)
         for h in hs:
             self._check_broker(h)
-        todo = [h for h in hs if (held := self._held.get(h.oid)) is None or held.generation != h.generation]
+        taken: list[Handle] = []
+        todo = []
+        try:
+            for h in hs:
+                if self.holds_handle(h):
+                    continue
+                if self._hold(h):
+                    taken.append(h)
+                else:
+                    todo.append(h)
+        except StaleHandle:
+            self.release(taken)  # a stale handle refuses the lot: none of these holds is kept
+            raise
         for i in range(0, len(todo), MAX_REFS):
             part = todo[i:i + MAX_REFS]
             reply: HandlesReply = self._request(AcquireMany(refs=[(h.oid, h.generation) for h in part]))
             for h, srv in zip(part, reply.handles, strict=True):
                 self._adopt(h, srv)
-        return [self.view(self._held[h.oid]) for h in hs]
+        return [self.get(h) for h in hs]
 
     def _adopt(self, handle: Handle, srv: Handle) -> Handle:
         """Hold an object after the broker granted its lease and returned its record.
@@ -300,11 +420,11 @@ class Client:
             itemsize = storage_dtype(handle.dtype).itemsize
             nbytes = itemsize * math.prod(handle.shape)
             if nbytes > srv.nbytes:
-                self._held[srv.oid] = srv  # the lease is taken: release(handle) still drops it
+                self._held[srv.oid] = (srv, LEASE, None)  # the lease is taken: release still drops it
                 raise StaleHandle(f"handle {handle} does not fit the broker's block {srv}")
             srv = Handle(srv.broker, srv.oid, srv.generation, srv.offset, nbytes, handle.dtype,
                          handle.shape, c_strides(handle.shape, itemsize))
-        self._held[srv.oid] = srv
+        self._held[srv.oid] = (srv, LEASE, None)
         return srv
 
     def tensor(self, handle: Handle) -> torch.Tensor:
@@ -318,21 +438,39 @@ class Client:
         return t.view(torch.bfloat16) if handle.dtype == BFLOAT16 else t
 
     def release(self, handles: Handle | Iterable[Handle]) -> None:
-        """Drop this client's reference(s); the block is freed with its last one.
+        """Drop this client's reference(s); the block is reused once nobody holds it.
 
-        Does not wait for the broker: it frees the block when it reads the
-        message, before anything this client sends afterwards.
+        Sends nothing for a hold (the entry is cleared) or an array of this
+        client's pool (its block waits to be reused); a lease is dropped with a
+        message that is not waited for, which the broker handles before
+        anything this client sends afterwards.
         """
         hs = [handles] if isinstance(handles, Handle) else list(handles)
+        drops = []
         for h in hs:
             self._check_broker(h)
-            self._held.pop(h.oid, None)
-        for i in range(0, len(hs), MAX_REFS):
-            self.conn.notify(Drop(refs=[(h.oid, h.generation) for h in hs[i:i + MAX_REFS]]))
+            entry = self._held.get(h.oid)
+            if entry is None or entry[0].generation != h.generation:
+                drops.append((h.oid, h.generation))  # not held here: the broker counts it stale
+                continue
+            del self._held[h.oid]
+            handle, kind, extra = entry
+            if kind == POOLED:
+                self._pool.retire(extra, handle.generation)
+            elif kind == HOLD:
+                assert self.holds is not None
+                self.holds.drop(extra)
+            else:
+                drops.append((h.oid, h.generation))
+        if drops:
+            self._drop(drops)
 
     def publish(self, name: str, handle: Handle) -> None:
         """Make ``handle`` discoverable by ``name``; the broker keeps it alive until replaced."""
         self._check_broker(handle)
+        entry = self._held.get(handle.oid)
+        if entry is not None and entry[0].generation == handle.generation:
+            self._lease_for_broker(entry)
         self._request(Publish(name=name, oid=handle.oid, gen=handle.generation, dtype=handle.dtype,
                               shape=list(handle.shape)))
 
@@ -362,6 +500,12 @@ class Client:
     def shutdown(self) -> None:
         """Ask the broker to stop (it removes its runtime directory)."""
         self._request(Shutdown())
+
+    def queue(self, name: str, maxsize: int = 64) -> HandleQueue:
+        """The named handle queue (made on first use; ``maxsize`` is the first user's): the
+        zero-copy replacement for ``torch.multiprocessing.Queue``, see ``broker.queue``."""
+        info: QueueInfo = self._request(QueueOpen(name=name, maxsize=maxsize))
+        return HandleQueue(self, name, info.offset, info.maxsize, info.slot_words)
 
     # -- pipeline operations ------------------------------------------------------------------------
     def configure(self, stages: Sequence[StageSettings | dict[str, Any]], max_inflight: int = 0) -> list[str]:
@@ -459,6 +603,10 @@ class Client:
 
     # -- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:
+        """Let go of the arena (mapped while any view of it lives) and of the broker."""
+        self._buffer = None
+        self.holds = None  # views of the control region: gone before the mapping is closed
+        self._pool.region = None
         self.conn.close()
 
     def __enter__(self) -> Client:

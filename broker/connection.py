@@ -72,6 +72,8 @@ class Connection:
             assert isinstance(hello, Welcome)
             self.broker = hello.broker
             self.cid = hello.cid
+            self.slot = hello.slot  # this client's hold table (-1: none)
+            self.capacity = hello.capacity
             self._attach(hello.fd_path, hello.key)
         except BaseException:
             self.close()

@@ -67,10 +67,10 @@ __all__ = [
     # requests
     "Hello", "Ping", "Alloc", "AllocMany", "Acquire", "AcquireMany", "Release", "Drop", "Grant",
     "Claim", "Publish", "Lookup", "Stats", "ConfigurePipeline", "Register", "Reserve", "Commit",
-    "Cancel", "Done", "Fail", "Eof", "Shutdown",
+    "Cancel", "Done", "Fail", "Eof", "Shutdown", "QueueOpen",
     # replies and broker messages
     "Ok", "Welcome", "HandleReply", "HandlesReply", "Released", "Reserved", "StatsReply",
-    "Registered", "Configured", "Error", "Task", "Failure", "Published",
+    "Registered", "Configured", "Error", "Task", "Failure", "QueueInfo", "Published",
 ]
 
 
@@ -132,25 +132,35 @@ class Handle(msgspec.Struct, frozen=True, array_like=True):
     strides: Dims
     grant: NonNeg = 0
     expires: float = 0.0
-
-    def __post_init__(self) -> None:
-        if len(self.strides) != len(self.shape):
-            raise ValueError(f"handle has {len(self.shape)} dimensions but {len(self.strides)} strides")
+    base: NonNeg = 0  # the data offset of the block this array lies in (0: ``offset`` itself)
 
     def to_wire(self) -> list[Any]:
         """The handle as plain lists and scalars (what msgpack carries)."""
-        return [self.broker, self.oid, self.generation, self.offset, self.nbytes, self.dtype,
+        wire = [self.broker, self.oid, self.generation, self.offset, self.nbytes, self.dtype,
                 list(self.shape), list(self.strides), self.grant, self.expires]
+        return wire + [self.base] if self.base else wire
+
+    @property
+    def block(self) -> int:
+        """The data offset of the block whose header holds this array's generation."""
+        return self.base or self.offset
 
     @classmethod
     def from_wire(cls, wire: Any) -> Handle:
-        """Rebuild and validate a handle from ``to_wire``'s form (8 or 10 fields)."""
-        if not isinstance(wire, (list, tuple)) or len(wire) not in (8, 10):
-            raise ProtocolError(f"a handle is a list of 8 (or 10) fields, got {wire!r:.80}")
+        """Rebuild and validate a handle from ``to_wire``'s form (8, 10 or 11 fields)."""
+        if not isinstance(wire, (list, tuple)) or len(wire) not in (8, 10, 11):
+            raise ProtocolError(f"a handle is a list of 8 (or 10, 11) fields, got {wire!r:.80}")
         try:
-            return msgspec.convert(wire, cls)
+            handle = msgspec.convert(wire, cls)
         except msgspec.ValidationError as e:
             raise ProtocolError(f"bad handle: {e}") from None
+        handle.check()
+        return handle
+
+    def check(self) -> None:
+        """What the schema cannot say: one stride per dimension (``ProtocolError`` otherwise)."""
+        if len(self.strides) != len(self.shape):
+            raise ProtocolError(f"handle has {len(self.shape)} dimensions but {len(self.strides)} strides")
 
 
 # -- what travels inside messages ----------------------------------------------------------------
@@ -325,17 +335,27 @@ class Shutdown(Message, tag="shutdown"):
     pass
 
 
+class QueueOpen(Message, tag="queue_open"):
+    """Create the named handle queue (or find it): a ring of ``maxsize`` handles in the arena."""
+
+    name: Name
+    maxsize: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 64
+
+
 # broker -> client
 class Ok(Message, tag="ok"):
     pass
 
 
 class Welcome(Message, tag="welcome"):
+    """``slot``: this client's hold table in the control region (-1: none; take leases by message)."""
+
     cid: Id
     key: Name
     fd_path: Name
     capacity: NonNeg
     broker: Name
+    slot: int = -1
 
 
 class HandleReply(Message, tag="handle"):
@@ -410,6 +430,14 @@ class Failure(Message, tag="failure"):
     worker_pid: NonNeg = 0
 
 
+class QueueInfo(Message, tag="queue_info"):
+    """Where a queue's ring lies: its block's data offset, slots and words per slot."""
+
+    offset: NonNeg
+    maxsize: NonNeg
+    slot_words: NonNeg
+
+
 class Published(Message, tag="published"):
     name: Text
     handle: Handle
@@ -417,8 +445,8 @@ class Published(Message, tag="published"):
 
 _ALL = (Hello, Ping, Alloc, AllocMany, Acquire, AcquireMany, Release, Drop, Grant, Claim, Publish,
         Lookup, Stats, ConfigurePipeline, Register, Reserve, Commit, Cancel, Done, Fail, Eof, Shutdown,
-        Ok, Welcome, HandleReply, HandlesReply, Released, Reserved, StatsReply, Registered,
-        Configured, Error, Task, Failure, Published)
+        QueueOpen, Ok, Welcome, HandleReply, HandlesReply, Released, Reserved, StatsReply, Registered,
+        Configured, Error, Task, Failure, QueueInfo, Published)
 for _cls in _ALL:
     _cls.kind = _cls.__struct_config__.tag  # type: ignore[assignment]
 KINDS: dict[str, type[Message]] = {cls.kind: cls for cls in _ALL}

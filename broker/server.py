@@ -43,9 +43,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgspec
+import numpy as np
 
 from .arena import SharedRegion, check_capacity
 from .errors import ArenaFull, BadRequest, BrokerError, format_bytes
+from .holds import QUEUE_HEADER_WORDS, fence_available
 from .protocol import (
     MAX_MESSAGE,
     Acquire,
@@ -73,6 +75,8 @@ from .protocol import (
     ProtocolError,
     Publish,
     Published,
+    QueueInfo,
+    QueueOpen,
     Register,
     Registered,
     Release,
@@ -86,6 +90,7 @@ from .protocol import (
     decode,
     encode,
 )
+from .queue import SLOT_WORDS, init_queue
 from .rundir import RunDir, cleanup
 from .scheduler import Scheduler
 from .table import ObjectTable
@@ -96,6 +101,7 @@ __all__ = ["BrokerServer", "run_broker", "main", "DEFAULT_WAIT"]
 log = logging.getLogger("shmbroker.broker")
 
 DEFAULT_WAIT = 60.0  # seconds a request may wait for arena space when it names no timeout
+RECLAIM_BATCH = 64  # retiring blocks that make the broker look for holds at once (else at its tick)
 
 
 @dataclass(eq=False, slots=True)
@@ -180,9 +186,13 @@ class BrokerServer:
         except BaseException:
             self.region.close()
             raise
-        self.table = ObjectTable(self.region.capacity, self.token)
+        # holds in shared memory need the heavy barrier; without it clients take leases by message
+        self.table = ObjectTable(self.region.capacity, self.token,
+                                 buffer=self.region.buffer if fence_available() else None)
         self.scheduler = Scheduler(self.table)
         self.sessions: dict[int, Session] = {}
+        self.queues: dict[str, tuple[int, int]] = {}  # name -> (offset, maxsize); kept while the broker lives
+        self.address = np.frombuffer(self.region.buffer, dtype=np.uint8).ctypes.data
         self.waiting = Waiting()
         self._next_cid = 1
         self.stopping = False
@@ -202,7 +212,7 @@ class BrokerServer:
             AcquireMany: self.acquire_many, Release: self.release, Publish: self.publish,
             Lookup: self.lookup, ConfigurePipeline: self.configure_pipeline, Register: self.register,
             Reserve: self.reserve, Commit: self.commit, Cancel: self.cancel, Done: self.done,
-            Fail: self.fail, Eof: self.eof, Shutdown: self.shutdown}
+            Fail: self.fail, Eof: self.eof, Shutdown: self.shutdown, QueueOpen: self.queue_open}
         # no reply unless refused (a ``late`` error)
         self.stream_handlers: dict[type[Message], Callable[[Session, Any], None]] = {
             Drop: self.drop, Grant: self.grant, Claim: self.claim}
@@ -238,6 +248,9 @@ class BrokerServer:
         if answer is not None:
             self.reply(peer, answer)
         self.flush_outbox()
+        retiring = len(self.table.retiring)
+        if retiring >= RECLAIM_BATCH or (retiring and self.waiting.count):
+            self.table.reclaim()
         if self.waiting.count and (self.table.alloc.used < used or
                                    self.scheduler.inflight_items < inflight):
             self.retry_waiting()  # memory was freed, or the source's gate opened
@@ -303,13 +316,19 @@ class BrokerServer:
 
     # -- waiting for space ------------------------------------------------------------------------
     def park(self, session: Session, msg: Any, priority: int, attempt: Callable[[], Message | None],
-             error: Callable[[], ArenaFull]) -> None:
+             error: Callable[[], ArenaFull]) -> Message | None:
+        """Answer now if freeing the retiring blocks makes room; else wait for room."""
+        if self.table.reclaim():
+            answer = attempt()
+            if answer is not None:
+                return answer
         wait = self.wait_timeout if msg.timeout is None else msg.timeout
         if not math.isfinite(wait):
             raise BadRequest(f"{msg.kind}: timeout must be a finite number of seconds, got {msg.timeout!r}")
         if wait <= 0:
             raise error()
         self.waiting.add(priority, Parked(time.monotonic() + wait, session, msg, attempt, error))
+        return None
 
     def _answer_parked(self, p: Parked, answer: Message | BrokerError) -> None:
         if isinstance(answer, BrokerError):
@@ -321,12 +340,12 @@ class BrokerServer:
         self.flush_outbox()
 
     def _alloc_full(self, what: str) -> ArenaFull:
-        a = self.table.alloc
+        st = self.table.stats()
         return ArenaFull(
-            f"{what}: the arena stayed full ({format_bytes(a.used)} of {format_bytes(a.capacity)} "
-            f"used, largest free block {format_bytes(a.largest_free)}) until the timeout; consumers "
-            f"are not releasing fast enough: release handles you no longer need, lower "
-            f"max_inflight or raise capacity")
+            f"{what}: the arena stayed full ({format_bytes(st['used'])} of "
+            f"{format_bytes(st['capacity'] - st['control'])} used, largest free block "
+            f"{format_bytes(st['largest_free'])}) until the timeout; consumers are not releasing "
+            f"fast enough: release handles you no longer need, lower max_inflight or raise capacity")
 
     # -- the object table ---------------------------------------------------------------------------
     def hello(self, peer: Peer, msg: Hello) -> Message:
@@ -340,9 +359,9 @@ class BrokerServer:
         self._next_cid += 1
         link = self.transport.new_link(identity, cid)
         self.sessions[cid] = Session(cid, msg.name, msg.pid, msg.role, link)
-        self.table.add_client(cid)
+        slot = self.table.add_client(cid, msg.pid)
         return Welcome(rid=msg.rid, cid=cid, key=link.key, fd_path=self.transport.fd_path,
-                       capacity=self.table.alloc.capacity, broker=self.token)
+                       capacity=self.table.alloc.capacity, broker=self.token, slot=slot)
 
     def alloc(self, s: Session, msg: Alloc) -> Message | None:
         def attempt() -> Message | None:
@@ -351,7 +370,7 @@ class BrokerServer:
 
         answer = attempt()
         if answer is None:
-            self.park(s, msg, 0, attempt, lambda: self._alloc_full(f"alloc of {msg.dtype}{msg.shape}"))
+            answer = self.park(s, msg, 0, attempt, lambda: self._alloc_full(f"alloc of {msg.dtype}{msg.shape}"))
         return answer
 
     def alloc_many(self, s: Session, msg: AllocMany) -> Message | None:
@@ -361,7 +380,8 @@ class BrokerServer:
 
         answer = attempt()
         if answer is None:
-            self.park(s, msg, 0, attempt, lambda: self._alloc_full(f"alloc_many of {msg.nbytes} B blocks"))
+            answer = self.park(s, msg, 0, attempt,
+                               lambda: self._alloc_full(f"alloc_many of {msg.nbytes} B blocks"))
         return answer
 
     def acquire(self, s: Session, msg: Acquire) -> Message:
@@ -395,6 +415,25 @@ class BrokerServer:
     def lookup(self, s: Session, msg: Lookup) -> Message:
         return HandleReply(rid=msg.rid, handle=self.table.lookup(msg.name))
 
+    def queue_open(self, s: Session, msg: QueueOpen) -> Message:
+        """The named queue's ring, made on first use (it lives as long as the broker)."""
+        found = self.queues.get(msg.name)
+        if found is None:
+            if self.table.region is None:
+                raise BadRequest("queue: this broker keeps no holds in shared memory (no membarrier "
+                                 "on this host); queues need them")
+            words = SLOT_WORDS * msg.maxsize + QUEUE_HEADER_WORDS
+            obj = self.table.new(words * 8, "|u1", (words * 8,))
+            if obj is None and self.table.reclaim():
+                obj = self.table.new(words * 8, "|u1", (words * 8,))
+            if obj is None:
+                raise self._alloc_full(f"queue {msg.name!r} of {msg.maxsize} slots")
+            init_queue(self.table.region.words, self.address, obj.offset, msg.maxsize)
+            self.table.region.register_queue(obj.offset, msg.maxsize, SLOT_WORDS)
+            found = self.queues[msg.name] = (obj.offset, msg.maxsize)
+        offset, maxsize = found
+        return QueueInfo(rid=msg.rid, offset=offset, maxsize=maxsize, slot_words=SLOT_WORDS)
+
     def shutdown(self, s: Session, msg: Shutdown) -> Message:
         self.stopping = True
         return Ok(rid=msg.rid)
@@ -413,10 +452,10 @@ class BrokerServer:
 
     def reserve(self, s: Session, msg: Reserve) -> Message | None:
         self.scheduler.check_reserve(msg)
-        answer = self.scheduler.reserve(s.cid, msg)
+        answer: Message | None = self.scheduler.reserve(s.cid, msg)
         if answer is None:
-            self.park(s, msg, -msg.stage - 1, lambda: self.scheduler.reserve(s.cid, msg),
-                      lambda: self.scheduler.full_error(msg))
+            answer = self.park(s, msg, -msg.stage - 1, lambda: self.scheduler.reserve(s.cid, msg),
+                               lambda: self.scheduler.full_error(msg))
         return answer
 
     def commit(self, s: Session, msg: Commit) -> Message:
@@ -447,7 +486,7 @@ class BrokerServer:
             if self.parent_pid and os.getppid() != self.parent_pid:
                 log.error("parent process %d is gone; stopping", self.parent_pid)
                 break
-            busy = self.waiting.count or self.scheduler.batches_open
+            busy = self.waiting.count or self.scheduler.batches_open or self.table.retiring
             self.transport.poll(10 if busy else 500)
             self.tick()
 
@@ -461,11 +500,14 @@ class BrokerServer:
         due = self.table.next_deadline
         if due is not None and due <= now:
             self.table.expire(now)
+        if self.table.retiring and self.table.reclaim() and self.waiting.count:
+            self.retry_waiting()
         if self.scheduler.batches_open:
             self.scheduler.tick(now)
         self.flush_outbox()
 
     def stats(self) -> dict[str, Any]:
+        self.table.reclaim()  # "used" counts what is really in use
         counters = self.table.counters + self.scheduler.counters + self.counters
         counters["bad_messages"] += self.transport.bad_frames
         return {**self.table.stats(), "clients": len(self.sessions), "pending": self.waiting.count,

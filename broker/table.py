@@ -9,6 +9,13 @@ block is freed with its last object. References to an object are held by
   until it is used up or its ttl passes (``Client.grant``);
 * published names, and the pipeline's tasks and reservations (``scheduler.py``).
 
+Given the arena's mapping (``buffer``), the table also keeps the control
+region of ``holds.py``: every block gets a header with its generation, each
+client a hold table, and a block whose last reference is gone is not freed
+at once but *retiring* until ``reclaim`` finds no hold or queue slot naming
+it (a client may be reading it without having told the broker). Without a
+mapping (unit tests, or no ``membarrier``), blocks are freed at once.
+
 Every method is a plain call that returns a value or raises a
 ``BrokerError``; the server turns them into replies. Tests drive it directly
 (``tests/test_table.py``).
@@ -23,8 +30,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+
 from .allocator import Allocator, Block
 from .errors import BadRequest, ItemTooLarge, StaleHandle, format_bytes
+from .holds import GEN_BITS, HEADER, ControlRegion
+from .holds import Layout as ControlLayout
 from .protocol import Handle, Layout, c_strides, storage_dtype
 
 __all__ = ["Obj", "ObjectTable", "array_nbytes", "POOL_BLOCK_MAX", "MAX_GRANTS"]
@@ -77,9 +88,21 @@ class Grant:
 class ObjectTable:
     """Objects, blocks, leases, grants and names of one arena."""
 
-    def __init__(self, capacity: int, token: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, capacity: int, token: str, clock: Callable[[], float] = time.monotonic,
+                 buffer: memoryview | None = None) -> None:
         self.alloc = Allocator(capacity)
         self.token = token
+        self.region: ControlRegion | None = None
+        self.lead = 0  # bytes of header before every block's data
+        self.retiring: list[Block] = []  # blocks without references, not yet known to be unheld
+        self.slots: dict[int, int] = {}  # client id -> its hold table in the control region
+        if buffer is not None:
+            layout = ControlLayout.for_capacity(self.alloc.capacity)
+            self.region = ControlRegion(buffer, layout)
+            self.region.init()
+            ctrl = self.alloc.alloc(layout.size)
+            assert ctrl is not None and ctrl.offset == 0
+            self.lead = HEADER
         self.clock = clock
         self.objects: dict[int, Obj] = {}
         self._block_objs: dict[int, int] = {}  # block offset -> objects in that block
@@ -96,15 +119,22 @@ class ObjectTable:
     # -- objects ------------------------------------------------------------------------------
     def new(self, nbytes: int, dtype: str, shape: tuple[int, ...]) -> Obj | None:
         """A new object in a block of its own; None if the arena has no room now."""
-        if nbytes > self.alloc.capacity:
+        room = self.alloc.capacity - (self.region.layout.size + self.lead if self.region else 0)
+        if nbytes > room:
             raise ItemTooLarge(
                 f"an array of {format_bytes(nbytes)} ({dtype}{list(shape)}) is larger than the "
-                f"whole arena ({format_bytes(self.alloc.capacity)}); raise broker.capacity"
-            )
-        block = self.alloc.alloc(nbytes)
+                f"whole arena ({format_bytes(self.alloc.capacity)}, of which {format_bytes(room)} "
+                f"can hold one array); raise broker.capacity")
+        if self.retiring:
+            self.reclaim()  # a block just released comes back warm for the same size
+        block = self.alloc.alloc(nbytes + self.lead, lead=self.lead)
         if block is None:
             return None
-        return self._add(block, block.offset, nbytes, dtype, shape)
+        base = block.offset + self.lead
+        if self.region is not None:
+            self.region.words[(base - HEADER) >> 3] = block.generation << GEN_BITS
+            self.region.words[((base - HEADER) >> 3) + 1] = block.size - self.lead
+        return self._add(block, base, nbytes, dtype, shape)
 
     def view(self, parent: Obj, offset: int, dtype: str, shape: tuple[int, ...]) -> Obj:
         """A new object for rows inside ``parent``'s block (one reference, the caller's)."""
@@ -132,12 +162,38 @@ class ObjectTable:
             self._block_objs[obj.block.offset] = left
             return False
         del self._block_objs[obj.block.offset]
-        self.alloc.free(obj.block)
+        if self.region is None:
+            self.alloc.free(obj.block)
+        else:
+            self.retiring.append(obj.block)  # freed by reclaim once no hold names it
         return True
+
+    def reclaim(self) -> int:
+        """Free the retiring blocks no client holds (the rule of ``holds.py``); returns how many."""
+        if not self.retiring or self.region is None:
+            return 0
+        bases = np.fromiter((b.offset + self.lead for b in self.retiring), dtype=np.uint64,
+                            count=len(self.retiring))
+        free = self.region.retire(bases)
+        keep = []
+        for block, ok in zip(self.retiring, free, strict=True):
+            if ok:
+                self.alloc.free(block)
+            else:
+                keep.append(block)
+        freed = len(self.retiring) - len(keep)
+        self.retiring = keep
+        return freed
+
+    def generation(self, obj: Obj) -> int:
+        """The generation a handle of ``obj`` must carry (its block's header, when there are headers)."""
+        if self.region is None:
+            return obj.block.generation
+        return self.region.generation(obj.block.offset + self.lead)
 
     def get(self, oid: int, gen: int) -> Obj:
         obj = self.objects.get(oid)
-        if obj is None or obj.block.generation != gen:
+        if obj is None or self.generation(obj) != gen:
             raise StaleHandle(
                 f"handle (object {oid}, generation {gen}) is stale: the array was released "
                 f"or its memory reused; keep a reference (do not release) while it is in use"
@@ -146,12 +202,20 @@ class ObjectTable:
 
     def handle(self, obj: Obj) -> Handle:
         itemsize = storage_dtype(obj.dtype).itemsize
-        return Handle(self.token, obj.oid, obj.block.generation, obj.offset, obj.nbytes,
-                      obj.dtype, obj.shape, c_strides(obj.shape, itemsize))
+        base = obj.block.offset + self.lead
+        return Handle(self.token, obj.oid, self.generation(obj), obj.offset, obj.nbytes,
+                      obj.dtype, obj.shape, c_strides(obj.shape, itemsize),
+                      base=base if base != obj.offset else 0)
 
     # -- leases -------------------------------------------------------------------------------
-    def add_client(self, cid: int) -> None:
+    def add_client(self, cid: int, pid: int = 0) -> int:
+        """A new client; returns its hold table's slot (-1: it must take leases by message)."""
         self.leases[cid] = set()
+        slot = self.region.open_slot(pid) if self.region is not None else None
+        if slot is None:
+            return -1
+        self.slots[cid] = slot
+        return slot
 
     def drop_client(self, cid: int) -> int:
         """Release every lease of a client that is gone; returns how many it held.
@@ -159,6 +223,9 @@ class ObjectTable:
         The grants it made stay: that is their point (a receiver may claim after
         the granter released or died), until claimed or expired.
         """
+        slot = self.slots.pop(cid, None)
+        if slot is not None and self.region is not None:
+            self.region.close_slot(slot)  # its holds vanish
         held = self.leases.pop(cid, set())
         for oid in held:
             obj = self.objects.get(oid)
@@ -214,7 +281,7 @@ class ObjectTable:
         stale = 0
         for oid, gen in refs:
             obj = self.objects.get(oid) if oid in held else None
-            if obj is None or obj.block.generation != gen:
+            if obj is None or self.generation(obj) != gen:
                 stale += 1
                 continue
             held.discard(oid)
@@ -252,7 +319,7 @@ class ObjectTable:
         """Take the lease a grant holds. A claim that overtook its grant (they travel on
         different connections) takes a lease of its own and is counted against the grant."""
         grant = self.grants.get(token)
-        if grant is not None and (grant.obj.oid, grant.obj.block.generation) == (oid, gen):
+        if grant is not None and (grant.obj.oid, self.generation(grant.obj)) == (oid, gen):
             obj = grant.obj
             grant.uses -= 1
             last = grant.uses == 0  # the grant's own reference passes to this claim
@@ -330,9 +397,13 @@ class ObjectTable:
 
     # -- reporting ----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        """``used`` counts the blocks of arrays (each with its 64-byte header); ``control`` the
+        control region at the start of the arena; ``free`` is what is left of ``capacity``."""
         a = self.alloc
-        return {"capacity": a.capacity, "used": a.used, "peak": a.peak, "free": a.free_bytes,
-                "largest_free": a.largest_free, "objects": len(self.objects), "blocks": a.blocks,
+        control = self.region.layout.size if self.region is not None else 0
+        return {"capacity": a.capacity, "control": control, "used": a.used - control,
+                "peak": a.peak - control, "free": a.free_bytes, "largest_free": a.largest_free,
+                "objects": len(self.objects), "blocks": a.blocks - (1 if control else 0),
                 "names": len(self.names), "grants": len(self.grants)}
 
     def sizes(self) -> dict[str, int]:
@@ -341,5 +412,6 @@ class ObjectTable:
         return {"objects": len(self.objects), "blocks": len(self._block_objs), "used_blocks": a.blocks,
                 "free_blocks": len(a._free_start), "leases": sum(len(v) for v in self.leases.values()),
                 "grants": len(self.grants), "grant_heap": len(self._grant_heap),
-                "early_claims": len(self.early_claims), "names": len(self.names)}
+                "early_claims": len(self.early_claims), "names": len(self.names),
+                "retiring": len(self.retiring)}
 

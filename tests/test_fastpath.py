@@ -116,8 +116,8 @@ def test_closing_a_client_returns_its_unused_pool_blocks(fresh_broker):
     with Client(fresh_broker.endpoint) as watcher:
         base = watcher.stats()["used"]
         with Client(fresh_broker.endpoint) as c:
-            h = c.put(np.zeros(100, np.float32))  # 400 B: the 512 B class, 64 blocks in a refill
-            assert watcher.stats()["used"] == base + 64 * 512  # the whole refill is reserved
+            h = c.put(np.zeros(100, np.float32))  # 400 B: the 448 B class, 64 blocks in a refill
+            assert watcher.stats()["used"] == base + 64 * (448 + 64)  # the refill, with headers
             c.release(h)
         deadline = time.monotonic() + 5
         while watcher.stats()["used"] != base and time.monotonic() < deadline:
@@ -140,8 +140,9 @@ def test_release_does_not_wait_but_is_ordered_before_the_next_request(fresh_brok
 
 
 def test_get_many_takes_all_leases_in_one_round_trip_or_none(fresh_broker):
+    """Without holds in shared memory (``holds=False``): leases, one round trip for many."""
     ep = fresh_broker.endpoint
-    with Client(ep, pool=False) as c, Client(ep, pool=False) as other:
+    with Client(ep, pool=False) as c, Client(ep, pool=False, holds=False) as other:
         arrays = [np.full(1000 * (i + 1), i, np.int32) for i in range(6)]
         hs = [c.put(a) for a in arrays]
         before = _requests(other)
@@ -349,7 +350,7 @@ def test_grant_for_two_receivers_and_bad_grants(fresh_broker):
 
 def test_many_handles_go_in_messages_of_bounded_size(fresh_broker):
     n = MAX_REFS + 10
-    with Client(fresh_broker.endpoint) as c, Client(fresh_broker.endpoint) as other:
+    with Client(fresh_broker.endpoint) as c, Client(fresh_broker.endpoint, holds=False) as other:
         hs = [c.put(np.full(4, i, np.int32)) for i in range(n)]
         before = _requests(other)
         views = other.get_many(hs)
@@ -383,3 +384,31 @@ def test_getting_a_granted_handle_twice_uses_the_grant_up(fresh_broker):
         r.ping()  # r's release is in
         c.release(h)
         assert c.stats()["objects"] == 0
+
+
+def test_get_many_takes_holds_with_no_message_and_a_stale_handle_refuses_the_lot(fresh_broker):
+    ep = fresh_broker.endpoint
+    with Client(ep, pool=False) as c, Client(ep) as other:
+        assert other.holds is not None
+        arrays = [np.full(1000 * (i + 1), i, np.int32) for i in range(6)]
+        hs = [c.put(a) for a in arrays]
+        before = _requests(other)
+        views = other.get_many(hs)
+        after = _requests(other)
+        assert {k: v for k, v in after.items() if k != "stats"} == \
+            {k: v for k, v in before.items() if k != "stats"}  # no message for the holds
+        assert all(np.array_equal(v, a) for v, a in zip(views, arrays, strict=True))
+        c.release(hs)
+        st = c.stats()  # c's releases are in: the blocks stay while other holds them
+        assert st["sizes"]["retiring"] == 6 and st["used"] >= sum(a.nbytes for a in arrays)
+        assert all(np.array_equal(v, a) for v, a in zip(views, arrays, strict=True))
+        fresh = [c.put(a) for a in arrays[:2]]
+        assert not {h.offset for h in fresh} & {h.offset for h in hs}  # held blocks are not reused
+        other.release(hs[5])
+        c.stats()  # hs[5] is unheld now: the broker retires it
+        with pytest.raises(StaleHandle):
+            other.get_many([*fresh, hs[5]])  # one stale handle: none of the holds is kept
+        assert not any(other.holds_handle(h) for h in fresh)
+        c.release(fresh)
+        other.release(hs[:5])
+        assert c.stats()["used"] == 0

@@ -29,13 +29,14 @@ SAMPLES: dict[str, P.Message] = {m.kind: m for m in [
     P.Reserve(stage=1, items=[1, 2], shape=[3], dtype="<f4", timeout=None, layout=None),
     P.Commit(rsv=3), P.Cancel(rsv=3), P.Done(task=4, rsvs=[5, 6], busy=0.5, copied=12),
     P.Fail(task=4, error="ValueError: x", trace="tb", item=2, arena=False), P.Eof(items=10),
-    P.Shutdown(), P.Ok(), P.Welcome(cid=1, key="k", fd_path="/x", capacity=4096, broker="b"),
+    P.Shutdown(), P.QueueOpen(name="q", maxsize=8), P.QueueInfo(offset=4160, maxsize=8, slot_words=40),
+    P.Ok(), P.Welcome(cid=1, key="k", fd_path="/x", capacity=4096, broker="b"),
     P.HandleReply(handle=H), P.HandlesReply(handles=[H, H]), P.Released(stale=1),
     P.Reserved(rsv=2, segments=[(H, 3)]), P.StatsReply(stats={"used": 0}), P.Registered(stage=1),
     P.Configured(stages=["a", "__sink__"]), P.Error(code="BadRequest", message="m", late=True),
     P.Task(task=1, stage=0, items=[7], handle=H, rows=1, layout=LAYOUT, batched=True, valid=[0]),
     P.Failure(stage="a", items=[1], error="e", fatal=False, code="WorkerDied", worker_pid=9),
-    P.Published(name="x", handle=H),
+    P.Published(name="x", handle=H), P.Welcome(cid=2, key="k", fd_path="/x", capacity=4096, broker="b", slot=3),
 ]}
 
 
@@ -203,12 +204,13 @@ def test_handle_is_frozen_slotted_and_hashable():
 @pytest.mark.parametrize("wire", [
     ["b", 1, 1, 0, 8, "<f8", [1]],  # 7 fields
     ["b", 1, 1, 0, 8, "<f8", [1], [8], "extra"],  # 9 fields
+    ["b", 1, 1, 0, 8, "<f8", [1], [8], 0, 0.0, 64, "extra"],  # 12 fields
     {"broker": "b"},
     "b,1,1,0,8",
     None,
 ])
 def test_from_wire_rejects_wrong_layouts(wire):
-    with pytest.raises(ProtocolError, match=r"list of 8 \(or 10\) fields"):
+    with pytest.raises(ProtocolError, match=r"list of 8 \(or 10, 11\) fields"):
         Handle.from_wire(wire)
 
 

@@ -498,7 +498,7 @@ def test_stats_reflect_the_table(table: ObjectTable) -> None:
     table.publish(A, "x", *ref(h1), "<f4", [12])
     table.grant(A, *ref(h2), tok(A, 1), 1, 30.0)
     s = table.stats()
-    assert s == {"capacity": CAPACITY, "used": GRANULE + 8192, "peak": GRANULE + 8192,
+    assert s == {"capacity": CAPACITY, "control": 0, "used": GRANULE + 8192, "peak": GRANULE + 8192,
                  "free": CAPACITY - GRANULE - 8192, "largest_free": s["largest_free"],
                  "objects": 2, "blocks": 2, "names": 1, "grants": 1}
     assert 0 < s["largest_free"] <= CAPACITY - GRANULE - 8192

@@ -1,0 +1,96 @@
+"""A client's own blocks for small and medium arrays: taken from the broker in batches, reused locally.
+
+``put`` and ``alloc`` of an array of at most ``POOL_MAX`` bytes take a block
+of its size class (from 256 B, four classes per power of two) from this pool:
+no message.
+The pool is refilled by one ``alloc_many`` round trip for a batch of blocks
+(about ``REFILL_BYTES`` of one class, at least 4 blocks). A block the client
+releases is not given back: it waits in ``retired`` until the pool of its
+class runs dry, and then the retire rule of ``holds.py`` tells which retired
+blocks nobody holds any more; those get a new generation (the low
+``GEN_BITS`` bits count reuses) and are used again. So a steady
+put/get/release loop costs no message and, every batch, one scan of the hold
+tables and one memory barrier.
+
+A block whose array was published or granted is the broker's to keep alive
+from then on: the pool forgets it (its release becomes a ``drop`` message).
+Without a hold table (no ``membarrier`` on this host) a released block goes
+back to the broker with a ``drop``, as before.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable
+
+import numpy as np
+
+from .holds import GEN_BITS, ControlRegion
+from .protocol import Handle
+
+__all__ = ["Pool", "POOL_MAX", "size_class"]
+
+POOL_MAX = 1 << 20  # arrays up to this size are placed in pooled blocks
+REFILL_BYTES = 256 << 10  # one refill asks for about this many bytes of one size class (one block at least)
+KEEP_BYTES = 4 << 20  # free blocks of one class kept after a recycle beyond this go back to the broker
+_REUSES = (1 << GEN_BITS) - 1
+
+
+def size_class(nbytes: int) -> int:
+    """The block size for ``nbytes``: 256 B at least, then four classes per power of two
+    (a block wastes at most a fifth of itself), each a multiple of 64 bytes."""
+    if nbytes <= 256:
+        return 256
+    step = 1 << max(6, (nbytes - 1).bit_length() - 3)
+    return -(-nbytes // step) * step
+
+
+class Pool:
+    """Pooled blocks by size class: free ones, and released ones waiting to be reused."""
+
+    def __init__(self, refill: Callable[[int, int], list[Handle]], region: ControlRegion | None,
+                 give_back: Callable[[list[Handle]], None]) -> None:
+        self.refill = refill  # (block size, count) -> handles of new blocks (a round trip)
+        self.region = region
+        self.give_back = give_back  # blocks this client lets go of (a drop message)
+        self.free: dict[int, collections.deque[tuple[Handle, int]]] = {}
+        self.retired: dict[int, list[tuple[Handle, int]]] = {}
+
+    def take(self, size: int) -> tuple[Handle, int]:
+        """A block of size class ``size`` and the generation its next array carries."""
+        free = self.free.get(size)
+        if not free:
+            free = self.free[size] = collections.deque()
+            self._recycle(size, free)
+            if not free:
+                count = max(1, min(64, REFILL_BYTES // size))
+                free.extend((h, h.generation) for h in self.refill(size, count))
+        return free.popleft()
+
+    def retire(self, block: Handle, gen: int) -> None:
+        """The array in ``block`` (generation ``gen``) was released by this client."""
+        if self.region is None:
+            self.give_back([block])
+            return
+        self.retired.setdefault(block.nbytes, []).append((block, gen))
+
+    def _recycle(self, size: int, free: collections.deque[tuple[Handle, int]]) -> None:
+        retired = self.retired.get(size)
+        if not retired or self.region is None:
+            return
+        bases = np.fromiter((b.offset for b, _ in retired), dtype=np.uint64, count=len(retired))
+        ok = self.region.retire(bases)
+        keep, spent = [], []
+        for (block, gen), reusable in zip(retired, ok, strict=True):
+            if not reusable:
+                keep.append((block, gen))
+            elif gen & _REUSES == _REUSES:
+                spent.append(block)  # its reuse counter is used up: the broker's again
+            else:
+                self.region.set_generation(block.offset, gen + 1)
+                free.append((block, gen + 1))
+        self.retired[size] = keep
+        while len(free) > max(4, KEEP_BYTES // size):  # a burst is over: keep a few, not all
+            spent.append(free.pop()[0])
+        if spent:
+            self.give_back(spent)
