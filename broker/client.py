@@ -552,15 +552,17 @@ class Client:
             out.extend(slot[r] for r in range(n))
         return out
 
-    def commit(self, reserved: Reserved | int, *, wait: bool = True) -> int:
-        """The reservation's items are written: they become tasks of its stage."""
+    def commit(self, reserved: Reserved | int, *, wait: bool = False) -> None:
+        """The reservation's items are written: they become tasks of its stage. Not answered
+        (a refusal is raised by this client's next request); ``wait=True`` pings after it, so it
+        is in the broker, and any refusal raised, when this returns."""
         rsv = reserved if isinstance(reserved, int) else reserved.rsv
-        return self._maybe_wait(Commit(rsv=rsv), wait)
+        self._notify(Commit(rsv=rsv), wait)
 
-    def cancel(self, reserved: Reserved | int, *, wait: bool = True) -> int:
-        """Give a reservation back unwritten."""
+    def cancel(self, reserved: Reserved | int, *, wait: bool = False) -> None:
+        """Give a reservation back unwritten (not answered, as ``commit``)."""
         rsv = reserved if isinstance(reserved, int) else reserved.rsv
-        return self._maybe_wait(Cancel(rsv=rsv), wait)
+        self._notify(Cancel(rsv=rsv), wait)
 
     def task_rows(self, task: Task) -> list[Any]:
         """The items of a task, one per row: arrays (views), or the tuples/dicts of a layout."""
@@ -571,13 +573,11 @@ class Client:
         return [unpack(view[r], task.layout) for r in rows]
 
     def done(self, task: Task | int, rsvs: Sequence[int] = (), *, busy: float = 0.0, copied: int = 0,
-             credit: int = 1, wait: bool = False) -> int:
-        """A task is finished, its outputs in reservations ``rsvs``; by default not waited for
-        (its reply comes through ``next_message``; the broker handles it before anything this
-        client sends next)."""
+             credit: int = 1, wait: bool = False) -> None:
+        """A task is finished, its outputs in reservations ``rsvs``. Not answered: the broker
+        handles it before anything this client sends next (``wait=True`` pings after it)."""
         tid = task if isinstance(task, int) else task.task
-        return self._maybe_wait(Done(task=tid, rsvs=list(rsvs), credit=credit, busy=busy,
-                                     copied=copied), wait)
+        self._notify(Done(task=tid, rsvs=list(rsvs), credit=credit, busy=busy, copied=copied), wait)
 
     def fail(self, task: Task | int, error: str, trace: str = "", *, item: int | None = None,
              arena: bool = False, credit: int = 1) -> None:
@@ -595,11 +595,11 @@ class Client:
         after ``timeout`` s."""
         return self.conn.next_message(timeout)
 
-    def _maybe_wait(self, msg: Message, wait: bool) -> int:
-        rid = self.conn.send(msg)
+    def _notify(self, msg: Message, wait: bool) -> None:
+        self.conn.raise_late()
+        self.conn.notify(msg)
         if wait:
-            self.conn.wait(rid)
-        return rid
+            self.ping()
 
     # -- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:

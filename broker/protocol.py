@@ -35,8 +35,9 @@ at half the CPU on the 2-core reference machine (benchmarks/NOTES.md).
 Every request gets exactly one reply with the same ``rid``: a reply kind
 (``ok``, ``handle``, ``reserved``, ...) or ``error`` (``code``: a
 ``BrokerError`` subclass name, ``message``); except the kinds in
-``NO_REPLY`` (``drop``, ``grant``, ``claim``), answered only when refused,
-by an ``error`` marked ``late`` (the client raises it at its next request).
+``NO_REPLY`` (``drop``, ``grant``, ``claim``, ``commit``, ``cancel``,
+``done``), answered only when refused, by an ``error`` marked ``late`` (the
+client raises it at its next request): one broker message per task, not two.
 The broker also sends unsolicited ``task`` and ``failure`` messages (rid 0)
 to workers and to the pipeline driver, bounded by credits.
 
@@ -450,7 +451,8 @@ _ALL = (Hello, Ping, Alloc, AllocMany, Acquire, AcquireMany, Release, Drop, Gran
 for _cls in _ALL:
     _cls.kind = _cls.__struct_config__.tag  # type: ignore[assignment]
 KINDS: dict[str, type[Message]] = {cls.kind: cls for cls in _ALL}
-NO_REPLY = frozenset({"drop", "grant", "claim"})  # kinds answered only if refused (``late`` errors)
+# kinds answered only if refused (``late`` errors): what a client sends many times per item
+NO_REPLY = frozenset({"drop", "grant", "claim", "commit", "cancel", "done"})
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Union[_ALL])  # noqa: UP007 (a tuple of types)

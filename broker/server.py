@@ -10,8 +10,9 @@
 
 Two tables map message kinds to handlers, as Dask distributed's scheduler
 does: ``handlers`` answer with exactly one reply, ``stream_handlers``
-(``drop``, ``grant``, ``claim``) answer only when they refuse, with a
-``late`` error the client raises at its next request. ``hello``, ``ping`` and
+(``drop``, ``grant``, ``claim``, ``commit``, ``cancel``, ``done``) answer
+only when they refuse, with a ``late`` error the client raises at its next
+request. ``hello``, ``ping`` and
 ``stats`` are served to anyone; everything else needs a client that said
 hello and fetched the arena's descriptor, because its leases are tied to
 that connection.
@@ -211,11 +212,12 @@ class BrokerServer:
             Alloc: self.alloc, AllocMany: self.alloc_many, Acquire: self.acquire,
             AcquireMany: self.acquire_many, Release: self.release, Publish: self.publish,
             Lookup: self.lookup, ConfigurePipeline: self.configure_pipeline, Register: self.register,
-            Reserve: self.reserve, Commit: self.commit, Cancel: self.cancel, Done: self.done,
-            Fail: self.fail, Eof: self.eof, Shutdown: self.shutdown, QueueOpen: self.queue_open}
+            Reserve: self.reserve, Fail: self.fail, Eof: self.eof, Shutdown: self.shutdown,
+            QueueOpen: self.queue_open}
         # no reply unless refused (a ``late`` error)
         self.stream_handlers: dict[type[Message], Callable[[Session, Any], None]] = {
-            Drop: self.drop, Grant: self.grant, Claim: self.claim}
+            Drop: self.drop, Grant: self.grant, Claim: self.claim, Commit: self.commit,
+            Cancel: self.cancel, Done: self.done}
 
     @property
     def endpoint(self) -> str:
@@ -458,17 +460,14 @@ class BrokerServer:
                                lambda: self.scheduler.full_error(msg))
         return answer
 
-    def commit(self, s: Session, msg: Commit) -> Message:
+    def commit(self, s: Session, msg: Commit) -> None:
         self.scheduler.commit(s.cid, msg.rsv)
-        return Ok(rid=msg.rid)
 
-    def cancel(self, s: Session, msg: Cancel) -> Message:
+    def cancel(self, s: Session, msg: Cancel) -> None:
         self.scheduler.cancel(s.cid, msg.rsv)
-        return Ok(rid=msg.rid)
 
-    def done(self, s: Session, msg: Done) -> Message:
+    def done(self, s: Session, msg: Done) -> None:
         self.scheduler.done(s.cid, msg)
-        return Ok(rid=msg.rid)
 
     def fail(self, s: Session, msg: Fail) -> Message:
         self.scheduler.fail(s.cid, msg)

@@ -283,7 +283,7 @@ class Pipeline:
                 if isinstance(msg, Reserved):
                     reserving -= 1
                     self._write_items(group, msg, state)
-                    outstanding[c.commit(msg, wait=False)] = None
+                    c.commit(msg)
             elif isinstance(msg, Error):
                 raise error_from_wire(msg.code, msg.message)
 

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from broker import Broker, Client, StaleHandle
+from broker import Client, StaleHandle
 from broker.holds import GEN_BITS, fence_available
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -150,9 +150,8 @@ def test_a_pooled_block_whose_reuse_counter_is_spent_goes_back_to_the_broker(fre
         h2 = c.put(np.zeros(100, np.float32))  # the pool recycles: that block is spent
         assert h2.oid != block.oid
         c.ping()
-        with Client(fresh_broker.endpoint) as other:
-            with pytest.raises(StaleHandle):
-                other.get(h)
+        with Client(fresh_broker.endpoint) as other, pytest.raises(StaleHandle):
+            other.get(h)
         c.release(h2)
 
 

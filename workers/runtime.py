@@ -28,8 +28,8 @@ import traceback
 from typing import Any, Callable
 
 from broker.client import Client
-from broker.errors import ArenaFull, BrokerError, BrokerGone, BrokerTimeout
-from broker.protocol import Error, Task
+from broker.errors import ArenaFull, BrokerGone, BrokerTimeout
+from broker.protocol import Task
 
 from .compute import Compute
 from .devices import Device
@@ -84,7 +84,6 @@ class Worker:
             flag = os.environ.get("SHMBROKER_PREFETCH")
             self.prefetch = self.device.cuda if flag is None else flag == "1"
             self.stopping = False
-            self.acks: set[int] = set()
             self.client.register(spec.name, credits=spec.credits, device=str(self.device), pinned=pinned)
         except BaseException:
             self.close()
@@ -99,22 +98,18 @@ class Worker:
                 if self.prefetch:
                     self._prefetch_next()
                 self.process(msg)
-            elif msg.rid in self.acks:  # the reply to a `done` sent without waiting
-                self.acks.discard(msg.rid)
-                if isinstance(msg, Error):
-                    raise BrokerError(f"the broker refused an acknowledgement: {msg.message}")
             else:
                 log.debug("ignoring %s", msg.kind)
-        self._flush_acks()
+        self._flush()
         return 0
 
-    def _flush_acks(self, timeout: float = 5.0) -> None:
-        """On a clean stop, wait until the broker has taken every `done` (else it redoes the work)."""
-        deadline = time.monotonic() + timeout
-        while self.acks and time.monotonic() < deadline:
-            msg = self.client.next_message(0.1)
-            if msg is not None:
-                self.acks.discard(msg.rid)
+    def _flush(self) -> None:
+        """On a clean stop, make sure the broker has taken every ``done`` (else it redoes the
+        work): a ping is answered after everything this worker sent before it."""
+        try:
+            self.client.ping(timeout=5.0)
+        except (BrokerGone, BrokerTimeout):
+            pass
 
     def process(self, task: Task) -> None:
         t0 = time.perf_counter()
@@ -133,9 +128,9 @@ class Worker:
             item, self.compute.failed_item = self.compute.failed_item, None
             self.client.fail(task, f"{type(e).__name__}: {e}", traceback.format_exc(), item=item)
             return
-        # Not waiting for the reply saves a round trip per task; the broker handles this
-        # connection's messages in order, so `done` lands before anything this worker sends next.
-        self.acks.add(self.client.done(task, rsvs, busy=time.perf_counter() - t0, copied=copied))
+        # Not answered: the broker handles this connection's messages in order, so `done` lands
+        # before anything this worker sends next; a refusal is raised by its next request.
+        self.client.done(task, rsvs, busy=time.perf_counter() - t0, copied=copied)
 
     def _prefetch_next(self) -> None:
         """Start copying the next waiting task's input to the device on the side stream."""
