@@ -46,7 +46,7 @@ from .config import NpySink, PipelineConfig, load_config
 from .io import make_sink, source_items
 from .plan import check_imports, cuda_count, plan_devices, search_path
 from .summary import Progress, Summary
-from .supervisor import Supervisor, WorkerProc, describe_exit
+from .supervisor import Supervisor, WorkerProc, describe_exit, refuse_unguarded_main
 
 __all__ = ["Pipeline", "Summary"]
 
@@ -105,6 +105,7 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, *, path: str | None = None, require_gpu: bool = False,
                  log_level: str = "WARNING", log_json: bool = False, progress: bool = False,
                  sink_credits: int = 16) -> None:
+        refuse_unguarded_main()  # in a worker that runs an unguarded main script again: stop there
         self.cfg = cfg
         self.path = path
         self.require_gpu = require_gpu
