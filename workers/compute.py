@@ -160,8 +160,8 @@ class Compute:
         for key, value in pairs:
             if isinstance(value, (np.generic, bool, int, float)):  # a NumPy scalar or a number
                 value = np.asarray(value)
-            if isinstance(value, np.ndarray):
-                value = torch.from_numpy(np.ascontiguousarray(value))
+            if isinstance(value, np.ndarray):  # (np.ascontiguousarray would make a 0-d array 1-d)
+                value = torch.from_numpy(value if value.flags.c_contiguous else value.copy(order="C"))
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"stage {name!r} returned {type(value).__name__}"
                                 f"{'' if key is None else f' in field {key!r}'}; return tensors, "
