@@ -48,7 +48,7 @@ from .plan import check_imports, cuda_count, plan_devices, search_path
 from .summary import Progress, Summary
 from .supervisor import Supervisor, WorkerProc, describe_exit, refuse_unguarded_main
 
-__all__ = ["Pipeline", "Summary"]
+__all__ = ["Pipeline", "Summary", "Skipped"]
 
 log = logging.getLogger("shmbroker.driver")
 
@@ -84,12 +84,23 @@ class Seen:
             self.mark += 1
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """What ``map(..., on_skip="marker")`` yields in place of an item a stage skipped
+    (``on_error: skip``): the item's ``index`` in the input, the ``stage`` and its ``error``."""
+
+    index: int
+    stage: str
+    error: str
+
+
 @dataclass
 class _DriveState:
     submitted: int = 0
     seen: Seen = field(default_factory=Seen)  # delivered or skipped
     delivered: int = 0
     skipped: set[int] = field(default_factory=set)
+    why: dict[int, tuple[str, str]] = field(default_factory=dict)  # skipped item -> (stage, error)
     duplicates: int = 0
     bytes_in: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -311,13 +322,18 @@ class Pipeline:
                                  f"retries if its workers die for reasons of their own")
             raise StageFailed(f"stage {msg.stage!r} failed on item(s) {msg.items}: {msg.error}\n"
                               f"--- worker traceback ---\n{msg.trace}")
-        log.warning("stage %s skipped item(s) %s: %s", msg.stage, msg.items, msg.error)
-        for i in msg.items:
+        path = self.failures_path()
+        new = [i for i in msg.items if i not in state.seen]  # a re-run of a delivered item: not skipped
+        if not new:
+            return
+        log.warning("stage %r skipped item%s %s: %s%s", msg.stage, "s" if len(new) > 1 else "",
+                    ", ".join(map(str, new)), msg.error, f" (recorded in {path})" if path else "")
+        for i in new:
             state.seen.add(i)
             state.skipped.add(i)
-        record = {"stage": msg.stage, "items": msg.items, "error": msg.error, "trace": msg.trace}
+            state.why[i] = (msg.stage, msg.error)
+        record = {"stage": msg.stage, "items": new, "error": msg.error, "trace": msg.trace}
         state.failures.append(record)
-        path = self.failures_path()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:  # one JSON line per failure, written as it happens
@@ -367,18 +383,25 @@ class Pipeline:
             bar.close()
         return self._summary(state, time.perf_counter() - t0)
 
-    def map(self, arrays: Iterable[Any], copy: bool = True) -> Iterator[Any]:
-        """Feed arrays through the stages; yield results in input order.
+    def map(self, arrays: Iterable[Any], copy: bool = True, on_skip: str = "raise") -> Iterator[Any]:
+        """Feed arrays through the stages; yield one result per array, in input order.
 
         With ``copy=True`` (default) each result is the caller's own array. With
         ``copy=False`` it is a view of the arena, valid only until the next
         iteration (its slot is then released and reused).
+
+        An item a stage skipped (``on_error: skip``) is never silently left out:
+        with ``on_skip="raise"`` (default) ``StageFailed`` is raised when the
+        results reach it (those before it have been yielded); with
+        ``on_skip="marker"`` a ``Skipped(index, stage, error)`` takes its place.
         """
+        if on_skip not in ("raise", "marker"):
+            raise ValueError(f"on_skip must be 'raise' or 'marker', not {on_skip!r}")
         assert self.client is not None
         state = _DriveState(base=_baseline(self.client))
         items = ((i, np.asarray(a)) for i, a in enumerate(arrays))
         try:
-            yield from self._ordered(self._drive(items, state), state, copy)
+            yield from self._ordered(self._drive(items, state), state, copy, on_skip)
         finally:
             # a caller that stopped early: give back every sink task not finished with, including
             # the rows of many-row tasks that were never yielded
@@ -388,7 +411,7 @@ class Pipeline:
         self.last_summary = self._summary(state, 0.0)
 
     def _ordered(self, delivered: Iterator[tuple[int, Any, int]], state: _DriveState,
-                 copy: bool) -> Iterator[Any]:
+                 copy: bool, on_skip: str) -> Iterator[Any]:
         ready: dict[int, tuple[Any, int]] = {}
         nxt = 0
         for idx, view, task in delivered:
@@ -397,15 +420,21 @@ class Pipeline:
                 self._done(task)
             else:
                 ready[idx] = (view, task)
-            nxt = yield from self._in_order(ready, state, nxt)
+            nxt = yield from self._in_order(ready, state, nxt, on_skip)
         # results that waited for an earlier item which turned out skipped after they came
-        yield from self._in_order(ready, state, nxt)
+        yield from self._in_order(ready, state, nxt, on_skip)
 
     def _in_order(self, ready: dict[int, tuple[Any, int]], state: _DriveState,
-                  nxt: int) -> Generator[Any, None, int]:
+                  nxt: int, on_skip: str) -> Generator[Any, None, int]:
         """Yield the results from index ``nxt`` on while they are there; returns the next index."""
         while True:
             while nxt in state.skipped:
+                stage, error = state.why.pop(nxt)
+                if on_skip == "raise":
+                    raise StageFailed(f"stage {stage!r} skipped item {nxt} (on_error: skip): {error}; "
+                                      f"map(..., on_skip='marker') yields a Skipped marker in its "
+                                      f"place instead")
+                yield Skipped(nxt, stage, error)
                 nxt += 1
             if nxt not in ready:
                 return nxt

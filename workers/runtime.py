@@ -129,8 +129,10 @@ class Worker:
         except (BrokerGone, BrokerTimeout):
             raise  # the broker's trouble, not the stage's
         except Exception as e:
-            log.warning("stage %s failed on items %s: %r", self.spec.name, task.items[:8], e)
             item, self.compute.failed_item = self.compute.failed_item, None
+            # the driver reports the failure (once, with its items); here only for --log-level INFO
+            log.info("stage %s failed on item(s) %s: %r", self.spec.name,
+                     [item] if item is not None else task.items[:8], e)
             self.client.fail(task, f"{type(e).__name__}: {e}", traceback.format_exc(), item=item)
             return
         # Not waiting for the reply saves a round trip per task; the broker handles this
