@@ -4,7 +4,9 @@ The process runs ``python -m broker.server``, which prints one JSON line
 (its endpoint, pid, arena) when it is ready; ``Broker`` waits for that line,
 and stops the process (SIGTERM, then SIGKILL after 10 s) on ``close`` or
 when it is garbage collected. The broker also stops by itself when the
-process that started it is gone (``--parent-pid``).
+process that started it is gone (``--parent-pid``). It runs in a process
+group of its own, so a Ctrl-C at the terminal interrupts the program that
+started it, which then stops it in its own time (after its workers).
 """
 
 from __future__ import annotations
@@ -53,7 +55,12 @@ class Broker:
             cmd += ["--metrics-port", str(metrics_port)]
         if curve:
             cmd += ["--curve-secret", curve["secret"], "--curve-authorized", curve["authorized"]]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        # A process group of its own: a Ctrl-C at the terminal reaches the program that started it
+        # (which stops its clients first, then the broker), not the broker in the middle of a run.
+        group: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else \
+            {"preexec_fn": os.setpgrp}
+        self.proc: subprocess.Popen[bytes] = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                              stdin=subprocess.DEVNULL, **group)
         self._finalizer = weakref.finalize(self, _stop_process, self.proc)
         try:
             self.info = self._wait_ready(startup_timeout)

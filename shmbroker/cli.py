@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from broker.errors import BrokerError, format_bytes
 
@@ -28,8 +30,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config value, e.g. --set stages.infer.batch=8")
     p.add_argument("--require-gpu", action="store_true", help="fail instead of falling back to the CPU")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no live progress line on the terminal")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run recorded in the npy sink's directory (stopped by Ctrl-C, "
+                        "SIGTERM, kill -9 or a crash): items already done are left out; refused if "
+                        "the config or the source files differ")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a sink directory that is not empty (its result files, "
+                        "failures.jsonl and manifest are removed first)")
     _common(p)
 
     p = sub.add_parser("broker", help="start only the broker (for workers attached separately)")
@@ -91,23 +100,65 @@ def find_endpoint(endpoint: str | None) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from .config import load_config
-    from .driver import Pipeline
+    from .driver import Interrupted, Pipeline
+    from .output import MANIFEST
     from .plan import check_imports
 
     cfg = load_config(args.file, args.set)
-    check_imports(cfg, args.file)
-    preflight(cfg, args.require_gpu)
-    with Pipeline(cfg, path=args.file, require_gpu=args.require_gpu, log_level=args.log_level,
-                  log_json=args.log_json, progress=not args.no_progress) as p:
-        summary = p.run()
-    if args.json:
-        print(json.dumps({k: v for k, v in summary.__dict__.items()}, default=str))
+    pipeline = Pipeline(cfg, path=args.file, require_gpu=args.require_gpu, log_level=args.log_level,
+                        log_json=args.log_json, progress=not args.no_progress)
+    output = None
+    try:
+        with graceful_stop(pipeline):
+            output = pipeline.open_output(args.resume, args.overwrite)  # first: it is the quickest check
+            check_imports(cfg, args.file)
+            preflight(cfg, args.require_gpu)
+            if pipeline.stop_signal:
+                raise Interrupted(pipeline.stop_signal)
+            with pipeline as p:
+                summary = p.run(output=output)
+    except Interrupted as e:
+        if e.summary is not None:
+            print_summary(e.summary, args.json)
+        where = f"the output in {output.directory} is incomplete (its {MANIFEST} says so); continue it " \
+                f"with: shmbroker run {args.file} --resume" if output is not None else "nothing was kept"
+        print(f"shmbroker run: {e}; {where}", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        if output is not None:
+            output.close()
+    print_summary(summary, args.json)
+    return 0
+
+
+def print_summary(summary: Any, as_json: bool) -> None:
+    from rich.console import Console
+
+    if as_json:
+        print(json.dumps(dict(summary.__dict__), default=str))
     else:
         Console(width=None if sys.stdout.isatty() else 110).print(summary.render())
-    return 0
+
+
+@contextlib.contextmanager
+def graceful_stop(pipeline: Any) -> Iterator[None]:
+    """SIGTERM (``docker stop``, Kubernetes) and SIGINT (Ctrl-C) stop the run gracefully: the
+    handler only asks the pipeline to stop. A second Ctrl-C stops at once; a second SIGTERM
+    changes nothing (a process manager may send it to every process of the run)."""
+    from .driver import Interrupted
+
+    def handler(signum: int, _frame: Any) -> None:
+        if pipeline.stop_signal and signum == signal.SIGINT:
+            raise Interrupted(signum)
+        pipeline.request_stop(pipeline.stop_signal or signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def cmd_broker(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from broker.errors import (
     ArenaFull,
     BrokerError,
     BrokerTimeout,
+    ConfigError,
     ItemTooLarge,
     StageFailed,
     WorkerDied,
@@ -44,11 +46,12 @@ from broker.protocol import Error, Failure, Reserved, Task
 
 from .config import NpySink, PipelineConfig, load_config
 from .io import make_sink, source_items
+from .output import RunOutput
 from .plan import check_imports, cuda_count, plan_devices, search_path
 from .summary import Progress, Summary
 from .supervisor import Supervisor, WorkerProc, describe_exit, refuse_unguarded_main
 
-__all__ = ["Pipeline", "Summary", "Skipped"]
+__all__ = ["Pipeline", "Summary", "Skipped", "Interrupted"]
 
 log = logging.getLogger("shmbroker.driver")
 
@@ -84,6 +87,16 @@ class Seen:
             self.mark += 1
 
 
+class Interrupted(BrokerError):
+    """The run stopped early because ``Pipeline.request_stop`` was called (a signal);
+    ``summary`` says how far it got, ``signum`` which signal it was."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.summary: Summary | None = None
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
 @dataclass(frozen=True)
 class Skipped:
     """What ``map(..., on_skip="marker")`` yields in place of an item a stage skipped
@@ -101,6 +114,7 @@ class _DriveState:
     delivered: int = 0
     skipped: set[int] = field(default_factory=set)
     why: dict[int, tuple[str, str]] = field(default_factory=dict)  # skipped item -> (stage, error)
+    record: Path | None = None  # the failures file skipped items are recorded in (run only)
     duplicates: int = 0
     bytes_in: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -132,6 +146,7 @@ class Pipeline:
         self._unfinished = False
         self._rows_left: dict[int, int] = {}  # sink task -> rows not yet finished with
         self.state: _DriveState | None = None
+        self.stop_signal = 0  # set by request_stop (a signal handler)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Iterable[str] = (), **kw: Any) -> Pipeline:
@@ -253,6 +268,8 @@ class Pipeline:
         stall = max(self.cfg.broker.wait_timeout, 60.0) * 2
         last_progress = time.monotonic()
         while True:
+            if self.stop_signal:
+                raise Interrupted(self.stop_signal)
             while not exhausted and reserving < 2:
                 group = next(groups, None)
                 if group is None:
@@ -275,6 +292,8 @@ class Pipeline:
                 state.queues = " ".join(f"{st['name']}:{st['queue'] + st['inflight']}"
                                         for st in c.stats()["stages"][:-1])
             msg = c.next_message(0.2)
+            if self.stop_signal:  # before supervising: workers stopped by the same Ctrl-C stay stopped
+                raise Interrupted(self.stop_signal)
             if time.monotonic() - state.supervised_at > 0.1:
                 state.supervised_at = time.monotonic()
                 assert self.supervisor is not None
@@ -322,7 +341,7 @@ class Pipeline:
                                  f"retries if its workers die for reasons of their own")
             raise StageFailed(f"stage {msg.stage!r} failed on item(s) {msg.items}: {msg.error}\n"
                               f"--- worker traceback ---\n{msg.trace}")
-        path = self.failures_path()
+        path = state.record
         new = [i for i in msg.items if i not in state.seen]  # a re-run of a delivered item: not skipped
         if not new:
             return
@@ -366,22 +385,72 @@ class Pipeline:
         self.client.done(task)
 
     # -- the two ways to run ------------------------------------------------------------------------
-    def run(self, sink: Callable[[int, Any], None] | None = None) -> Summary:
-        """Drive the config's source through the stages to its sink; return the summary."""
-        items, total = source_items(self.cfg)
-        write = sink or make_sink(self.cfg, total)
+    def run(self, sink: Callable[[int, Any], None] | None = None, *, resume: bool = False,
+            overwrite: bool = False, output: RunOutput | None = None) -> Summary:
+        """Drive the config's source through the stages to its sink; return the summary.
+
+        With the config's npy sink the run holds its output directory
+        (``shmbroker/output.py``): it starts only into an empty directory, unless
+        ``resume`` (continue the run recorded there: the items already done are
+        left out) or ``overwrite`` (remove this project's files there first).
+        ``output``: the directory, opened already (``open_output``; ``shmbroker
+        run`` does so before it starts anything). A run stopped by
+        ``request_stop`` raises ``Interrupted``; the directory's manifest then
+        says the output is incomplete, and ``resume`` continues it.
+        """
+        out = output if output is not None else self.open_output(resume, overwrite, sink is not None)
+        try:
+            return self._run(sink, out)
+        finally:
+            if out is not None and output is None:
+                out.close()
+
+    def open_output(self, resume: bool = False, overwrite: bool = False,
+                    own_sink: bool = False) -> RunOutput | None:
+        """Lock and prepare the npy sink's directory for a run (None for other sinks)."""
+        if isinstance(self.cfg.sink, NpySink) and not own_sink:
+            return RunOutput.open(self.cfg, resume=resume, overwrite=overwrite, failures=self.failures_path())
+        if resume:
+            raise ConfigError(f"resume needs the config's npy sink (its directory records what is done); "
+                              f"this run's sink is {'a function of yours' if own_sink else self.cfg.sink.type}")
+        return None
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop the run soon (call from a signal handler: it only sets a flag); ``run``/``map``
+        then raise ``Interrupted``, and leaving the ``with`` block stops the workers and broker."""
+        self.stop_signal = signum
+
+    def _run(self, sink: Callable[[int, Any], None] | None, out: RunOutput | None) -> Summary:
         assert self.client is not None
-        state = _DriveState(base=_baseline(self.client))
+        where = search_path(self.path)
+        done = out.done if out is not None else set()
+        items, total = source_items(self.cfg, done, where)
+        write = sink or make_sink(self.cfg, total, where)
+        record = out.failures if out is not None else Path(self.cfg.failures) if self.cfg.failures else None
+        if out is None and record is not None:
+            record.unlink(missing_ok=True)  # the failures file belongs to one run
+        state = _DriveState(base=_baseline(self.client), record=record)
+        if out is not None:
+            out.begin(total)
         t0 = time.perf_counter()
-        bar = Progress(total, self.progress)
+        bar = Progress(None if total is None else total - len(done), self.progress)
         try:
             for idx, view, task in self._drive(items, state):
                 write(idx, view)
                 self._done(task)
                 bar.update(state.delivered, state.bytes_in, state.queues)
+        except BaseException as e:
+            if isinstance(e, Interrupted):
+                e.summary = self._summary(state, time.perf_counter() - t0, len(done), str(e))
+            if out is not None:
+                out.stopped(str(e) if isinstance(e, Interrupted) else f"{type(e).__name__}: {e}")
+            raise
         finally:
             bar.close()
-        return self._summary(state, time.perf_counter() - t0)
+        summary = self._summary(state, time.perf_counter() - t0, len(done))
+        if out is not None:
+            out.finish(len(summary.skipped))
+        return summary
 
     def map(self, arrays: Iterable[Any], copy: bool = True, on_skip: str = "raise") -> Iterator[Any]:
         """Feed arrays through the stages; yield one result per array, in input order.
@@ -446,7 +515,7 @@ class Pipeline:
                 if t >= 0:
                     self._done(t)
 
-    def _summary(self, state: _DriveState, seconds: float) -> Summary:
+    def _summary(self, state: _DriveState, seconds: float, resumed: int = 0, interrupted: str = "") -> Summary:
         assert self.client is not None and self.broker is not None
         self.client.ping()  # let the last dones land before reading the stage counters
         stats = self.client.stats()
@@ -463,7 +532,8 @@ class Pipeline:
         n = max(1, state.delivered)
         return Summary(self.cfg.name, state.delivered, sorted(state.skipped), state.duplicates,
                        seconds, state.bytes_in, stages, stats["peak"], stats["capacity"],
-                       self.restarts, copied / n, state.failures)
+                       self.restarts, copied / n, state.failures, resumed, interrupted,
+                       str(state.record) if state.record else "")
 
 
 def _baseline(client: Client) -> dict[str, dict[str, float]]:

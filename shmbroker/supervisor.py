@@ -53,7 +53,8 @@ log = logging.getLogger("shmbroker.supervisor")
 
 MAX_RESTARTS = 5  # deaths of one worker within RESTART_WINDOW before the run fails
 RESTART_WINDOW = 60.0
-FORKSERVER_PRELOAD = ["torch", "workers.runtime", "workers.stages"]
+# shmbroker.forkserver_exit: the fork server removes its socket's directory when it ends
+FORKSERVER_PRELOAD = ["torch", "workers.runtime", "workers.stages", "shmbroker.forkserver_exit"]
 START_METHODS = ("forkserver", "spawn")
 KEPT_EXITS = 1000
 EXIT_UNGUARDED = 86  # a child that ran the main script, which started a pipeline
@@ -95,7 +96,7 @@ def _preparation_without_main(name: str) -> dict[str, Any]:
 def _launch_without_main(popen: type) -> Any:
     """``popen._launch`` (CPython's code, any version) seeing a ``spawn`` module whose
     ``get_preparation_data`` names no main module; None if the code does not use it as expected."""
-    launch = popen._launch
+    launch = getattr(popen, "_launch")  # noqa: B009 (a private method mypy does not know)
     names = launch.__code__.co_names
     if "spawn" not in names or "get_preparation_data" not in names:
         return None
@@ -258,6 +259,7 @@ class Supervisor:
         self.process = process_class()
         self.restarts: collections.Counter[str] = collections.Counter()
         self.exits: collections.OrderedDict[int, int] = collections.OrderedDict()  # pid -> code
+        self.stopping = False
 
     def start(self) -> None:
         refuse_unguarded_main()
@@ -274,6 +276,8 @@ class Supervisor:
     def supervise(self) -> None:
         """Restart workers that exited, with back-off; fail once one dies ``MAX_RESTARTS``
         times within ``RESTART_WINDOW`` seconds (a crash loop, not bad luck over hours)."""
+        if self.stopping:  # workers that exit now were told to
+            return
         now = time.monotonic()
         for w in self.workers:
             if w.proc is None or w.proc.exitcode is None:
@@ -315,6 +319,7 @@ class Supervisor:
         return None
 
     def close(self) -> None:
+        self.stopping = True
         started = [w.proc for w in self.workers if w.proc is not None and w.proc.pid is not None]
         for p in started:
             if p.exitcode is None:

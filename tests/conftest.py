@@ -208,7 +208,7 @@ def runtime_base() -> Iterator[Path]:
     removed then, by the process that made it)."""
     yield _RUNTIME_BASE
     left = sorted(p.name for p in _RUNTIME_BASE.iterdir()) if _RUNTIME_BASE.is_dir() else []
-    if _OWNER == str(os.getpid()):
+    if str(os.getpid()) == _OWNER:
         shutil.rmtree(_RUNTIME_BASE, ignore_errors=True)
     assert not left, f"runtime directories left behind at the end of the session: {left}"
 

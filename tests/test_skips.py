@@ -31,10 +31,10 @@ def skipping_cfg(tmp_path: Path, **extra: object) -> Path:
 def test_map_raises_at_a_skipped_item_by_default(tmp_path: Path) -> None:
     arrays = [np.full(4, float(i)) for i in range(8)]
     got = []
-    with Pipeline.from_yaml(skipping_cfg(tmp_path)) as p:
-        with pytest.raises(StageFailed, match=r"stage 'boom' skipped item 3 .*boom on 3\.0.*on_skip='marker'"):
-            for r in p.map(arrays):
-                got.append(float(r[0]))
+    with Pipeline.from_yaml(skipping_cfg(tmp_path)) as p, \
+            pytest.raises(StageFailed, match=r"stage 'boom' skipped item 3 .*boom on 3\.0.*on_skip='marker'"):
+        for r in p.map(arrays):
+            got.append(float(r[0]))
     assert got == [0.0, 10.0, 20.0]  # the results before it came first
 
 

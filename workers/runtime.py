@@ -173,6 +173,9 @@ def worker_main(endpoint: str, spec: StageSpec, device: str, log_level: str = "W
         worker = Worker(endpoint, spec, device, curve=curve)
         return worker.run()
     except (BrokerGone, BrokerTimeout) as e:
+        if worker is not None and worker.stopping:  # told to stop, and the broker stopped too
+            log.info("worker for stage %s stops: %s", spec.name, e)
+            return 0
         log.error("worker for stage %s stops: %s", spec.name, e)
         return 3
     finally:
