@@ -202,7 +202,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if device is None or device == "cuda":  # the stage's planned device (its first replica's)
         override = {"replicas": 1} if device is None else {"replicas": 1, "device": "cuda"}
         device = plan_devices(stage.model_copy(update=override), cuda_count(), warn=log.warning)[0]
-    spec = stage.worker_spec(index, search_path(args.config))
+    spec = cfg.worker_spec(index, search_path(args.config))
     return worker_main(find_endpoint(args.endpoint or cfg.broker.endpoint), spec, device,
                        args.log_level, args.log_json,
                        cfg.broker.curve.client_args() if cfg.broker.curve else None)

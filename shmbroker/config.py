@@ -177,11 +177,13 @@ class StageConfig(_Strict):
         return StageSettings(name=self.name, batch=self.batch, on_error=self.on_error,
                              retries=self.retries, batch_timeout=self.batch_timeout)
 
-    def worker_spec(self, index: int, search_path: tuple[str, ...] = ()) -> StageSpec:
-        """What this stage's workers need to know of it."""
+    def worker_spec(self, index: int, search_path: tuple[str, ...] = (),
+                    after: StageConfig | None = None) -> StageSpec:
+        """What this stage's workers need to know of it (``after``: the next stage, if any)."""
         return StageSpec(name=self.name, index=index, fn=self.fn, factory=self.factory,
                          args=dict(self.args), batch=self.batch, dtype=self.dtype,
-                         credits=self.credits, threads=self.threads, search_path=search_path)
+                         credits=self.credits, threads=self.threads, search_path=search_path,
+                         next_batch=after.batch if after else 1, next_name=after.name if after else "")
 
 
 class PipelineConfig(_Strict):
@@ -208,6 +210,11 @@ class PipelineConfig(_Strict):
         if dup:
             raise ValueError(f"stage names must be unique; repeated: {sorted(dup)}")
         return self
+
+    def worker_spec(self, index: int, search_path: tuple[str, ...] = ()) -> StageSpec:
+        """What the workers of stage ``index`` need to know of it."""
+        after = self.stages[index + 1] if index + 1 < len(self.stages) else None
+        return self.stages[index].worker_spec(index, search_path, after)
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:

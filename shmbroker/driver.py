@@ -162,7 +162,7 @@ class Pipeline:
         out = []
         for i, st in enumerate(self.cfg.stages):
             for j, dev in enumerate(plan_devices(st, count, self.require_gpu, warn=self._warn)):
-                out.append(WorkerProc(st.worker_spec(i, where), f"worker:{st.name}:{j}", dev))
+                out.append(WorkerProc(self.cfg.worker_spec(i, where), f"worker:{st.name}:{j}", dev))
         return out
 
     def _warn(self, text: str) -> None:
@@ -222,9 +222,7 @@ class Pipeline:
         group: list[tuple[int, np.ndarray]] = []
         nbytes, started = 0, time.monotonic()
         for idx, arr in items:
-            if arr.nbytes > cap:
-                raise ItemTooLarge(f"item {idx} of {format_bytes(arr.nbytes)} ({arr.dtype}"
-                                   f"{list(arr.shape)}) is larger than the arena ({format_bytes(cap)})")
+            self._check_size(idx, arr, cap)
             if group and (arr.shape != group[0][1].shape or arr.dtype != group[0][1].dtype
                           or nbytes + arr.nbytes > group_bytes or time.monotonic() - started >= FEED_WAIT):
                 yield group
@@ -238,6 +236,21 @@ class Pipeline:
                 group, nbytes = [], 0
         if group:
             yield group
+
+    def _check_size(self, idx: int, arr: np.ndarray, cap: int) -> None:
+        """``ItemTooLarge`` at once for an item that can never be placed in stage 0."""
+        what = f"{format_bytes(arr.nbytes)} ({arr.dtype}{list(arr.shape)})"
+        if arr.nbytes > cap:
+            raise ItemTooLarge(f"item {idx} of {what} is larger than the arena ({format_bytes(cap)}); "
+                               f"raise broker.capacity")
+        first = self.cfg.stages[0]
+        if first.batch > 1 and first.batch * arr.nbytes > cap:
+            most = cap // max(arr.nbytes, 1)
+            raise ItemTooLarge(
+                f"stage {first.name!r} collates batches of {first.batch} items in one block: "
+                f"{first.batch} x {what} = {format_bytes(first.batch * arr.nbytes)}, more than the "
+                f"{format_bytes(cap)} arena; lower stages.{first.name}.batch to at most {most}, or "
+                f"raise broker.capacity to more than {format_bytes(first.batch * arr.nbytes)}")
 
     def _write_items(self, group: list[tuple[int, np.ndarray]], reserved: Reserved,
                      state: _DriveState) -> None:

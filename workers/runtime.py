@@ -121,8 +121,9 @@ class Worker:
         try:
             rsvs, copied = self.compute.run(task)
         except ArenaFull as e:  # backpressure: the task waits in its queue, the stage is not to blame
-            log.warning("stage %s: no arena space for the result of items %s: %s", self.spec.name,
-                        task.items[:8], e)
+            # the driver reports it (it stops the run); here only for --log-level INFO
+            log.info("stage %s: no arena space for the result of items %s: %s", self.spec.name,
+                     task.items[:8], e)
             self.client.fail(task, f"stage {self.spec.name!r} could not write its result: {e}",
                              arena=True)
             return

@@ -33,6 +33,8 @@ class StageSpec:
     credits: int = 2
     threads: int | None = None  # torch.set_num_threads
     search_path: tuple[str, ...] = ()  # directories stage modules are looked for in, after sys.path
+    next_batch: int = 1  # the next stage's batch: results are collated in blocks of this many rows
+    next_name: str = ""  # the next stage's name ("" for the sink)
 
     @property
     def target(self) -> str:
