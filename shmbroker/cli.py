@@ -253,10 +253,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .plan import check_imports
+    from .plan import check_imports, source_warnings
 
     cfg = load_config(args.file, args.set)
     check_imports(cfg, args.file)
+    for text in source_warnings(cfg):
+        print(f"{args.file}: warning: {text}", file=sys.stderr)
     print(f"{args.file}: ok: {len(cfg.stages)} stage(s) "
           f"({', '.join(s.name for s in cfg.stages)}), arena {format_bytes(int(cfg.broker.capacity))}")
     return 0

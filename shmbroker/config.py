@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from broker.arena import host_memory_limit
-from broker.errors import ConfigError, format_bytes
+from broker.client import array_spec
+from broker.errors import ConfigError, UnsupportedArray, format_bytes
 from broker.protocol import BFLOAT16, StageSettings
 from broker.security import is_loopback
 from workers.spec import StageSpec
@@ -30,15 +31,15 @@ class _Strict(BaseModel):
 
 
 def check_dtype(v: str) -> str:
-    """A dtype NumPy knows, or ``bfloat16`` (stored as its raw bits); else ``ValueError``."""
+    """A numeric dtype NumPy knows, or ``bfloat16`` (stored as its raw bits); else ``ValueError``."""
     if v == BFLOAT16:
         return v
-    import numpy as np
-
     try:
-        np.dtype(v)
-    except TypeError:
-        raise ValueError(f"unknown dtype {v!r} (a NumPy dtype such as float32, or bfloat16)") from None
+        array_spec(v)
+    except (TypeError, UnsupportedArray) as e:
+        why = "unsupported" if isinstance(e, UnsupportedArray) else "unknown"
+        raise ValueError(f"{why} dtype {v!r} (a numeric NumPy dtype such as float32, uint8, or "
+                         f"bfloat16)") from None
     return v
 
 
@@ -98,6 +99,13 @@ class SyntheticSource(_Strict):
     shape: list[Annotated[int, Field(ge=0)]]
     dtype: str = "float32"
     seed: int = 0
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v == BFLOAT16:
+            raise ValueError("a synthetic source makes NumPy arrays: bfloat16 is a stage's dtype only")
+        return check_dtype(v)
 
 
 class NpySource(_Strict):

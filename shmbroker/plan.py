@@ -7,15 +7,17 @@ and ``cuda_count`` ask a process like the workers (``supervisor.probe``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from broker.errors import ConfigError
 
-from .config import PipelineConfig, StageConfig
-from .supervisor import probe
+from .config import NpySource, PipelineConfig, StageConfig
+from .io import npy_files
+from .supervisor import probe, start_method
 
-__all__ = ["plan_devices", "cuda_count", "check_imports", "search_path"]
+__all__ = ["plan_devices", "cuda_count", "check_imports", "source_warnings", "search_path"]
 
 
 def cuda_count() -> int:
@@ -32,25 +34,43 @@ def search_path(config_path: str | Path | None) -> tuple[str, ...]:
 
 
 def check_imports(cfg: PipelineConfig, path: str | Path | None) -> None:
-    """Every stage, source and sink function imports where it will run; else ``ConfigError``
-    naming the file, the key and where the module was looked for."""
+    """Every stage, source and sink function imports where it will run and accepts the config's
+    ``args``, and the start method is known; else ``ConfigError`` naming the file, the key and
+    (for a module not found) where it was looked for."""
+    start_method()
     where = search_path(path)
-    specs = tuple(st.fn or st.factory or "" for st in cfg.stages)
-    _count, errors = probe(specs, where)
-    for i, st in enumerate(cfg.stages):
-        spec = st.fn or st.factory or ""
-        if spec in errors:
-            raise ConfigError(f"{path}: stages[{i}].{'fn' if st.fn else 'factory'}: cannot import "
-                              f"{spec!r}: {errors[spec]}")
-    from workers.spec import resolve
+    calls = tuple((st.fn or st.factory or "", "fn" if st.fn else "factory",
+                   json.dumps(st.args, sort_keys=True, default=str)) for st in cfg.stages)
+    _count, errors = probe(calls, where)
+    for i in sorted(errors):
+        key, why = errors[i]
+        raise ConfigError(f"{path}: stages[{i}].{key}: {why}")
+    from workers.spec import call_error, resolve
 
-    for key, fn in (("source.fn", getattr(cfg.source, "fn", None)),
-                    ("sink.fn", getattr(cfg.sink, "fn", None))):
-        if fn:
-            try:
-                resolve(fn, where)
-            except (ImportError, AttributeError, TypeError) as e:
-                raise ConfigError(f"{path}: {key}: cannot import {fn!r}: {e}") from None
+    for key, part, leading, how in (("source", cfg.source, 0, "fn(**args)"),
+                                    ("sink", cfg.sink, 1, "fn(array, **args) or fn(array, index, **args)")):
+        fn = getattr(part, "fn", None)
+        if not fn:
+            continue
+        try:
+            found = resolve(fn, where)
+        except (ImportError, AttributeError, TypeError) as e:
+            raise ConfigError(f"{path}: {key}.fn: cannot import {fn!r}: {e}") from None
+        args = getattr(part, "args", {})
+        why = call_error(found, args, leading=leading, how=how)
+        if why and key == "sink":  # a sink may take the item's index after the array
+            why = why if call_error(found, args, leading=2, how=how) else None
+        if why:
+            raise ConfigError(f"{path}: {key}.args: {fn} does not accept them: {why}")
+
+
+def source_warnings(cfg: PipelineConfig) -> list[str]:
+    """What is not an error yet but will be when the run starts (a glob that matches nothing)."""
+    src = cfg.source
+    if isinstance(src, NpySource) and not npy_files(src.path):
+        return [f"source.path {src.path!r} matches no files now (relative to {Path.cwd()}); "
+                f"`run` fails unless they appear"]
+    return []
 
 
 def plan_devices(stage: StageConfig, count: int, require_gpu: bool = False,

@@ -178,9 +178,15 @@ def _worker_entry(env: dict[str, str], *args: Any) -> None:
 
 
 # -- asking a process like the workers ------------------------------------------------------------
+StageCall = tuple[str, str, str]  # (module:function, "fn" or "factory", the args as JSON)
+
+
 @functools.lru_cache(maxsize=8)
-def probe(specs: tuple[str, ...] = (), search_path: tuple[str, ...] = ()) -> tuple[int, dict[str, str]]:
-    """What a worker would see: the CUDA device count, and why each ``module:fn`` does not import.
+def probe(stages: tuple[StageCall, ...] = (), search_path: tuple[str, ...] = ()
+          ) -> tuple[int, dict[int, tuple[str, str]]]:
+    """What a worker would see: the CUDA device count, and what is wrong with each stage's code:
+    ``{stage index: (key, why)}``, key ``fn``/``factory`` (it does not import) or ``args`` (the
+    function does not accept them).
 
     A process that has not imported torch (a pipeline's driver) asks a process
     forked from the workers' fork server, which has torch loaded already: the
@@ -189,7 +195,7 @@ def probe(specs: tuple[str, ...] = (), search_path: tuple[str, ...] = ()) -> tup
     refuse_unguarded_main()
     if "torch" not in sys.modules and start_method() == "forkserver":
         r, w = multiprocessing.Pipe(duplex=False)
-        child = process_class("forkserver")(target=_report, args=(w, specs, search_path, dict(os.environ)),
+        child = process_class("forkserver")(target=_report, args=(w, stages, search_path, dict(os.environ)),
                                             daemon=True)
         child.start()
         w.close()
@@ -205,7 +211,7 @@ def probe(specs: tuple[str, ...] = (), search_path: tuple[str, ...] = ()) -> tup
         if child.exitcode == EXIT_UNGUARDED:
             raise ConfigError(UNGUARDED)
         log.warning("the worker probe process gave no answer; importing torch here")
-    return _count_here(), _import_errors(specs, search_path)
+    return _count_here(), _stage_errors(stages, search_path)
 
 
 def _count_here() -> int:
@@ -214,21 +220,28 @@ def _count_here() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _import_errors(specs: tuple[str, ...], search_path: tuple[str, ...]) -> dict[str, str]:
-    from workers.spec import resolve
+def _stage_errors(stages: tuple[StageCall, ...], search_path: tuple[str, ...]) -> dict[int, tuple[str, str]]:
+    import json
+
+    from workers.spec import call_error, resolve
 
     errors = {}
-    for spec in specs:
+    for i, (target, kind, args) in enumerate(stages):
         try:
-            resolve(spec, search_path)
+            fn = resolve(target, search_path)
         except (ImportError, AttributeError, TypeError) as e:
-            errors[spec] = str(e)
+            errors[i] = (kind, f"cannot import {target!r}: {e}")
+            continue
+        why = call_error(fn, json.loads(args), factory=kind == "factory")
+        if why:
+            errors[i] = ("args", f"{target} does not accept them: {why}")
     return errors
 
 
-def _report(conn: Any, specs: tuple[str, ...], search_path: tuple[str, ...], env: dict[str, str]) -> None:
+def _report(conn: Any, stages: tuple[StageCall, ...], search_path: tuple[str, ...],
+            env: dict[str, str]) -> None:
     adopt_environment(env)  # CUDA_VISIBLE_DEVICES and the like as the driver has them now
-    conn.send((_count_here(), _import_errors(specs, search_path)))
+    conn.send((_count_here(), _stage_errors(stages, search_path)))
     conn.close()
 
 
