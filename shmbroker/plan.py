@@ -57,11 +57,11 @@ def check_imports(cfg: PipelineConfig, path: str | Path | None) -> None:
         except (ImportError, AttributeError, TypeError) as e:
             raise ConfigError(f"{path}: {key}.fn: cannot import {fn!r}: {e}") from None
         args = getattr(part, "args", {})
-        why = call_error(found, args, leading=leading, how=how)
-        if why and key == "sink":  # a sink may take the item's index after the array
-            why = why if call_error(found, args, leading=2, how=how) else None
-        if why:
-            raise ConfigError(f"{path}: {key}.args: {fn} does not accept them: {why}")
+        problem = call_error(found, args, leading=leading, how=how)
+        if problem and key == "sink":  # a sink may take the item's index after the array
+            problem = problem if call_error(found, args, leading=2, how=how) else None
+        if problem:
+            raise ConfigError(f"{path}: {key}.args: {fn} does not accept them: {problem}")
 
 
 def source_warnings(cfg: PipelineConfig) -> list[str]:
