@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import re
 import signal
 import sys
 import time
@@ -19,6 +20,12 @@ log = logging.getLogger("shmbroker.cli")
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
     p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+
+
+def _device(value: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, not {value!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="attach one worker for a stage to a running broker")
     p.add_argument("--config", required=True)
     p.add_argument("--stage", required=True)
-    p.add_argument("--device", help="override the stage's device, e.g. cuda:1")
+    p.add_argument("--device", type=_device,
+                   help="cpu, cuda (the stage's planned GPU) or cuda:N; default: the stage's device")
     p.add_argument("--endpoint", help="the broker's endpoint (default: the one live broker)")
     p.add_argument("--set", action="append", default=[])
     _common(p)
@@ -192,16 +200,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.runtime import worker_main
 
     from .config import load_config
-    from .plan import cuda_count, plan_devices, search_path
+    from .plan import check_device, cuda_count, plan_devices, search_path
 
     # the broker's container holds the arena; this one's memory limit need not cover it
     cfg = load_config(args.config, args.set, check_host=False)
     stage = cfg.stage(args.stage)
     index = cfg.stages.index(stage)
     device = args.device
+    count = cuda_count()
     if device is None or device == "cuda":  # the stage's planned device (its first replica's)
         override = {"replicas": 1} if device is None else {"replicas": 1, "device": "cuda"}
-        device = plan_devices(stage.model_copy(update=override), cuda_count(), warn=log.warning)[0]
+        device = plan_devices(stage.model_copy(update=override), count, warn=log.warning)[0]
+    elif device != "cpu":
+        check_device(device, count)
     spec = cfg.worker_spec(index, search_path(args.config))
     return worker_main(find_endpoint(args.endpoint or cfg.broker.endpoint), spec, device,
                        args.log_level, args.log_json,

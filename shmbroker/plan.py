@@ -17,12 +17,25 @@ from .config import NpySource, PipelineConfig, StageConfig
 from .io import npy_files
 from .supervisor import probe, start_method
 
-__all__ = ["plan_devices", "cuda_count", "check_imports", "source_warnings", "search_path"]
+__all__ = ["plan_devices", "cuda_count", "check_device", "check_imports", "source_warnings", "search_path"]
 
 
 def cuda_count() -> int:
     """Number of usable CUDA devices (0 without CUDA or without a CUDA build of torch)."""
     return probe()[0]
+
+
+def check_device(device: str, count: int) -> None:
+    """A device named on the command line (``cuda:N``) that this host has; else ``ConfigError``."""
+    if not device.startswith("cuda"):
+        return
+    if count == 0:
+        raise ConfigError(f"--device {device}: this host has no CUDA device (torch.cuda.is_available() "
+                          f"is False); use --device cpu, or run this worker on a GPU host")
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise ConfigError(f"--device {device} does not exist; this host has {count} CUDA device(s): "
+                          f"cuda:0..cuda:{count - 1}")
 
 
 def search_path(config_path: str | Path | None) -> tuple[str, ...]:
@@ -78,7 +91,8 @@ def plan_devices(stage: StageConfig, count: int, require_gpu: bool = False,
     """One device string per worker process of ``stage``, given ``count`` CUDA devices.
 
     * ``device: cpu``: ``replicas`` processes on the CPU.
-    * ``device: auto``: CUDA when there is one, else the CPU (no warning: that is what auto means).
+    * ``device: auto``: CUDA when there is one, else the CPU (no warning: that is what auto
+      means), unless ``require_gpu``: then an error.
     * ``device: cuda`` / ``cuda:N``: on a host without CUDA, the CPU with one warning,
       unless ``require_gpu``; an index the host does not have is an error.
     * ``devices: all | [0, 2]`` picks the GPUs; ``replicas_per_device`` puts that many
@@ -88,9 +102,10 @@ def plan_devices(stage: StageConfig, count: int, require_gpu: bool = False,
     if stage.device == "cpu":
         return ["cpu"] * _total(stage, 1)
     if count == 0:
-        if stage.device != "auto" and require_gpu:
-            raise ConfigError(f"{where}.device: {stage.device} was required but this host has no "
-                              f"CUDA device (torch.cuda.is_available() is False)")
+        if require_gpu:  # device: auto too: --require-gpu means no stage but the CPU ones on the CPU
+            raise ConfigError(f"{where}.device: {stage.device} would run on the CPU: this host has no "
+                              f"CUDA device (torch.cuda.is_available() is False) and a GPU was required "
+                              f"(--require-gpu)")
         if stage.device != "auto" and warn is not None:
             warn(f"stage {stage.name!r} asks for {stage.device} but this host has no CUDA device; "
                  f"running it on the CPU (pass --require-gpu to fail instead)")
