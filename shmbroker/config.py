@@ -6,6 +6,9 @@ get is ``plan.py``'s to find out (it asks a process like the workers).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -222,7 +225,16 @@ class PipelineConfig(_Strict):
     def worker_spec(self, index: int, search_path: tuple[str, ...] = ()) -> StageSpec:
         """What the workers of stage ``index`` need to know of it."""
         after = self.stages[index + 1] if index + 1 < len(self.stages) else None
-        return self.stages[index].worker_spec(index, search_path, after)
+        spec = self.stages[index].worker_spec(index, search_path, after)
+        return dataclasses.replace(spec, pipeline=self.pipeline_id())
+
+    def pipeline_id(self) -> str:
+        """``name@hash`` of what the broker and the workers of this pipeline must agree on: the
+        stages' names, code, args, dtypes and batch sizes (not resources such as replicas)."""
+        stages = [{k: getattr(s, k) for k in ("name", "fn", "factory", "args", "dtype", "batch")}
+                  for s in self.stages]
+        digest = hashlib.sha256(json.dumps(stages, sort_keys=True, default=str).encode()).hexdigest()
+        return f"{self.name}@{digest[:12]}"
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:

@@ -177,13 +177,14 @@ class Pipeline:
                              stages=[s.to_broker() for s in cfg.stages],
                              max_inflight=cfg.broker.max_inflight, wait_timeout=cfg.broker.wait_timeout,
                              log_level=self.log_level, metrics_port=cfg.broker.metrics_port,
-                             hwm=cfg.broker.hwm, curve=curve.broker_args() if curve else None)
+                             hwm=cfg.broker.hwm, curve=curve.broker_args() if curve else None,
+                             pipeline=cfg.pipeline_id())
         self.supervisor = Supervisor(self.broker.endpoint, self.workers, self.log_level, self.log_json,
                                      curve.client_args() if curve else None)
         self.supervisor.start()
         self.client = Client(self.broker.endpoint, role="driver", name=f"driver:{cfg.name}",
                              curve=curve.client_args() if curve else None)
-        self.client.register(SINK, credits=self.sink_credits)
+        self.client.register(SINK, credits=self.sink_credits, pipeline=cfg.pipeline_id())
         return self
 
     @property

@@ -85,7 +85,8 @@ class Worker:
             self.prefetch = self.device.cuda if flag is None else flag == "1"
             self.stopping = False
             self.acks: set[int] = set()
-            self.client.register(spec.name, credits=spec.credits, device=str(self.device), pinned=pinned)
+            self.client.register(spec.name, credits=spec.credits, device=str(self.device), pinned=pinned,
+                                 pipeline=spec.pipeline)
         except BaseException:
             self.close()
             raise

@@ -36,6 +36,7 @@ class StageSpec:
     search_path: tuple[str, ...] = ()  # directories stage modules are looked for in, after sys.path
     next_batch: int = 1  # the next stage's batch: results are collated in blocks of this many rows
     next_name: str = ""  # the next stage's name ("" for the sink)
+    pipeline: str = ""  # which pipeline (name@config hash): the broker refuses a worker of another
 
     @property
     def target(self) -> str:
