@@ -214,7 +214,7 @@ def test_cuda_stage_falls_back_to_cpu_with_one_warning(tmp_path: Path) -> None:
         np.testing.assert_array_equal(got[i], x * 2)
     from broker.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="required but this host has no CUDA"):
+    with pytest.raises(ConfigError, match="would run on the CPU: this host has no CUDA"):
         Pipeline.from_yaml(cfg, require_gpu=True).plan()
 
 
