@@ -1,4 +1,8 @@
-"""The ``shmbroker`` command: run, broker, worker, status, validate, cleanup."""
+"""The ``shmbroker`` command: run, broker, worker, status, validate, doctor, keys, cleanup.
+
+``run`` stops gracefully on SIGTERM (exit status 143) and Ctrl-C (130): the
+signal handlers only ask the pipeline to stop (``graceful_stop``).
+"""
 
 from __future__ import annotations
 
@@ -17,9 +21,26 @@ from broker.errors import BrokerError, format_bytes
 log = logging.getLogger("shmbroker.cli")
 
 
+DESCRIPTION = """\
+Pipelines of NumPy arrays moved between processes through one shared-memory arena:
+a YAML file names a source, CPU/GPU stages and a sink.
+
+  shmbroker run FILE        run a pipeline to the end of its source
+  shmbroker validate FILE   check a pipeline file without starting anything
+  shmbroker doctor [FILE]   check this host against a pipeline file
+
+Docs: README.md and docs/pipelines.md in the repository."""
+
+SET_HELP = "override a config value, e.g. --set stages.infer.batch=8; VALUE null (or ~) unsets the key"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
     p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+
+
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help=SET_HELP)
 
 
 def _device(value: str) -> str:
@@ -29,14 +50,15 @@ def _device(value: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="shmbroker", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = argparse.ArgumentParser(prog="shmbroker", description=DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, title="commands", metavar="COMMAND")
 
     p = sub.add_parser("run", help="run a pipeline from a YAML file to the end of its source")
-    p.add_argument("file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a config value, e.g. --set stages.infer.batch=8")
-    p.add_argument("--require-gpu", action="store_true", help="fail instead of falling back to the CPU")
+    p.add_argument("file", help="the pipeline's YAML file")
+    _overrides(p)
+    p.add_argument("--require-gpu", action="store_true",
+                   help="fail instead of running a GPU stage (device: cuda, cuda:N or auto) on the CPU")
     p.add_argument("--no-progress", action="store_true", help="no live progress line on the terminal")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--resume", action="store_true",
@@ -50,43 +72,47 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("broker", help="start only the broker (for workers attached separately)")
     p.add_argument("--config", help="pipeline file whose broker and stages to use")
-    p.add_argument("--capacity", help="arena size, e.g. 512MiB (without --config)")
-    p.add_argument("--endpoint", help="ipc://PATH or tcp://127.0.0.1:PORT")
-    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--capacity", help="arena size, e.g. 512MiB (default: the config's, else 256MiB)")
+    p.add_argument("--endpoint", help="ipc://PATH or tcp://127.0.0.1:PORT (default: the config's, else "
+                                      "an ipc socket in a new runtime directory)")
+    _overrides(p)
     _common(p)
 
     p = sub.add_parser("worker", help="attach one worker for a stage to a running broker")
-    p.add_argument("--config", required=True)
-    p.add_argument("--stage", required=True)
+    p.add_argument("--config", required=True, help="the pipeline file the broker was started with")
+    p.add_argument("--stage", required=True, help="the name of the stage this worker runs")
     p.add_argument("--device", type=_device,
                    help="cpu, cuda (the stage's planned GPU) or cuda:N; default: the stage's device")
-    p.add_argument("--endpoint", help="the broker's endpoint (default: the one live broker)")
-    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--endpoint", help="the broker's endpoint (default: the config's, else the one live broker)")
+    _overrides(p)
     _common(p)
 
     p = sub.add_parser("status", help="show a running broker: arena, stages, workers")
-    p.add_argument("--endpoint")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS")
+    p.add_argument("--endpoint", help="the broker's endpoint (default: the one live broker)")
+    p.add_argument("--json", action="store_true", help="print the broker's statistics as JSON")
+    p.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
+                   help="show it again every SECONDS (default 1) until Ctrl-C")
     _common(p)
 
-    p = sub.add_parser("validate", help="check a pipeline file and exit")
-    p.add_argument("file")
-    p.add_argument("--set", action="append", default=[])
+    p = sub.add_parser("validate", help="check a pipeline file (and that its code imports) and exit")
+    p.add_argument("file", help="the pipeline's YAML file")
+    _overrides(p)
     _common(p)
 
     p = sub.add_parser("doctor", help="check this host against a pipeline file and print fixes")
-    p.add_argument("file", nargs="?")
-    p.add_argument("--set", action="append", default=[])
-    p.add_argument("--require-gpu", action="store_true")
+    p.add_argument("file", nargs="?", help="the pipeline's YAML file (without it: the host only)")
+    _overrides(p)
+    p.add_argument("--require-gpu", action="store_true",
+                   help="report a GPU stage (device: cuda, cuda:N or auto) that would run on the CPU as a failure")
     _common(p)
 
     p = sub.add_parser("keys", help="make CURVE certificates for a broker and its clients")
-    p.add_argument("dir")
+    p.add_argument("dir", help="directory to write the certificates to (made if missing)")
+    p.add_argument("--force", action="store_true", help="replace certificates already in DIR")
     _common(p)
 
     p = sub.add_parser("cleanup", help="remove runtime directories of brokers that are gone")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     _common(p)
     return ap
 
@@ -304,6 +330,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     import zmq.auth
 
+    names = ("broker.key", "broker.key_secret", "client.key", "client.key_secret")
+    existing = [n for n in names if os.path.exists(os.path.join(args.dir, n))]
+    if existing and not args.force:
+        raise BrokerError(f"{args.dir} already holds keys ({', '.join(existing)}); brokers and clients "
+                          f"configured with them would stop matching: pass --force to replace them")
     os.makedirs(os.path.join(args.dir, "authorized"), mode=0o700, exist_ok=True)
     server_public, server_secret = zmq.auth.create_certificates(args.dir, "broker")
     client_public, client_secret = zmq.auth.create_certificates(args.dir, "client")

@@ -256,21 +256,48 @@ def _key_path(loc: tuple[Any, ...]) -> str:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--set key.path=value`` (``stages.infer.batch=8`` or ``stages[1].batch=8``)."""
+    """Apply ``--set key.path=value`` (``stages.infer.batch=8`` or ``stages[1].batch=8``);
+    a value of ``null`` (or ``~``) unsets the key, so its default applies."""
+    _apply(raw, overrides)
+    return raw
+
+
+def _apply(raw: dict[str, Any], overrides: list[str]) -> dict[str, str]:
+    """``apply_overrides``; returns ``{key path as errors name it (stages[1].batch): the --set}``."""
+    origins = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         parts = [p for p in re.split(r"\.|\[(\d+)\]", key) if p]
+        if not parts:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: the value is not valid YAML: {e}") from None
         node: Any = raw
+        where = ""
         for i, part in enumerate(parts[:-1]):
-            node = _step(node, part, key, parts[i + 1])
+            node, where = _step(node, part, key, parts[i + 1], where)
         last = parts[-1]
+        if parsed is None and last == "type" and where == "sink":
+            parsed = "null"  # the null sink, not an unset type
         if isinstance(node, list):
-            node[_index(node, last, key)] = yaml.safe_load(value)
+            idx = _index(node, last, key)
+            where += f"[{idx}]"
+            if parsed is None:
+                del node[idx]
+            else:
+                node[idx] = parsed
         else:
-            node[last] = yaml.safe_load(value)
-    return raw
+            where += f"{'.' if where else ''}{last}"
+            if parsed is None:
+                node.pop(last, None)
+            else:
+                node[last] = parsed
+        origins[where] = item
+    return origins
 
 
 def _index(node: list[Any], part: str, key: str) -> int:
@@ -282,12 +309,24 @@ def _index(node: list[Any], part: str, key: str) -> int:
     raise ConfigError(f"--set {key}: no list entry {part!r}")
 
 
-def _step(node: Any, part: str, key: str, nxt: str) -> Any:
+def _step(node: Any, part: str, key: str, nxt: str, where: str) -> tuple[Any, str]:
+    """One step down the key path: the node there (made if missing) and its path so far."""
     if isinstance(node, list):
-        return node[_index(node, part, key)]
+        idx = _index(node, part, key)
+        return node[idx], f"{where}[{idx}]"
     if not isinstance(node, dict):
         raise ConfigError(f"--set {key}: {part!r} is not inside a map")
-    return node.setdefault(part, [] if nxt.isdigit() else {})
+    return node.setdefault(part, [] if nxt.isdigit() else {}), f"{where}{'.' if where else ''}{part}"
+
+
+def _origin(path: Path, key_path: str, origins: dict[str, str]) -> str:
+    """What an error at ``key_path`` comes from: the ``--set`` that wrote it (or a key above or
+    below it), else the file."""
+    for written, item in origins.items():
+        if key_path == written or key_path.startswith((written + ".", written + "[")) or \
+                written.startswith((key_path + ".", key_path + "[")):
+            return f"--set {item}"
+    return str(path)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None,
@@ -302,18 +341,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a map of name, broker, source, stages, sink")
-    raw = apply_overrides(raw, overrides or [])
+    origins = _apply(raw, overrides or [])
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        lines = [f"{path}: {_key_path(err['loc'])}: {err['msg']}"
-                 + (f" (got {err['input']!r:.60})" if err["type"] != "missing" else "")
-                 for err in e.errors()]
+        lines = []
+        for err in e.errors():
+            key_path = _key_path(err["loc"])
+            lines.append(f"{_origin(path, key_path, origins)}: {key_path}: {err['msg']}"
+                         + (f" (got {err['input']!r:.60})" if err["type"] != "missing" else ""))
         raise ConfigError("\n".join(lines)) from None
     if check_host:
         limit, where = host_memory_limit()
         if cfg.broker.capacity > limit:
             raise ConfigError(
-                f"{path}: broker.capacity: {format_bytes(cfg.broker.capacity)} is more than the "
+                f"{_origin(path, 'broker.capacity', origins)}: broker.capacity: "
+                f"{format_bytes(cfg.broker.capacity)} is more than the "
                 f"{format_bytes(limit)} available ({where}); lower it or raise the limit")
     return cfg
