@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from broker.arena import host_memory_limit
 from broker.client import array_spec
@@ -205,6 +214,12 @@ class PipelineConfig(_Strict):
     sink: Sink = Field(default_factory=lambda: NullSink(type="null"))
     failures: str | None = Field(default=None, description="JSON-lines file of skipped items "
                                  "(default: failures.jsonl in an npy sink's directory)")
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)  # key path -> the --set that wrote it
+
+    def origin(self, key_path: str, path: str | Path | None) -> str:
+        """What a problem at ``key_path`` comes from, for its message: the ``--set`` that wrote
+        it, else the file ``path``."""
+        return _origin(Path(str(path)), key_path, self._origins)
 
     @model_validator(mode="before")
     @classmethod
@@ -351,6 +366,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
             lines.append(f"{_origin(path, key_path, origins)}: {key_path}: {err['msg']}"
                          + (f" (got {err['input']!r:.60})" if err["type"] != "missing" else ""))
         raise ConfigError("\n".join(lines)) from None
+    cfg._origins = origins
     if check_host:
         limit, where = host_memory_limit()
         if cfg.broker.capacity > limit:

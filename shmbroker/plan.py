@@ -57,7 +57,7 @@ def check_imports(cfg: PipelineConfig, path: str | Path | None) -> None:
     _count, errors = probe(calls, where)
     for i in sorted(errors):
         key, why = errors[i]
-        raise ConfigError(f"{path}: stages[{i}].{key}: {why}")
+        raise ConfigError(f"{cfg.origin(f'stages[{i}].{key}', path)}: stages[{i}].{key}: {why}")
     from workers.spec import call_error, resolve
 
     for key, part, leading, how in (("source", cfg.source, 0, "fn(**args)"),
@@ -68,13 +68,14 @@ def check_imports(cfg: PipelineConfig, path: str | Path | None) -> None:
         try:
             found = resolve(fn, where)
         except (ImportError, AttributeError, TypeError) as e:
-            raise ConfigError(f"{path}: {key}.fn: cannot import {fn!r}: {e}") from None
+            raise ConfigError(f"{cfg.origin(f'{key}.fn', path)}: {key}.fn: cannot import {fn!r}: {e}") from None
         args = getattr(part, "args", {})
         problem = call_error(found, args, leading=leading, how=how)
         if problem and key == "sink":  # a sink may take the item's index after the array
             problem = problem if call_error(found, args, leading=2, how=how) else None
         if problem:
-            raise ConfigError(f"{path}: {key}.args: {fn} does not accept them: {problem}")
+            raise ConfigError(f"{cfg.origin(f'{key}.args', path)}: {key}.args: {fn} does not accept them: "
+                              f"{problem}")
 
 
 def source_warnings(cfg: PipelineConfig) -> list[str]:
