@@ -153,11 +153,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             with pipeline as p:
                 summary = p.run(output=output)
     except Interrupted as e:
-        if e.summary is not None:
-            print_summary(e.summary, args.json)
-        where = f"the output in {output.directory} is incomplete (its {MANIFEST} says so); continue it " \
-                f"with: shmbroker run {args.file} --resume" if output is not None else "nothing was kept"
-        print(f"shmbroker run: {e}; {where}", file=sys.stderr)
+        if e.summary is None:  # before the run began
+            print(f"shmbroker run: {e} before the run began; nothing was written", file=sys.stderr)
+            return 128 + e.signum
+        print_summary(e.summary, args.json)
+        where = f"; the output in {output.directory} is incomplete (its {MANIFEST} says so): continue " \
+                f"it with: shmbroker run {args.file} --resume" if output is not None else ""
+        print(f"shmbroker run: {e} after {e.summary.items} item(s){where}", file=sys.stderr)
         return 128 + e.signum
     finally:
         if output is not None:

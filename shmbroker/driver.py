@@ -457,7 +457,8 @@ class Pipeline:
             if isinstance(e, Interrupted):
                 e.summary = self._summary(state, time.perf_counter() - t0, len(done), str(e))
             if out is not None:
-                out.stopped(str(e) if isinstance(e, Interrupted) else f"{type(e).__name__}: {e}")
+                out.stopped(str(e) if isinstance(e, Interrupted) else
+                            f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
             raise
         finally:
             bar.close()

@@ -94,6 +94,16 @@ def test_a_run_into_a_directory_that_is_not_empty_is_refused_unless_overwrite(tm
             p.run(resume=True, overwrite=True)
 
 
+def test_resume_needs_an_npy_sink(tmp_path: Path) -> None:
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"source": {"type": "synthetic", "count": 2, "shape": [2]},
+                                   "stages": [{"name": "s", "fn": "workers.stages:identity"}]}))
+    with Pipeline.from_yaml(cfg) as p:
+        with pytest.raises(ConfigError, match="resume needs the config's npy sink .* this run's sink is null"):
+            p.run(resume=True)
+        assert p.run(overwrite=True).items == 2  # nothing to overwrite: harmless
+
+
 def test_a_second_run_into_the_same_directory_is_refused_while_the_first_runs(tmp_path: Path) -> None:
     env = private_env(tmp_path)
     cfg = slow_config(tmp_path, count=30, seconds=0.2)
