@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import re
+import shlex
 import signal
 import sys
 import time
@@ -157,8 +158,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"shmbroker run: {e} before the run began; nothing was written", file=sys.stderr)
             return 128 + e.signum
         print_summary(e.summary, args.json)
+        again = " ".join(["shmbroker run", shlex.quote(args.file), *(f"--set {shlex.quote(x)}" for x in args.set),
+                          "--resume"])
         where = f"; the output in {output.directory} is incomplete (its {MANIFEST} says so): continue " \
-                f"it with: shmbroker run {args.file} --resume" if output is not None else ""
+                f"it with: {again}" if output is not None else ""
         print(f"shmbroker run: {e} after {e.summary.items} item(s){where}", file=sys.stderr)
         return 128 + e.signum
     finally:
