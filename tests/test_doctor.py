@@ -90,6 +90,7 @@ def test_require_gpu_fails_for_auto_stages_too(monkeypatch: pytest.MonkeyPatch,
     assert c.status == "fail" and "auto would run on the CPU" in c.detail and "--require-gpu" in c.detail
     assert by_name(doctor.run_checks(cfg))["devices of infer"].status == "ok"  # without: auto means CPU
     assert main(["doctor", str(DEMO), "--require-gpu"]) == 1
-    assert "devices of infer" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "devices of infer" in out and "stages[infer].device" in out  # not eaten as rich markup
     with pytest.raises(BrokerError, match="preflight failed"):
         preflight(cfg, True)
