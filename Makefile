@@ -7,23 +7,31 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo test lint bench soak clean
 
-$(BIN)/shmbroker: pyproject.toml
+# Two stamps: the package with what it needs to run (the demo), then the tools to test and lint it.
+INSTALLED := $(VENV)/.installed
+INSTALLED_DEV := $(VENV)/.installed-dev
+
+$(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(INSTALLED_DEV): $(INSTALLED)
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-install: $(BIN)/shmbroker
+install: $(INSTALLED)
 
-demo: install
-	$(BIN)/shmbroker run configs/demo.yaml
+demo: install  # --overwrite: a second `make demo` replaces out/demo/ instead of refusing it
+	$(BIN)/shmbroker run configs/demo.yaml --overwrite
 
-test: install
+test: $(INSTALLED_DEV)
 	$(BIN)/python -m pytest -q
 
-lint: install
-	$(BIN)/ruff check broker workers tests benchmarks
+lint: $(INSTALLED_DEV)
+	$(BIN)/ruff check broker workers shmbroker tests benchmarks
 	$(BIN)/mypy
 
 bench: install  # about 8 minutes; results and plots in benchmarks/results/
@@ -36,7 +44,7 @@ bench: install  # about 8 minutes; results and plots in benchmarks/results/
 	$(BIN)/python benchmarks/gpu.py
 	$(BIN)/python benchmarks/pipeline.py --device cuda
 
-soak: install
+soak: $(INSTALLED_DEV)
 	$(BIN)/python -m pytest -q -m soak -p no:cacheprovider
 
 clean:

@@ -508,16 +508,21 @@ class Client:
         return HandleQueue(self, name, info.offset, info.maxsize, info.slot_words)
 
     # -- pipeline operations ------------------------------------------------------------------------
-    def configure(self, stages: Sequence[StageSettings | dict[str, Any]], max_inflight: int = 0) -> list[str]:
-        """Give the broker its stages (or check that it runs these); returns their names and the sink's."""
+    def configure(self, stages: Sequence[StageSettings | dict[str, Any]], max_inflight: int = 0,
+                  pipeline: str = "") -> list[str]:
+        """Give the broker its stages (or check that it runs these); returns their names and the sink's.
+        ``pipeline``: which pipeline this is (refused if the broker runs another)."""
         settings = [s if isinstance(s, StageSettings) else msgspec.convert(s, StageSettings) for s in stages]
-        reply: Configured = self._request(ConfigurePipeline(stages=settings, max_inflight=max_inflight))
+        reply: Configured = self._request(ConfigurePipeline(stages=settings, max_inflight=max_inflight,
+                                                            pipeline=pipeline))
         return reply.stages
 
-    def register(self, stage: str, credits: int = 1, device: str = "host", pinned: bool = False) -> int:
-        """Receive tasks of ``stage`` (``SINK``: finished items), at most ``credits`` at a time."""
+    def register(self, stage: str, credits: int = 1, device: str = "host", pinned: bool = False,
+                 pipeline: str = "") -> int:
+        """Receive tasks of ``stage`` (``SINK``: finished items), at most ``credits`` at a time.
+        ``pipeline``: the pipeline this client belongs to; refused if the broker runs another."""
         reply: Registered = self._request(Register(stage=stage, credits=credits, device=device,
-                                                   pinned=pinned))
+                                                   pinned=pinned, pipeline=pipeline))
         return reply.stage
 
     def reserve(self, stage: int, items: Sequence[int], shape: Sequence[int], dtype: Any, *,

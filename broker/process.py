@@ -4,7 +4,9 @@ The process runs ``python -m broker.server``, which prints one JSON line
 (its endpoint, pid, arena) when it is ready; ``Broker`` waits for that line,
 and stops the process (SIGTERM, then SIGKILL after 10 s) on ``close`` or
 when it is garbage collected. The broker also stops by itself when the
-process that started it is gone (``--parent-pid``).
+process that started it is gone (``--parent-pid``). It runs in a process
+group of its own, so a Ctrl-C at the terminal interrupts the program that
+started it, which then stops it in its own time (after its workers).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ class Broker:
                  stages: Sequence[StageSettings | dict[str, Any]] | None = None, max_inflight: int = 0,
                  wait_timeout: float = 60.0, log_level: str = "WARNING",
                  metrics_port: int | None = None, curve: dict[str, str] | None = None,
-                 hwm: int = 10_000, startup_timeout: float = 60.0) -> None:
-        """``stages``: run a pipeline of these stages (``StageSettings`` or maps of its fields);
+                 hwm: int = 10_000, startup_timeout: float = 60.0, pipeline: str = "") -> None:
+        """``stages``: run a pipeline of these stages (``StageSettings`` or maps of its fields),
+        ``pipeline`` its id (clients that give another are refused);
         ``wait_timeout``: seconds a request waits for arena space when it names no timeout."""
         cmd = [sys.executable, "-m", "broker.server", "--capacity", str(int(capacity)),
                "--log-level", log_level, "--parent-pid", str(os.getpid()),
@@ -45,6 +48,8 @@ class Broker:
                "--wait-timeout", str(wait_timeout)]
         if endpoint:
             cmd += ["--endpoint", endpoint]
+        if pipeline:
+            cmd += ["--pipeline", pipeline]
         if stages:
             settings = [s if isinstance(s, StageSettings) else msgspec.convert(s, StageSettings)
                         for s in stages]
@@ -53,7 +58,12 @@ class Broker:
             cmd += ["--metrics-port", str(metrics_port)]
         if curve:
             cmd += ["--curve-secret", curve["secret"], "--curve-authorized", curve["authorized"]]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        # A process group of its own: a Ctrl-C at the terminal reaches the program that started it
+        # (which stops its clients first, then the broker), not the broker in the middle of a run.
+        group: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else \
+            {"preexec_fn": os.setpgrp}
+        self.proc: subprocess.Popen[bytes] = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                              stdin=subprocess.DEVNULL, **group)
         self._finalizer = weakref.finalize(self, _stop_process, self.proc)
         try:
             self.info = self._wait_ready(startup_timeout)

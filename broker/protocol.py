@@ -276,6 +276,7 @@ class Stats(Message, tag="stats"):
 class ConfigurePipeline(Message, tag="pipeline"):
     stages: Annotated[list[StageSettings], msgspec.Meta(min_length=1, max_length=256)]
     max_inflight: NonNeg = 0
+    pipeline: Name = ""  # which pipeline this is (e.g. "name@config-hash"); "" says nothing
 
 
 class Register(Message, tag="register"):
@@ -285,6 +286,7 @@ class Register(Message, tag="register"):
     credits: Annotated[int, msgspec.Meta(ge=1, le=1024)]
     device: Name
     pinned: bool = False
+    pipeline: Name = ""  # the pipeline the client belongs to: refused if the broker runs another
 
 
 class Reserve(Message, tag="reserve"):

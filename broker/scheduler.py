@@ -141,6 +141,7 @@ class Scheduler:
         self.stages: list[_Stage] = []
         self.members: dict[int, _Member] = {}
         self.max_inflight = 0
+        self.pipeline = ""  # which pipeline this is, if the one who configured it said
         self.inflight_items = 0
         self.eof = False
         self.outbox: list[tuple[int, Message]] = []
@@ -159,8 +160,10 @@ class Scheduler:
         return m
 
     # -- set-up ---------------------------------------------------------------------------------
-    def configure(self, stages: list[StageSettings], max_inflight: int) -> list[str]:
+    def configure(self, stages: list[StageSettings], max_inflight: int, pipeline: str = "") -> list[str]:
         """Set the stages (once; a broker runs one pipeline), or check a driver's list matches."""
+        self._check_pipeline("pipeline", pipeline)
+        self.pipeline = self.pipeline or pipeline
         if self.stages:
             names = [s.name for s in self.stages[:-1]]
             if names != [s.name for s in stages]:
@@ -178,7 +181,8 @@ class Scheduler:
         return [s.name for s in self.stages]
 
     def register(self, cid: int, pid: int, name: str, stage: str, credits: int, device: str,
-                 pinned: bool) -> int:
+                 pinned: bool, pipeline: str = "") -> int:
+        self._check_pipeline("register", pipeline)
         names = [s.name for s in self.stages]
         if stage not in names:
             raise BadRequest(f"register: no stage {stage!r}; this pipeline has {names[:-1]}")
@@ -190,6 +194,14 @@ class Scheduler:
                 self.outbox.append((cid, self.kept_failures.popleft()))
         self.dispatch()
         return m.stage
+
+    def _check_pipeline(self, what: str, pipeline: str) -> None:
+        """A client that says which pipeline it belongs to must belong to this broker's."""
+        if pipeline and self.pipeline and pipeline != self.pipeline:
+            raise BadRequest(f"{what}: this broker runs pipeline {self.pipeline!r} (stages "
+                             f"{[s.name for s in self.stages[:-1]]}), not {pipeline!r} (another "
+                             f"pipeline, or other stage code, args, dtypes or batch sizes); use the "
+                             f"config this broker was started with, or the endpoint of the right broker")
 
     def set_eof(self) -> None:
         self.eof = True

@@ -441,15 +441,15 @@ class BrokerServer:
         return Ok(rid=msg.rid)
 
     # -- the pipeline -------------------------------------------------------------------------------
-    def configure(self, stages: list[StageSettings], max_inflight: int) -> list[str]:
-        return self.scheduler.configure(stages, max_inflight)
+    def configure(self, stages: list[StageSettings], max_inflight: int, pipeline: str = "") -> list[str]:
+        return self.scheduler.configure(stages, max_inflight, pipeline)
 
     def configure_pipeline(self, s: Session, msg: ConfigurePipeline) -> Message:
-        return Configured(rid=msg.rid, stages=self.configure(msg.stages, msg.max_inflight))
+        return Configured(rid=msg.rid, stages=self.configure(msg.stages, msg.max_inflight, msg.pipeline))
 
     def register(self, s: Session, msg: Register) -> Message:
         stage = self.scheduler.register(s.cid, s.pid, s.name, msg.stage, msg.credits, msg.device,
-                                        msg.pinned)
+                                        msg.pinned, msg.pipeline)
         return Registered(rid=msg.rid, stage=stage)
 
     def reserve(self, s: Session, msg: Reserve) -> Message | None:
@@ -533,7 +533,7 @@ def run_broker(capacity: int, endpoint: str | None = None, events: str | None = 
                stages: list[StageSettings] | None = None, max_inflight: int = 0,
                announce: Any = None, parent_pid: int = 0, metrics_port: int | None = None,
                curve: dict[str, str] | None = None, hwm: int = 10_000,
-               wait_timeout: float = DEFAULT_WAIT) -> int:
+               wait_timeout: float = DEFAULT_WAIT, pipeline: str = "") -> int:
     """Run a broker in this process until SIGTERM/SIGINT or a shutdown request."""
     swept = cleanup()
     if swept:
@@ -557,7 +557,7 @@ def run_broker(capacity: int, endpoint: str | None = None, events: str | None = 
     previous = _stop_on_signals(server)
     try:
         if stages:
-            server.configure(stages, max_inflight)
+            server.configure(stages, max_inflight, pipeline)
         rundir.write_info(server.info())
         if announce:
             announce(server.info())
@@ -580,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events")
     ap.add_argument("--stages", help="JSON list of stage settings (name, batch, on_error, ...)")
     ap.add_argument("--max-inflight", type=int, default=0)
+    ap.add_argument("--pipeline", default="", help="which pipeline the stages are (name@config-hash)")
     ap.add_argument("--wait-timeout", type=float, default=DEFAULT_WAIT,
                     help="seconds a request waits for arena space when it names no timeout")
     ap.add_argument("--log-level", default="WARNING")
@@ -603,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_broker(args.capacity, args.endpoint, args.events, stages, args.max_inflight,
                           announce, args.parent_pid, args.metrics_port,
                           {"secret": args.curve_secret, "authorized": args.curve_authorized}
-                          if args.curve_secret else None, args.hwm, args.wait_timeout)
+                          if args.curve_secret else None, args.hwm, args.wait_timeout, args.pipeline)
     except (MemoryError, OSError, BrokerError, msgspec.ValidationError) as e:
         log.error("%s", e)
         return 2

@@ -1,17 +1,38 @@
-"""The ``shmbroker`` command: run, broker, worker, status, validate, cleanup."""
+"""The ``shmbroker`` command: run, broker, worker, status, validate, doctor, keys, cleanup.
+
+``run`` stops gracefully on SIGTERM (exit status 143) and Ctrl-C (130): the
+signal handlers only ask the pipeline to stop (``graceful_stop``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import re
+import shlex
+import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from broker.errors import BrokerError, format_bytes
 
 log = logging.getLogger("shmbroker.cli")
+
+
+DESCRIPTION = """\
+Pipelines of NumPy arrays moved between processes through one shared-memory arena:
+a YAML file names a source, CPU/GPU stages and a sink.
+
+  shmbroker run FILE        run a pipeline to the end of its source
+  shmbroker validate FILE   check a pipeline file without starting anything
+  shmbroker doctor [FILE]   check this host against a pipeline file
+
+Docs: README.md and docs/pipelines.md in the repository."""
+
+SET_HELP = "override a config value, e.g. --set stages.infer.batch=8; VALUE null (or ~) unsets the key"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -19,57 +40,80 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
 
 
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help=SET_HELP)
+
+
+def _device(value: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, not {value!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="shmbroker", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = argparse.ArgumentParser(prog="shmbroker", description=DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, title="commands", metavar="COMMAND")
 
     p = sub.add_parser("run", help="run a pipeline from a YAML file to the end of its source")
-    p.add_argument("file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a config value, e.g. --set stages.infer.batch=8")
-    p.add_argument("--require-gpu", action="store_true", help="fail instead of falling back to the CPU")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("file", help="the pipeline's YAML file")
+    _overrides(p)
+    p.add_argument("--require-gpu", action="store_true",
+                   help="fail instead of running a GPU stage (device: cuda, cuda:N or auto) on the CPU")
+    p.add_argument("--no-progress", action="store_true", help="no live progress line on the terminal")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run recorded in the npy sink's directory (stopped by Ctrl-C, "
+                        "SIGTERM, kill -9 or a crash): items already done are left out; refused if "
+                        "the config or the source files differ")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a sink directory that is not empty (its result files, "
+                        "failures.jsonl and manifest are removed first)")
     _common(p)
 
     p = sub.add_parser("broker", help="start only the broker (for workers attached separately)")
     p.add_argument("--config", help="pipeline file whose broker and stages to use")
-    p.add_argument("--capacity", help="arena size, e.g. 512MiB (without --config)")
-    p.add_argument("--endpoint", help="ipc://PATH or tcp://127.0.0.1:PORT")
-    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--capacity", help="arena size, e.g. 512MiB (default: the config's, else 256MiB)")
+    p.add_argument("--endpoint", help="ipc://PATH or tcp://127.0.0.1:PORT (default: the config's, else "
+                                      "an ipc socket in a new runtime directory)")
+    _overrides(p)
     _common(p)
 
     p = sub.add_parser("worker", help="attach one worker for a stage to a running broker")
-    p.add_argument("--config", required=True)
-    p.add_argument("--stage", required=True)
-    p.add_argument("--device", help="override the stage's device, e.g. cuda:1")
-    p.add_argument("--endpoint", help="the broker's endpoint (default: the one live broker)")
-    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--config", required=True, help="the pipeline file the broker was started with")
+    p.add_argument("--stage", required=True, help="the name of the stage this worker runs")
+    p.add_argument("--device", type=_device,
+                   help="cpu, cuda (the stage's planned GPU) or cuda:N; default: the stage's device")
+    p.add_argument("--endpoint", help="the broker's endpoint (default: the config's, else the one live broker)")
+    _overrides(p)
     _common(p)
 
     p = sub.add_parser("status", help="show a running broker: arena, stages, workers")
-    p.add_argument("--endpoint")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS")
+    p.add_argument("--endpoint", help="the broker's endpoint (default: the one live broker)")
+    p.add_argument("--json", action="store_true", help="print the broker's statistics as JSON")
+    p.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
+                   help="show it again every SECONDS (default 1) until Ctrl-C")
     _common(p)
 
-    p = sub.add_parser("validate", help="check a pipeline file and exit")
-    p.add_argument("file")
-    p.add_argument("--set", action="append", default=[])
+    p = sub.add_parser("validate", help="check a pipeline file (and that its code imports) and exit")
+    p.add_argument("file", help="the pipeline's YAML file")
+    _overrides(p)
     _common(p)
 
     p = sub.add_parser("doctor", help="check this host against a pipeline file and print fixes")
-    p.add_argument("file", nargs="?")
-    p.add_argument("--set", action="append", default=[])
-    p.add_argument("--require-gpu", action="store_true")
+    p.add_argument("file", nargs="?", help="the pipeline's YAML file (without it: the host only)")
+    _overrides(p)
+    p.add_argument("--require-gpu", action="store_true",
+                   help="report a GPU stage (device: cuda, cuda:N or auto) that would run on the CPU as a failure")
     _common(p)
 
     p = sub.add_parser("keys", help="make CURVE certificates for a broker and its clients")
-    p.add_argument("dir")
+    p.add_argument("dir", help="directory to write the certificates to (made if missing)")
+    p.add_argument("--force", action="store_true", help="replace certificates already in DIR")
     _common(p)
 
     p = sub.add_parser("cleanup", help="remove runtime directories of brokers that are gone")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     _common(p)
     return ap
 
@@ -91,25 +135,69 @@ def find_endpoint(endpoint: str | None) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from .config import load_config
-    from .driver import Pipeline
+    from .driver import Interrupted, Pipeline
+    from .output import MANIFEST
     from .plan import check_imports
 
     cfg = load_config(args.file, args.set)
-    check_imports(cfg, args.file)
-    preflight(cfg, args.require_gpu)
-    with Pipeline(cfg, path=args.file, require_gpu=args.require_gpu, log_level=args.log_level,
-                  log_json=args.log_json, progress=not args.no_progress) as p:
-        summary = p.run()
-    if args.json:
-        print(json.dumps({k: v for k, v in summary.__dict__.items()}, default=str))
+    pipeline = Pipeline(cfg, path=args.file, require_gpu=args.require_gpu, log_level=args.log_level,
+                        log_json=args.log_json, progress=not args.no_progress)
+    output = None
+    try:
+        with graceful_stop(pipeline):
+            output = pipeline.open_output(args.resume, args.overwrite)  # first: it is the quickest check
+            check_imports(cfg, args.file)
+            preflight(cfg, args.require_gpu)
+            if pipeline.stop_signal:
+                raise Interrupted(pipeline.stop_signal)
+            with pipeline as p:
+                summary = p.run(output=output)
+    except Interrupted as e:
+        if e.summary is None:  # before the run began
+            print(f"shmbroker run: {e} before the run began; nothing was written", file=sys.stderr)
+            return 128 + e.signum
+        print_summary(e.summary, args.json)
+        again = " ".join(["shmbroker run", shlex.quote(args.file), *(f"--set {shlex.quote(x)}" for x in args.set),
+                          "--resume"])
+        where = f"; the output in {output.directory} is incomplete (its {MANIFEST} says so): continue " \
+                f"it with: {again}" if output is not None else ""
+        print(f"shmbroker run: {e} after {e.summary.items} item(s){where}", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        if output is not None:
+            output.close()
+    print_summary(summary, args.json)
+    return 0
+
+
+def print_summary(summary: Any, as_json: bool) -> None:
+    from rich.console import Console
+
+    if as_json:
+        print(json.dumps(dict(summary.__dict__), default=str))
     else:
         Console(width=None if sys.stdout.isatty() else 110).print(summary.render())
-    if summary.skipped:
-        log.warning("%d item(s) skipped: %s", len(summary.skipped), summary.skipped[:20])
-    return 0
+
+
+@contextlib.contextmanager
+def graceful_stop(pipeline: Any) -> Iterator[None]:
+    """SIGTERM (``docker stop``, Kubernetes) and SIGINT (Ctrl-C) stop the run gracefully: the
+    handler only asks the pipeline to stop. A second Ctrl-C stops at once; a second SIGTERM
+    changes nothing (a process manager may send it to every process of the run)."""
+    from .driver import Interrupted
+
+    def handler(signum: int, _frame: Any) -> None:
+        if pipeline.stop_signal and signum == signal.SIGINT:
+            raise Interrupted(signum)
+        pipeline.request_stop(pipeline.stop_signal or signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -117,7 +205,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     from .config import load_config, parse_size
 
-    stages, inflight, metrics, curve, hwm, wait = None, 0, None, None, 10_000, DEFAULT_WAIT
+    stages, inflight, metrics, curve, hwm, wait, pipeline = None, 0, None, None, 10_000, DEFAULT_WAIT, ""
     capacity = parse_size(args.capacity or "256MiB")
     endpoint = args.endpoint
     if args.config:
@@ -130,30 +218,34 @@ def cmd_broker(args: argparse.Namespace) -> int:
         hwm = cfg.broker.hwm
         wait = cfg.broker.wait_timeout
         curve = cfg.broker.curve.broker_args() if cfg.broker.curve else None
+        pipeline = cfg.pipeline_id()
 
     def announce(info: dict[str, Any]) -> None:
         print(f"broker pid {info['pid']} ready at {info['endpoint']} "
               f"(arena {format_bytes(info['capacity'])})", flush=True)
 
     return run_broker(capacity, endpoint, None, stages, inflight, announce, metrics_port=metrics,
-                      curve=curve, hwm=hwm, wait_timeout=wait)
+                      curve=curve, hwm=hwm, wait_timeout=wait, pipeline=pipeline)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from workers.runtime import worker_main
 
     from .config import load_config
-    from .plan import cuda_count, plan_devices, search_path
+    from .plan import check_device, cuda_count, plan_devices, search_path
 
     # the broker's container holds the arena; this one's memory limit need not cover it
     cfg = load_config(args.config, args.set, check_host=False)
     stage = cfg.stage(args.stage)
     index = cfg.stages.index(stage)
     device = args.device
+    count = cuda_count()
     if device is None or device == "cuda":  # the stage's planned device (its first replica's)
         override = {"replicas": 1} if device is None else {"replicas": 1, "device": "cuda"}
-        device = plan_devices(stage.model_copy(update=override), cuda_count(), warn=log.warning)[0]
-    spec = stage.worker_spec(index, search_path(args.config))
+        device = plan_devices(stage.model_copy(update=override), count, warn=log.warning)[0]
+    elif device != "cpu":
+        check_device(device, count)
+    spec = cfg.worker_spec(index, search_path(args.config))
     return worker_main(find_endpoint(args.endpoint or cfg.broker.endpoint), spec, device,
                        args.log_level, args.log_json,
                        cfg.broker.curve.client_args() if cfg.broker.curve else None)
@@ -204,10 +296,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .plan import check_imports
+    from .plan import check_imports, source_warnings
 
     cfg = load_config(args.file, args.set)
     check_imports(cfg, args.file)
+    for text in source_warnings(cfg):
+        print(f"{args.file}: warning: {text}", file=sys.stderr)
     print(f"{args.file}: ok: {len(cfg.stages)} stage(s) "
           f"({', '.join(s.name for s in cfg.stages)}), arena {format_bytes(int(cfg.broker.capacity))}")
     return 0
@@ -241,6 +335,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     import zmq.auth
 
+    names = ("broker.key", "broker.key_secret", "client.key", "client.key_secret")
+    existing = [n for n in names if os.path.exists(os.path.join(args.dir, n))]
+    if existing and not args.force:
+        raise BrokerError(f"{args.dir} already holds keys ({', '.join(existing)}); brokers and clients "
+                          f"configured with them would stop matching: pass --force to replace them")
     os.makedirs(os.path.join(args.dir, "authorized"), mode=0o700, exist_ok=True)
     server_public, server_secret = zmq.auth.create_certificates(args.dir, "broker")
     client_public, client_secret = zmq.auth.create_certificates(args.dir, "client")

@@ -6,15 +6,28 @@ get is ``plan.py``'s to find out (it asks a process like the workers).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from broker.arena import host_memory_limit
-from broker.errors import ConfigError, format_bytes
+from broker.client import array_spec
+from broker.errors import ConfigError, UnsupportedArray, format_bytes
 from broker.protocol import BFLOAT16, StageSettings
 from broker.security import is_loopback
 from workers.spec import StageSpec
@@ -30,15 +43,15 @@ class _Strict(BaseModel):
 
 
 def check_dtype(v: str) -> str:
-    """A dtype NumPy knows, or ``bfloat16`` (stored as its raw bits); else ``ValueError``."""
+    """A numeric dtype NumPy knows, or ``bfloat16`` (stored as its raw bits); else ``ValueError``."""
     if v == BFLOAT16:
         return v
-    import numpy as np
-
     try:
-        np.dtype(v)
-    except TypeError:
-        raise ValueError(f"unknown dtype {v!r} (a NumPy dtype such as float32, or bfloat16)") from None
+        array_spec(v)
+    except (TypeError, UnsupportedArray) as e:
+        why = "unsupported" if isinstance(e, UnsupportedArray) else "unknown"
+        raise ValueError(f"{why} dtype {v!r} (a numeric NumPy dtype such as float32, uint8, or "
+                         f"bfloat16)") from None
     return v
 
 
@@ -98,6 +111,13 @@ class SyntheticSource(_Strict):
     shape: list[Annotated[int, Field(ge=0)]]
     dtype: str = "float32"
     seed: int = 0
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v == BFLOAT16:
+            raise ValueError("a synthetic source makes NumPy arrays: bfloat16 is a stage's dtype only")
+        return check_dtype(v)
 
 
 class NpySource(_Strict):
@@ -177,11 +197,13 @@ class StageConfig(_Strict):
         return StageSettings(name=self.name, batch=self.batch, on_error=self.on_error,
                              retries=self.retries, batch_timeout=self.batch_timeout)
 
-    def worker_spec(self, index: int, search_path: tuple[str, ...] = ()) -> StageSpec:
-        """What this stage's workers need to know of it."""
+    def worker_spec(self, index: int, search_path: tuple[str, ...] = (),
+                    after: StageConfig | None = None) -> StageSpec:
+        """What this stage's workers need to know of it (``after``: the next stage, if any)."""
         return StageSpec(name=self.name, index=index, fn=self.fn, factory=self.factory,
                          args=dict(self.args), batch=self.batch, dtype=self.dtype,
-                         credits=self.credits, threads=self.threads, search_path=search_path)
+                         credits=self.credits, threads=self.threads, search_path=search_path,
+                         next_batch=after.batch if after else 1, next_name=after.name if after else "")
 
 
 class PipelineConfig(_Strict):
@@ -192,6 +214,12 @@ class PipelineConfig(_Strict):
     sink: Sink = Field(default_factory=lambda: NullSink(type="null"))
     failures: str | None = Field(default=None, description="JSON-lines file of skipped items "
                                  "(default: failures.jsonl in an npy sink's directory)")
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)  # key path -> the --set that wrote it
+
+    def origin(self, key_path: str, path: str | Path | None) -> str:
+        """What a problem at ``key_path`` comes from, for its message: the ``--set`` that wrote
+        it, else the file ``path``."""
+        return _origin(Path(str(path)), key_path, self._origins)
 
     @model_validator(mode="before")
     @classmethod
@@ -208,6 +236,20 @@ class PipelineConfig(_Strict):
         if dup:
             raise ValueError(f"stage names must be unique; repeated: {sorted(dup)}")
         return self
+
+    def worker_spec(self, index: int, search_path: tuple[str, ...] = ()) -> StageSpec:
+        """What the workers of stage ``index`` need to know of it."""
+        after = self.stages[index + 1] if index + 1 < len(self.stages) else None
+        spec = self.stages[index].worker_spec(index, search_path, after)
+        return dataclasses.replace(spec, pipeline=self.pipeline_id())
+
+    def pipeline_id(self) -> str:
+        """``name@hash`` of what the broker and the workers of this pipeline must agree on: the
+        stages' names, code, args, dtypes and batch sizes (not resources such as replicas)."""
+        stages = [{k: getattr(s, k) for k in ("name", "fn", "factory", "args", "dtype", "batch")}
+                  for s in self.stages]
+        digest = hashlib.sha256(json.dumps(stages, sort_keys=True, default=str).encode()).hexdigest()
+        return f"{self.name}@{digest[:12]}"
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:
@@ -229,21 +271,48 @@ def _key_path(loc: tuple[Any, ...]) -> str:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--set key.path=value`` (``stages.infer.batch=8`` or ``stages[1].batch=8``)."""
+    """Apply ``--set key.path=value`` (``stages.infer.batch=8`` or ``stages[1].batch=8``);
+    a value of ``null`` (or ``~``) unsets the key, so its default applies."""
+    _apply(raw, overrides)
+    return raw
+
+
+def _apply(raw: dict[str, Any], overrides: list[str]) -> dict[str, str]:
+    """``apply_overrides``; returns ``{key path as errors name it (stages[1].batch): the --set}``."""
+    origins = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         parts = [p for p in re.split(r"\.|\[(\d+)\]", key) if p]
+        if not parts:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: the value is not valid YAML: {e}") from None
         node: Any = raw
+        where = ""
         for i, part in enumerate(parts[:-1]):
-            node = _step(node, part, key, parts[i + 1])
+            node, where = _step(node, part, key, parts[i + 1], where)
         last = parts[-1]
+        if parsed is None and last == "type" and where == "sink":
+            parsed = "null"  # the null sink, not an unset type
         if isinstance(node, list):
-            node[_index(node, last, key)] = yaml.safe_load(value)
+            idx = _index(node, last, key)
+            where += f"[{idx}]"
+            if parsed is None:
+                del node[idx]
+            else:
+                node[idx] = parsed
         else:
-            node[last] = yaml.safe_load(value)
-    return raw
+            where += f"{'.' if where else ''}{last}"
+            if parsed is None:
+                node.pop(last, None)
+            else:
+                node[last] = parsed
+        origins[where] = item
+    return origins
 
 
 def _index(node: list[Any], part: str, key: str) -> int:
@@ -255,12 +324,24 @@ def _index(node: list[Any], part: str, key: str) -> int:
     raise ConfigError(f"--set {key}: no list entry {part!r}")
 
 
-def _step(node: Any, part: str, key: str, nxt: str) -> Any:
+def _step(node: Any, part: str, key: str, nxt: str, where: str) -> tuple[Any, str]:
+    """One step down the key path: the node there (made if missing) and its path so far."""
     if isinstance(node, list):
-        return node[_index(node, part, key)]
+        idx = _index(node, part, key)
+        return node[idx], f"{where}[{idx}]"
     if not isinstance(node, dict):
         raise ConfigError(f"--set {key}: {part!r} is not inside a map")
-    return node.setdefault(part, [] if nxt.isdigit() else {})
+    return node.setdefault(part, [] if nxt.isdigit() else {}), f"{where}{'.' if where else ''}{part}"
+
+
+def _origin(path: Path, key_path: str, origins: dict[str, str]) -> str:
+    """What an error at ``key_path`` comes from: the ``--set`` that wrote it (or a key above or
+    below it), else the file."""
+    for written, item in origins.items():
+        if key_path == written or key_path.startswith((written + ".", written + "[")) or \
+                written.startswith((key_path + ".", key_path + "[")):
+            return f"--set {item}"
+    return str(path)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None,
@@ -275,18 +356,22 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a map of name, broker, source, stages, sink")
-    raw = apply_overrides(raw, overrides or [])
+    origins = _apply(raw, overrides or [])
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        lines = [f"{path}: {_key_path(err['loc'])}: {err['msg']}"
-                 + (f" (got {err['input']!r:.60})" if err["type"] != "missing" else "")
-                 for err in e.errors()]
+        lines = []
+        for err in e.errors():
+            key_path = _key_path(err["loc"])
+            lines.append(f"{_origin(path, key_path, origins)}: {key_path}: {err['msg']}"
+                         + (f" (got {err['input']!r:.60})" if err["type"] != "missing" else ""))
         raise ConfigError("\n".join(lines)) from None
+    cfg._origins = origins
     if check_host:
         limit, where = host_memory_limit()
         if cfg.broker.capacity > limit:
             raise ConfigError(
-                f"{path}: broker.capacity: {format_bytes(cfg.broker.capacity)} is more than the "
+                f"{_origin(path, 'broker.capacity', origins)}: broker.capacity: "
+                f"{format_bytes(cfg.broker.capacity)} is more than the "
                 f"{format_bytes(limit)} available ({where}); lower it or raise the limit")
     return cfg

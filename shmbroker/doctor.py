@@ -134,6 +134,7 @@ def run_checks(cfg: PipelineConfig | None, require_gpu: bool = False) -> list[Ch
 
 
 def render(checks: list[Check]) -> Any:
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title="shmbroker doctor")
@@ -141,5 +142,5 @@ def render(checks: list[Check]) -> Any:
         t.add_column(col)
     colour = {"ok": "green", "warn": "yellow", "fail": "bold red"}
     for c in checks:
-        t.add_row(c.name, f"[{colour[c.status]}]{c.status}[/]", c.detail, c.fix)
+        t.add_row(escape(c.name), f"[{colour[c.status]}]{c.status}[/]", escape(c.detail), escape(c.fix))
     return t

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from broker.errors import (
     ArenaFull,
     BrokerError,
     BrokerTimeout,
+    ConfigError,
     ItemTooLarge,
     StageFailed,
     WorkerDied,
@@ -44,11 +46,12 @@ from broker.protocol import Error, Failure, Reserved, Task
 
 from .config import NpySink, PipelineConfig, load_config
 from .io import make_sink, source_items
+from .output import RunOutput
 from .plan import check_imports, cuda_count, plan_devices, search_path
 from .summary import Progress, Summary
-from .supervisor import Supervisor, WorkerProc, describe_exit
+from .supervisor import Supervisor, WorkerProc, describe_exit, refuse_unguarded_main
 
-__all__ = ["Pipeline", "Summary"]
+__all__ = ["Pipeline", "Summary", "Skipped", "Interrupted"]
 
 log = logging.getLogger("shmbroker.driver")
 
@@ -84,12 +87,34 @@ class Seen:
             self.mark += 1
 
 
+class Interrupted(BrokerError):
+    """The run stopped early because ``Pipeline.request_stop`` was called (a signal);
+    ``summary`` says how far it got, ``signum`` which signal it was."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.summary: Summary | None = None
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """What ``map(..., on_skip="marker")`` yields in place of an item a stage skipped
+    (``on_error: skip``): the item's ``index`` in the input, the ``stage`` and its ``error``."""
+
+    index: int
+    stage: str
+    error: str
+
+
 @dataclass
 class _DriveState:
     submitted: int = 0
     seen: Seen = field(default_factory=Seen)  # delivered or skipped
     delivered: int = 0
     skipped: set[int] = field(default_factory=set)
+    why: dict[int, tuple[str, str]] = field(default_factory=dict)  # skipped item -> (stage, error)
+    record: Path | None = None  # the failures file skipped items are recorded in (run only)
     duplicates: int = 0
     bytes_in: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -105,6 +130,7 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, *, path: str | None = None, require_gpu: bool = False,
                  log_level: str = "WARNING", log_json: bool = False, progress: bool = False,
                  sink_credits: int = 16) -> None:
+        refuse_unguarded_main()  # in a worker that runs an unguarded main script again: stop there
         self.cfg = cfg
         self.path = path
         self.require_gpu = require_gpu
@@ -120,6 +146,7 @@ class Pipeline:
         self._unfinished = False
         self._rows_left: dict[int, int] = {}  # sink task -> rows not yet finished with
         self.state: _DriveState | None = None
+        self.stop_signal = 0  # set by request_stop (a signal handler)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Iterable[str] = (), **kw: Any) -> Pipeline:
@@ -135,7 +162,7 @@ class Pipeline:
         out = []
         for i, st in enumerate(self.cfg.stages):
             for j, dev in enumerate(plan_devices(st, count, self.require_gpu, warn=self._warn)):
-                out.append(WorkerProc(st.worker_spec(i, where), f"worker:{st.name}:{j}", dev))
+                out.append(WorkerProc(self.cfg.worker_spec(i, where), f"worker:{st.name}:{j}", dev))
         return out
 
     def _warn(self, text: str) -> None:
@@ -150,13 +177,14 @@ class Pipeline:
                              stages=[s.to_broker() for s in cfg.stages],
                              max_inflight=cfg.broker.max_inflight, wait_timeout=cfg.broker.wait_timeout,
                              log_level=self.log_level, metrics_port=cfg.broker.metrics_port,
-                             hwm=cfg.broker.hwm, curve=curve.broker_args() if curve else None)
+                             hwm=cfg.broker.hwm, curve=curve.broker_args() if curve else None,
+                             pipeline=cfg.pipeline_id())
         self.supervisor = Supervisor(self.broker.endpoint, self.workers, self.log_level, self.log_json,
                                      curve.client_args() if curve else None)
         self.supervisor.start()
         self.client = Client(self.broker.endpoint, role="driver", name=f"driver:{cfg.name}",
                              curve=curve.client_args() if curve else None)
-        self.client.register(SINK, credits=self.sink_credits)
+        self.client.register(SINK, credits=self.sink_credits, pipeline=cfg.pipeline_id())
         return self
 
     @property
@@ -195,9 +223,7 @@ class Pipeline:
         group: list[tuple[int, np.ndarray]] = []
         nbytes, started = 0, time.monotonic()
         for idx, arr in items:
-            if arr.nbytes > cap:
-                raise ItemTooLarge(f"item {idx} of {format_bytes(arr.nbytes)} ({arr.dtype}"
-                                   f"{list(arr.shape)}) is larger than the arena ({format_bytes(cap)})")
+            self._check_size(idx, arr, cap)
             if group and (arr.shape != group[0][1].shape or arr.dtype != group[0][1].dtype
                           or nbytes + arr.nbytes > group_bytes or time.monotonic() - started >= FEED_WAIT):
                 yield group
@@ -211,6 +237,21 @@ class Pipeline:
                 group, nbytes = [], 0
         if group:
             yield group
+
+    def _check_size(self, idx: int, arr: np.ndarray, cap: int) -> None:
+        """``ItemTooLarge`` at once for an item that can never be placed in stage 0."""
+        what = f"{format_bytes(arr.nbytes)} ({arr.dtype}{list(arr.shape)})"
+        if arr.nbytes > cap:
+            raise ItemTooLarge(f"item {idx} of {what} is larger than the arena ({format_bytes(cap)}); "
+                               f"raise broker.capacity")
+        first = self.cfg.stages[0]
+        if first.batch > 1 and first.batch * arr.nbytes > cap:
+            most = cap // max(arr.nbytes, 1)
+            raise ItemTooLarge(
+                f"stage {first.name!r} collates batches of {first.batch} items in one block: "
+                f"{first.batch} x {what} = {format_bytes(first.batch * arr.nbytes)}, more than the "
+                f"{format_bytes(cap)} arena; lower stages.{first.name}.batch to at most {most}, or "
+                f"raise broker.capacity to more than {format_bytes(first.batch * arr.nbytes)}")
 
     def _write_items(self, group: list[tuple[int, np.ndarray]], reserved: Reserved,
                      state: _DriveState) -> None:
@@ -241,6 +282,8 @@ class Pipeline:
         stall = max(self.cfg.broker.wait_timeout, 60.0) * 2
         last_progress = time.monotonic()
         while True:
+            if self.stop_signal:
+                raise Interrupted(self.stop_signal)
             while not exhausted and reserving < 2:
                 group = next(groups, None)
                 if group is None:
@@ -263,6 +306,8 @@ class Pipeline:
                 state.queues = " ".join(f"{st['name']}:{st['queue'] + st['inflight']}"
                                         for st in c.stats()["stages"][:-1])
             msg = c.next_message(0.2)
+            if self.stop_signal:  # before supervising: workers stopped by the same Ctrl-C stay stopped
+                raise Interrupted(self.stop_signal)
             if time.monotonic() - state.supervised_at > 0.1:
                 state.supervised_at = time.monotonic()
                 assert self.supervisor is not None
@@ -310,13 +355,18 @@ class Pipeline:
                                  f"retries if its workers die for reasons of their own")
             raise StageFailed(f"stage {msg.stage!r} failed on item(s) {msg.items}: {msg.error}\n"
                               f"--- worker traceback ---\n{msg.trace}")
-        log.warning("stage %s skipped item(s) %s: %s", msg.stage, msg.items, msg.error)
-        for i in msg.items:
+        path = state.record
+        new = [i for i in msg.items if i not in state.seen]  # a re-run of a delivered item: not skipped
+        if not new:
+            return
+        log.warning("stage %r skipped item%s %s: %s%s", msg.stage, "s" if len(new) > 1 else "",
+                    ", ".join(map(str, new)), msg.error, f" (recorded in {path})" if path else "")
+        for i in new:
             state.seen.add(i)
             state.skipped.add(i)
-        record = {"stage": msg.stage, "items": msg.items, "error": msg.error, "trace": msg.trace}
+            state.why[i] = (msg.stage, msg.error)
+        record = {"stage": msg.stage, "items": new, "error": msg.error, "trace": msg.trace}
         state.failures.append(record)
-        path = self.failures_path()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:  # one JSON line per failure, written as it happens
@@ -349,35 +399,93 @@ class Pipeline:
         self.client.done(task)
 
     # -- the two ways to run ------------------------------------------------------------------------
-    def run(self, sink: Callable[[int, Any], None] | None = None) -> Summary:
-        """Drive the config's source through the stages to its sink; return the summary."""
-        items, total = source_items(self.cfg)
-        write = sink or make_sink(self.cfg, total)
+    def run(self, sink: Callable[[int, Any], None] | None = None, *, resume: bool = False,
+            overwrite: bool = False, output: RunOutput | None = None) -> Summary:
+        """Drive the config's source through the stages to its sink; return the summary.
+
+        With the config's npy sink the run holds its output directory
+        (``shmbroker/output.py``): it starts only into an empty directory, unless
+        ``resume`` (continue the run recorded there: the items already done are
+        left out) or ``overwrite`` (remove this project's files there first).
+        ``output``: the directory, opened already (``open_output``; ``shmbroker
+        run`` does so before it starts anything). A run stopped by
+        ``request_stop`` raises ``Interrupted``; the directory's manifest then
+        says the output is incomplete, and ``resume`` continues it.
+        """
+        out = output if output is not None else self.open_output(resume, overwrite, sink is not None)
+        try:
+            return self._run(sink, out)
+        finally:
+            if out is not None and output is None:
+                out.close()
+
+    def open_output(self, resume: bool = False, overwrite: bool = False,
+                    own_sink: bool = False) -> RunOutput | None:
+        """Lock and prepare the npy sink's directory for a run (None for other sinks)."""
+        if isinstance(self.cfg.sink, NpySink) and not own_sink:
+            return RunOutput.open(self.cfg, resume=resume, overwrite=overwrite, failures=self.failures_path())
+        if resume:
+            raise ConfigError(f"resume needs the config's npy sink (its directory records what is done); "
+                              f"this run's sink is {'a function of yours' if own_sink else self.cfg.sink.type}")
+        return None
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop the run soon (call from a signal handler: it only sets a flag); ``run``/``map``
+        then raise ``Interrupted``, and leaving the ``with`` block stops the workers and broker."""
+        self.stop_signal = signum
+
+    def _run(self, sink: Callable[[int, Any], None] | None, out: RunOutput | None) -> Summary:
         assert self.client is not None
-        state = _DriveState(base=_baseline(self.client))
+        where = search_path(self.path)
+        done = out.done if out is not None else set()
+        items, total = source_items(self.cfg, done, where)
+        write = sink or make_sink(self.cfg, total, where)
+        record = out.failures if out is not None else Path(self.cfg.failures) if self.cfg.failures else None
+        if out is None and record is not None:
+            record.unlink(missing_ok=True)  # the failures file belongs to one run
+        state = _DriveState(base=_baseline(self.client), record=record)
+        if out is not None:
+            out.begin(total)
         t0 = time.perf_counter()
-        bar = Progress(total, self.progress)
+        bar = Progress(None if total is None else total - len(done), self.progress)
         try:
             for idx, view, task in self._drive(items, state):
                 write(idx, view)
                 self._done(task)
                 bar.update(state.delivered, state.bytes_in, state.queues)
+        except BaseException as e:
+            if isinstance(e, Interrupted):
+                e.summary = self._summary(state, time.perf_counter() - t0, len(done), str(e))
+            if out is not None:
+                out.stopped(str(e) if isinstance(e, Interrupted) else
+                            f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            raise
         finally:
             bar.close()
-        return self._summary(state, time.perf_counter() - t0)
+        summary = self._summary(state, time.perf_counter() - t0, len(done))
+        if out is not None:
+            out.finish(len(summary.skipped))
+        return summary
 
-    def map(self, arrays: Iterable[Any], copy: bool = True) -> Iterator[Any]:
-        """Feed arrays through the stages; yield results in input order.
+    def map(self, arrays: Iterable[Any], copy: bool = True, on_skip: str = "raise") -> Iterator[Any]:
+        """Feed arrays through the stages; yield one result per array, in input order.
 
         With ``copy=True`` (default) each result is the caller's own array. With
         ``copy=False`` it is a view of the arena, valid only until the next
         iteration (its slot is then released and reused).
+
+        An item a stage skipped (``on_error: skip``) is never silently left out:
+        with ``on_skip="raise"`` (default) ``StageFailed`` is raised when the
+        results reach it (those before it have been yielded); with
+        ``on_skip="marker"`` a ``Skipped(index, stage, error)`` takes its place.
         """
+        if on_skip not in ("raise", "marker"):
+            raise ValueError(f"on_skip must be 'raise' or 'marker', not {on_skip!r}")
         assert self.client is not None
         state = _DriveState(base=_baseline(self.client))
         items = ((i, np.asarray(a)) for i, a in enumerate(arrays))
         try:
-            yield from self._ordered(self._drive(items, state), state, copy)
+            yield from self._ordered(self._drive(items, state), state, copy, on_skip)
         finally:
             # a caller that stopped early: give back every sink task not finished with, including
             # the rows of many-row tasks that were never yielded
@@ -387,7 +495,7 @@ class Pipeline:
         self.last_summary = self._summary(state, 0.0)
 
     def _ordered(self, delivered: Iterator[tuple[int, Any, int]], state: _DriveState,
-                 copy: bool) -> Iterator[Any]:
+                 copy: bool, on_skip: str) -> Iterator[Any]:
         ready: dict[int, tuple[Any, int]] = {}
         nxt = 0
         for idx, view, task in delivered:
@@ -396,15 +504,21 @@ class Pipeline:
                 self._done(task)
             else:
                 ready[idx] = (view, task)
-            nxt = yield from self._in_order(ready, state, nxt)
+            nxt = yield from self._in_order(ready, state, nxt, on_skip)
         # results that waited for an earlier item which turned out skipped after they came
-        yield from self._in_order(ready, state, nxt)
+        yield from self._in_order(ready, state, nxt, on_skip)
 
     def _in_order(self, ready: dict[int, tuple[Any, int]], state: _DriveState,
-                  nxt: int) -> Generator[Any, None, int]:
+                  nxt: int, on_skip: str) -> Generator[Any, None, int]:
         """Yield the results from index ``nxt`` on while they are there; returns the next index."""
         while True:
             while nxt in state.skipped:
+                stage, error = state.why.pop(nxt)
+                if on_skip == "raise":
+                    raise StageFailed(f"stage {stage!r} skipped item {nxt} (on_error: skip): {error}; "
+                                      f"map(..., on_skip='marker') yields a Skipped marker in its "
+                                      f"place instead")
+                yield Skipped(nxt, stage, error)
                 nxt += 1
             if nxt not in ready:
                 return nxt
@@ -416,7 +530,7 @@ class Pipeline:
                 if t >= 0:
                     self._done(t)
 
-    def _summary(self, state: _DriveState, seconds: float) -> Summary:
+    def _summary(self, state: _DriveState, seconds: float, resumed: int = 0, interrupted: str = "") -> Summary:
         assert self.client is not None and self.broker is not None
         self.client.ping()  # let the last dones land before reading the stage counters
         stats = self.client.stats()
@@ -433,7 +547,8 @@ class Pipeline:
         n = max(1, state.delivered)
         return Summary(self.cfg.name, state.delivered, sorted(state.skipped), state.duplicates,
                        seconds, state.bytes_in, stages, stats["peak"], stats["capacity"],
-                       self.restarts, copied / n, state.failures)
+                       self.restarts, copied / n, state.failures, resumed, interrupted,
+                       str(state.record) if state.record else "")
 
 
 def _baseline(client: Client) -> dict[str, dict[str, float]]:

@@ -12,11 +12,11 @@ import glob
 import inspect
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Container, Iterator
 
 import numpy as np
 
-from broker.errors import BrokerError
+from broker.errors import ConfigError
 from workers.spec import resolve
 
 from .config import NpySink, NpySource, PipelineConfig, PythonSink, PythonSource, SyntheticSource
@@ -24,8 +24,19 @@ from .config import NpySink, NpySource, PipelineConfig, PythonSink, PythonSource
 __all__ = ["source_items", "make_sink"]
 
 
-def source_items(cfg: PipelineConfig) -> tuple[Iterator[tuple[int, np.ndarray]], int | None]:
-    """The items of the config's source as ``(index, array)``, and their count if known."""
+def npy_files(pattern: str) -> list[str]:
+    """An npy source's files: the glob's matches, sorted (an item's index is its position)."""
+    return sorted(glob.glob(pattern))
+
+
+def source_items(cfg: PipelineConfig, skip: Container[int] = (), where: tuple[str, ...] = ()
+                 ) -> tuple[Iterator[tuple[int, np.ndarray]], int | None]:
+    """The items of the config's source as ``(index, array)``, and their count if known.
+
+    Items in ``skip`` (settled by an earlier run) are left out: an npy file is then not
+    opened; a synthetic or python source still makes them, so the items after keep their
+    values and indices. ``where``: directories a python source's module is looked for in.
+    """
     src = cfg.source
     if isinstance(src, SyntheticSource):
         def synthetic() -> Iterator[tuple[int, np.ndarray]]:
@@ -33,23 +44,24 @@ def source_items(cfg: PipelineConfig) -> tuple[Iterator[tuple[int, np.ndarray]],
             dt = np.dtype(src.dtype)
             for i in range(src.count):
                 if dt.kind == "f":
-                    yield i, rng.standard_normal(src.shape).astype(dt, copy=False)
+                    item = rng.standard_normal(src.shape).astype(dt, copy=False)
                 else:
-                    yield i, rng.integers(0, 100, src.shape).astype(dt)
+                    item = rng.integers(0, 100, src.shape).astype(dt)
+                if i not in skip:
+                    yield i, item
         return synthetic(), src.count
     if isinstance(src, NpySource):
-        files = sorted(glob.glob(src.path))
+        files = npy_files(src.path)
         if not files:
-            raise BrokerError(f"source.path {src.path!r} matches no files")
-        return ((i, np.load(f, mmap_mode="r")) for i, f in enumerate(files)), len(files)
+            raise ConfigError(f"source.path {src.path!r} matches no files (relative to {os.getcwd()})")
+        return ((i, np.load(f, mmap_mode="r")) for i, f in enumerate(files) if i not in skip), len(files)
     assert isinstance(src, PythonSource)
-    gen = resolve(src.fn)(**src.args)
-    return ((i, np.asarray(a)) for i, a in enumerate(gen)), None
+    gen = resolve(src.fn, where)(**src.args)
+    return ((i, np.asarray(a)) for i, a in enumerate(gen) if i not in skip), None
 
 
-
-
-def make_sink(cfg: PipelineConfig, total: int | None) -> Callable[[int, np.ndarray], None]:
+def make_sink(cfg: PipelineConfig, total: int | None, where: tuple[str, ...] = ()
+              ) -> Callable[[int, np.ndarray], None]:
     sink = cfg.sink
     if isinstance(sink, NpySink):
         out = Path(sink.path)
@@ -71,7 +83,7 @@ def make_sink(cfg: PipelineConfig, total: int | None) -> Callable[[int, np.ndarr
 
         return write_npy
     if isinstance(sink, PythonSink):
-        fn = resolve(sink.fn)
+        fn = resolve(sink.fn, where)
         takes_index = len(inspect.signature(fn).parameters) - len(sink.args) >= 2
         if takes_index:
             return lambda i, a: fn(a, i, **sink.args)

@@ -7,20 +7,35 @@ and ``cuda_count`` ask a process like the workers (``supervisor.probe``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from broker.errors import ConfigError
 
-from .config import PipelineConfig, StageConfig
-from .supervisor import probe
+from .config import NpySource, PipelineConfig, StageConfig
+from .io import npy_files
+from .supervisor import probe, start_method
 
-__all__ = ["plan_devices", "cuda_count", "check_imports", "search_path"]
+__all__ = ["plan_devices", "cuda_count", "check_device", "check_imports", "source_warnings", "search_path"]
 
 
 def cuda_count() -> int:
     """Number of usable CUDA devices (0 without CUDA or without a CUDA build of torch)."""
     return probe()[0]
+
+
+def check_device(device: str, count: int) -> None:
+    """A device named on the command line (``cuda:N``) that this host has; else ``ConfigError``."""
+    if not device.startswith("cuda"):
+        return
+    if count == 0:
+        raise ConfigError(f"--device {device}: this host has no CUDA device (torch.cuda.is_available() "
+                          f"is False); use --device cpu, or run this worker on a GPU host")
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise ConfigError(f"--device {device} does not exist; this host has {count} CUDA device(s): "
+                          f"cuda:0..cuda:{count - 1}")
 
 
 def search_path(config_path: str | Path | None) -> tuple[str, ...]:
@@ -32,25 +47,44 @@ def search_path(config_path: str | Path | None) -> tuple[str, ...]:
 
 
 def check_imports(cfg: PipelineConfig, path: str | Path | None) -> None:
-    """Every stage, source and sink function imports where it will run; else ``ConfigError``
-    naming the file, the key and where the module was looked for."""
+    """Every stage, source and sink function imports where it will run and accepts the config's
+    ``args``, and the start method is known; else ``ConfigError`` naming the file, the key and
+    (for a module not found) where it was looked for."""
+    start_method()
     where = search_path(path)
-    specs = tuple(st.fn or st.factory or "" for st in cfg.stages)
-    _count, errors = probe(specs, where)
-    for i, st in enumerate(cfg.stages):
-        spec = st.fn or st.factory or ""
-        if spec in errors:
-            raise ConfigError(f"{path}: stages[{i}].{'fn' if st.fn else 'factory'}: cannot import "
-                              f"{spec!r}: {errors[spec]}")
-    from workers.spec import resolve
+    calls = tuple((st.fn or st.factory or "", "fn" if st.fn else "factory",
+                   json.dumps(st.args, sort_keys=True, default=str)) for st in cfg.stages)
+    _count, errors = probe(calls, where)
+    for i in sorted(errors):
+        key, why = errors[i]
+        raise ConfigError(f"{cfg.origin(f'stages[{i}].{key}', path)}: stages[{i}].{key}: {why}")
+    from workers.spec import call_error, resolve
 
-    for key, fn in (("source.fn", getattr(cfg.source, "fn", None)),
-                    ("sink.fn", getattr(cfg.sink, "fn", None))):
-        if fn:
-            try:
-                resolve(fn, where)
-            except (ImportError, AttributeError, TypeError) as e:
-                raise ConfigError(f"{path}: {key}: cannot import {fn!r}: {e}") from None
+    for key, part, leading, how in (("source", cfg.source, 0, "fn(**args)"),
+                                    ("sink", cfg.sink, 1, "fn(array, **args) or fn(array, index, **args)")):
+        fn = getattr(part, "fn", None)
+        if not fn:
+            continue
+        try:
+            found = resolve(fn, where)
+        except (ImportError, AttributeError, TypeError) as e:
+            raise ConfigError(f"{cfg.origin(f'{key}.fn', path)}: {key}.fn: cannot import {fn!r}: {e}") from None
+        args = getattr(part, "args", {})
+        problem = call_error(found, args, leading=leading, how=how)
+        if problem and key == "sink":  # a sink may take the item's index after the array
+            problem = problem if call_error(found, args, leading=2, how=how) else None
+        if problem:
+            raise ConfigError(f"{cfg.origin(f'{key}.args', path)}: {key}.args: {fn} does not accept them: "
+                              f"{problem}")
+
+
+def source_warnings(cfg: PipelineConfig) -> list[str]:
+    """What is not an error yet but will be when the run starts (a glob that matches nothing)."""
+    src = cfg.source
+    if isinstance(src, NpySource) and not npy_files(src.path):
+        return [f"source.path {src.path!r} matches no files now (relative to {Path.cwd()}); "
+                f"`run` fails unless they appear"]
+    return []
 
 
 def plan_devices(stage: StageConfig, count: int, require_gpu: bool = False,
@@ -58,7 +92,8 @@ def plan_devices(stage: StageConfig, count: int, require_gpu: bool = False,
     """One device string per worker process of ``stage``, given ``count`` CUDA devices.
 
     * ``device: cpu``: ``replicas`` processes on the CPU.
-    * ``device: auto``: CUDA when there is one, else the CPU (no warning: that is what auto means).
+    * ``device: auto``: CUDA when there is one, else the CPU (no warning: that is what auto
+      means), unless ``require_gpu``: then an error.
     * ``device: cuda`` / ``cuda:N``: on a host without CUDA, the CPU with one warning,
       unless ``require_gpu``; an index the host does not have is an error.
     * ``devices: all | [0, 2]`` picks the GPUs; ``replicas_per_device`` puts that many
@@ -68,9 +103,10 @@ def plan_devices(stage: StageConfig, count: int, require_gpu: bool = False,
     if stage.device == "cpu":
         return ["cpu"] * _total(stage, 1)
     if count == 0:
-        if stage.device != "auto" and require_gpu:
-            raise ConfigError(f"{where}.device: {stage.device} was required but this host has no "
-                              f"CUDA device (torch.cuda.is_available() is False)")
+        if require_gpu:  # device: auto too: --require-gpu means no stage but the CPU ones on the CPU
+            raise ConfigError(f"{where}.device: {stage.device} would run on the CPU: this host has no "
+                              f"CUDA device (torch.cuda.is_available() is False) and a GPU was required "
+                              f"(--require-gpu)")
         if stage.device != "auto" and warn is not None:
             warn(f"stage {stage.name!r} asks for {stage.device} but this host has no CUDA device; "
                  f"running it on the CPU (pass --require-gpu to fail instead)")

@@ -28,6 +28,9 @@ class Summary:
     restarts: dict[str, int]
     copied_per_item: float
     failures: list[dict[str, Any]] = field(default_factory=list)
+    resumed: int = 0  # items an earlier run had settled (left out of this one)
+    interrupted: str = ""  # why the run stopped before the end of its source ("" if it did not)
+    failures_file: str = ""  # where skipped items are recorded
 
     @property
     def items_per_s(self) -> float:
@@ -36,7 +39,8 @@ class Summary:
     def render(self) -> Any:
         from rich.table import Table
 
-        t = Table(title=f"{self.name}: {self.items} items in {self.seconds:.2f} s "
+        head = f"{self.interrupted.upper()}, output incomplete: " if self.interrupted else ""
+        t = Table(title=f"{head}{self.name}: {self.items} items in {self.seconds:.2f} s "
                         f"({self.items_per_s:.1f} items/s, "
                         f"{self.bytes_in / max(self.seconds, 1e-9) / 1e6:.1f} MB/s in)")
         for col in ("stage", "device", "workers", "items", "items/s", "busy s", "restarts", "copied/item"):
@@ -47,8 +51,11 @@ class Summary:
                       format_bytes(int(st["copied"] / max(1, st["done"]))))
         t.caption = (f"arena peak {format_bytes(self.arena_peak)} of {format_bytes(self.capacity)}; "
                      f"bytes copied per item {format_bytes(int(self.copied_per_item))} "
-                     f"(source write + stage writes); skipped {len(self.skipped)}, "
+                     f"(source write + stage writes); skipped {len(self.skipped)}"
+                     f"{f' (in {self.failures_file})' if self.skipped and self.failures_file else ''}, "
                      f"duplicates dropped {self.duplicates}")
+        if self.resumed:
+            t.caption += f"; resumed: {self.resumed} item(s) were done before"
         unpinned = {st["name"]: st["unpinned"] for st in self.stages if st.get("unpinned")}
         if unpinned:
             t.caption += "; NOT PINNED (host-device copies staged): " + ", ".join(

@@ -8,7 +8,14 @@ The leak check fails a test that leaves behind
 * a runtime directory whose broker is gone (``rundir.list_rundirs`` says it
   is not live: its ``flock`` is free), or any runtime directory at all once
   every broker started by the test has stopped;
-* a new ``/dev/shm`` entry (the arena is a memfd and must never need one).
+* a new ``/dev/shm`` entry of this project's (``shmbroker*``) or of a process of
+  this test's tree (``torch_<pid>_...``): the arena is a memfd and must never need
+  one. Entries of other programs on the machine are none of these tests' business.
+
+The session's private runtime base directory (``/tmp/shmbroker-tests-*``) is
+made once, by the pytest process; child processes that import this module
+(a ``spawn`` child unpickling a test's function) reuse it through the
+environment, and it is removed when the session ends.
 
 Offending processes are killed and stale directories removed after the
 failure is reported, so one leaking test does not fail the ones after it.
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -28,8 +36,13 @@ from pathlib import Path
 import pytest
 
 # Before anything imports broker.rundir: every broker of this session lives
-# under one private base directory that the leak check can inspect.
-_RUNTIME_BASE = Path(tempfile.mkdtemp(prefix="shmbroker-tests-"))
+# under one private base directory that the leak check can inspect. Made by the
+# pytest process only: a child that imports this module finds it in the environment.
+_BASE_VAR = "SHMBROKER_TESTS_BASE"  # "<pid of the pytest process>:<directory>"
+if _BASE_VAR not in os.environ:
+    os.environ[_BASE_VAR] = f"{os.getpid()}:{tempfile.mkdtemp(prefix='shmbroker-tests-')}"
+_OWNER, _, _base = os.environ[_BASE_VAR].partition(":")
+_RUNTIME_BASE = Path(_base)
 os.environ["SHMBROKER_RUNTIME_DIR"] = str(_RUNTIME_BASE)
 
 from broker import Broker, Client  # noqa: E402
@@ -111,20 +124,26 @@ def dev_shm() -> set[str]:
         return set()
 
 
-def _foreign(name: str) -> bool:
-    """An entry that names a live process outside this test's tree (``torch_<pid>_...``)."""
-    parts = name.split("_")
-    if len(parts) < 2 or not parts[1].isdigit():
-        return False
-    pid = int(parts[1])
-    return pid != os.getpid() and pid not in descendants() and os.path.exists(f"/proc/{pid}")
+_PID_NAME = re.compile(r"^[A-Za-z]+_(\d+)_")  # torch_<pid>_<n>: torch's shared-memory files
 
 
-def _new_dev_shm(before: set[str]) -> set[str]:
-    # multiprocessing's own semaphores (sem.mp-*) come and go with Queue/Lock objects of any
-    # process on the host, and other programs on a shared machine (a benchmark with
-    # torch.multiprocessing, say) make their own entries: neither is ours to judge here.
-    return {n for n in dev_shm() - before if not n.startswith("sem.") and not _foreign(n)}
+def ours_in_dev_shm(tree: set[int]) -> set[str]:
+    """The ``/dev/shm`` entries this project or a process of ``tree`` (pids) made.
+
+    Anything else there belongs to other programs on the machine (a benchmark with
+    torch.multiprocessing, multiprocessing's ``sem.*`` of any process): not ours to judge.
+    """
+    out = set()
+    for name in dev_shm():
+        m = _PID_NAME.match(name)
+        if name.startswith("shmbroker") or (m is not None and int(m.group(1)) in tree):
+            out.add(name)
+    return out
+
+
+def our_tree() -> set[int]:
+    """This process and its descendants."""
+    return {os.getpid(), *descendants()}
 
 
 def _reap(pids: set[int], timeout: float) -> dict[int, str]:
@@ -150,9 +169,11 @@ def _cmdline(pid: int) -> str:
 @pytest.fixture(autouse=True)
 def leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
     before_children = set(descendants())
-    before_shm = dev_shm()
+    tree = our_tree()
+    before_shm = ours_in_dev_shm(tree)
     yield
     problems = []
+    tree |= our_tree()  # the test's processes still there (one that came and went is not seen)
     leaked = _reap(set(descendants()) - before_children, LEAK_GRACE)
     if leaked:
         desc = ", ".join(f"pid {p} ({'zombie, never reaped' if s == 'Z' else 'state ' + s}: "
@@ -174,7 +195,7 @@ def leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
         else:
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
-    shm = _new_dev_shm(before_shm)
+    shm = ours_in_dev_shm(tree) - before_shm
     if shm:
         problems.append(f"/dev/shm entries created: {sorted(shm)}")
     if problems:
@@ -183,10 +204,12 @@ def leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
 
 @pytest.fixture(scope="session", autouse=True)
 def runtime_base() -> Iterator[Path]:
-    """The session's runtime base directory; it must be empty when the session ends."""
+    """The session's runtime base directory; it must be empty when the session ends (and is
+    removed then, by the process that made it)."""
     yield _RUNTIME_BASE
-    left = sorted(p.name for p in _RUNTIME_BASE.iterdir())
-    shutil.rmtree(_RUNTIME_BASE, ignore_errors=True)
+    left = sorted(p.name for p in _RUNTIME_BASE.iterdir()) if _RUNTIME_BASE.is_dir() else []
+    if str(os.getpid()) == _OWNER:
+        shutil.rmtree(_RUNTIME_BASE, ignore_errors=True)
     assert not left, f"runtime directories left behind at the end of the session: {left}"
 
 

@@ -149,3 +149,24 @@ def cuda_device_of(x: torch.Tensor, seconds: float = 0.05) -> torch.Tensor:
     time.sleep(seconds)  # long enough that every worker of the stage gets some of the items
     index = x.device.index if x.is_cuda else -1
     return torch.tensor([torch.cuda.current_device(), index, os.getpid()], dtype=torch.int64)
+
+
+# -- what people naturally return (tests/test_stage_code.py) --------------------------------------
+def mean_only(x: torch.Tensor):
+    """A NumPy scalar on its own (``g.mean()``)."""
+    return x.numpy().mean()
+
+
+def scalars_in_dict(x: torch.Tensor) -> dict:
+    """NumPy scalars, a Python int and a bool next to a tensor, in a dict."""
+    g = x.numpy()
+    return {"mean": g.mean(), "max": g.max(), "n": int(g.size), "positive": bool(g.sum() > 0), "x2": x * 2}
+
+
+def scalars_in_tuple(x: torch.Tensor) -> tuple:
+    return float(x[0]), x.numpy().astype("float64").sum(), True
+
+
+def grow(x: torch.Tensor, times: int = 3) -> torch.Tensor:
+    """A result ``times`` as large as its input."""
+    return x.repeat(times)

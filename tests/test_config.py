@@ -125,7 +125,8 @@ def test_device_plan_with_faked_gpu_counts(kw: dict, count: int, expected: list[
 @pytest.mark.parametrize("kw, count, message", [
     ({"device": "cuda:3"}, 2, "cuda:3 does not exist; this host has 2 CUDA device"),
     ({"device": "cuda", "devices": [0, 5]}, 4, "[5] do not exist"),
-    ({"device": "cuda"}, 0, "required but this host has no CUDA device"),
+    ({"device": "cuda"}, 0, "cuda would run on the CPU: this host has no CUDA device"),
+    ({"device": "auto"}, 0, "auto would run on the CPU: this host has no CUDA device"),
 ])
 def test_impossible_devices_are_errors(kw: dict, count: int, message: str) -> None:
     with pytest.raises(ConfigError) as err:

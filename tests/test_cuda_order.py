@@ -232,9 +232,10 @@ def cuda(monkeypatch: pytest.MonkeyPatch) -> CudaDouble:
         c = Client(*args, **kw)
         register = c.register
 
-        def recording_register(stage: str, credits: int = 1, device: str = "host", pinned: bool = False) -> int:
+        def recording_register(stage: str, credits: int = 1, device: str = "host", pinned: bool = False,
+                               pipeline: str = "") -> int:
             double.calls.append(("register", stage, device, pinned))
-            return register(stage, credits=credits, device=device, pinned=pinned)
+            return register(stage, credits=credits, device=device, pinned=pinned, pipeline=pipeline)
 
         c.register = recording_register  # type: ignore[method-assign]
         return c

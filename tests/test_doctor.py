@@ -64,3 +64,33 @@ def test_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["doctor", str(DEMO)]) == 0
     assert main(["doctor", str(DEMO), "--set", "broker.capacity=100TiB"]) == 1
     assert "fail" in capsys.readouterr().out
+
+
+def test_worker_on_a_missing_gpu_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    multi = DEMO.parent / "multi_gpu.yaml"
+    monkeypatch.setattr("shmbroker.plan.cuda_count", lambda: 0)
+    assert main(["worker", "--config", str(multi), "--stage", "infer", "--device", "cuda:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "--device cuda:1: this host has no CUDA device" in err and "--device cpu" in err
+    monkeypatch.setattr("shmbroker.plan.cuda_count", lambda: 1)
+    assert main(["worker", "--config", str(multi), "--stage", "infer", "--device", "cuda:1"]) == 2
+    assert "--device cuda:1 does not exist; this host has 1 CUDA device(s)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["worker", "--config", str(multi), "--stage", "infer", "--device", "gpu1"])
+    assert "expected cpu, cuda or cuda:N, not 'gpu1'" in capsys.readouterr().err
+
+
+def test_require_gpu_fails_for_auto_stages_too(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("shmbroker.plan.cuda_count", lambda: 0)
+    cfg = load_config(DEMO)  # infer: device auto
+    c = by_name(doctor.run_checks(cfg, require_gpu=True))["devices of infer"]
+    assert c.status == "fail" and "auto would run on the CPU" in c.detail and "--require-gpu" in c.detail
+    assert by_name(doctor.run_checks(cfg))["devices of infer"].status == "ok"  # without: auto means CPU
+    assert main(["doctor", str(DEMO), "--require-gpu"]) == 1
+    out = capsys.readouterr().out
+    assert "devices of infer" in out and "stages[infer].device" in out  # not eaten as rich markup
+    with pytest.raises(BrokerError, match="preflight failed"):
+        preflight(cfg, True)

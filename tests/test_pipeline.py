@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from broker import Pipeline, StageFailed
+from broker import Pipeline, Skipped, StageFailed
 from shmbroker.config import load_config
 from workers.stages import linear, normalize, scale
 
@@ -185,9 +185,10 @@ def test_on_error_skip_records_items_and_fail_stops_with_traceback(tmp_path: Pat
     stage = {"name": "boom", "fn": "stage_helpers:boom_on", "args": {"value": 3.0}, "on_error": "skip"}
     cfg = write_cfg(tmp_path, {"source": synthetic(1, [2]), "stages": [stage]})
     with Pipeline.from_yaml(cfg) as p:
-        got = list(p.map(arrays))
+        got = list(p.map(arrays, on_skip="marker"))
         assert p.last_summary.skipped == [3]
-    assert [float(g[0]) for g in got] == [0, 10, 20, 40, 50]
+    assert isinstance(got[3], Skipped) and got[3].index == 3
+    assert [float(g[0]) for i, g in enumerate(got) if i != 3] == [0, 10, 20, 40, 50]
     stage["on_error"] = "fail"
     cfg = write_cfg(tmp_path, {"source": synthetic(1, [2]), "stages": [stage]}, "fail.yaml")
     with Pipeline.from_yaml(cfg) as p, pytest.raises(StageFailed) as err:
@@ -213,7 +214,7 @@ def test_cuda_stage_falls_back_to_cpu_with_one_warning(tmp_path: Path) -> None:
         np.testing.assert_array_equal(got[i], x * 2)
     from broker.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="required but this host has no CUDA"):
+    with pytest.raises(ConfigError, match="would run on the CPU: this host has no CUDA"):
         Pipeline.from_yaml(cfg, require_gpu=True).plan()
 
 
@@ -317,12 +318,12 @@ def test_a_second_run_reports_its_own_counts(tmp_path: Path) -> None:
 def test_skip_writes_a_failures_file_and_retry_recovers_a_flaky_stage(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cfg = write_cfg(tmp_path, {
-        "source": synthetic(1, [2]),
+        "source": {"type": "python", "fn": "stage_helpers:counting_source", "args": {"n": 5, "shape": [2]}},
         "stages": [{"name": "boom", "fn": "stage_helpers:boom_on", "args": {"value": 3.0}, "on_error": "skip"}],
         "sink": {"type": "npy", "path": str(out)},
     })
     with Pipeline.from_yaml(cfg) as p:
-        list(p.map([np.full((2,), float(i)) for i in range(5)]))
+        p.run(sink=None)
     lines = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
     assert len(lines) == 1 and lines[0]["items"] == [3] and lines[0]["stage"] == "boom"
     assert "RuntimeError: boom on 3.0" in lines[0]["trace"]

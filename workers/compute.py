@@ -22,12 +22,14 @@ Variations:
 from __future__ import annotations
 
 import collections
+import math
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from broker.client import Client
-from broker.protocol import Layout, Reserved, Task
+from broker.errors import ArenaFull, format_bytes
+from broker.protocol import Layout, Reserved, Task, storage_dtype
 from broker.rows import field_views, pack_fields
 
 from .bridge import cast, to_tensor, wire_dtype, write_into
@@ -66,10 +68,12 @@ class Compute:
         self.failed_item: int | None = None  # the row of an ``each`` task the stage raised on
         self.prefetched: dict[int, tuple[Any, Any]] = {}  # task id -> (inputs on the device, event)
         self.counters_prefetched = 0
+        self.held = 0  # bytes of the current task's input
 
     # -- a task -------------------------------------------------------------------------------------
     def run(self, task: Task) -> tuple[list[int], int]:
         """Compute a task and write its results; returns (reservations, bytes copied)."""
+        self.held = task.handle.nbytes  # the input's block stays until the results are written
         if task.each:
             return self._rows(self.client.view(task.handle), task)
         batched = task.batched
@@ -112,7 +116,38 @@ class Compute:
             self.out_specs.popitem(last=False)
 
     def _reserve(self, items: list[int], spec: OutSpec) -> Reserved:
+        self._check_room(len(items), spec)
         return self.client.reserve(self.spec.index + 1, items, spec.shape, spec.dtype, layout=spec.layout)
+
+    def _check_room(self, n: int, spec: OutSpec) -> None:
+        """``ArenaFull`` at once (it stops the run) for a result that can never be placed: its
+        block and the task's input, which stays until the result is written, exceed the arena."""
+        region = self.client.region
+        assert region is not None
+        cap = region.capacity
+        item = storage_dtype(spec.dtype).itemsize * math.prod(spec.shape)
+        batch = self.spec.next_batch
+        rows = batch if batch > 1 else n  # a batched next stage collates its rows in one block
+        if item * rows + self.held <= cap:
+            return
+        dtype = spec.dtype if spec.dtype == "bfloat16" else np.dtype(spec.dtype).name
+        what = f"{format_bytes(item)} ({dtype}{list(spec.shape)})" if spec.layout is None else \
+            f"{format_bytes(item)} (a row of {len(spec.layout.fields)} fields)"
+        if batch > 1:
+            most = max(0, (cap - self.held) // max(item, 1))
+            fix = (f"lower stages.{self.spec.next_name}.batch to at most {most}, or raise broker.capacity"
+                   if most >= 1 else "raise broker.capacity")
+            raise ArenaFull(
+                f"stage {self.spec.next_name!r} collates batches of {batch} items in one block: "
+                f"{batch} x {what} = {format_bytes(item * batch)}, and with the input of stage "
+                f"{self.spec.name!r} it is written from ({format_bytes(self.held)}) that can never fit "
+                f"the {format_bytes(cap)} arena; {fix} to more than "
+                f"{format_bytes(item * batch + self.held)}")
+        raise ArenaFull(
+            f"the result of stage {self.spec.name!r} ({'' if n == 1 else f'{n} x '}{what}) and its "
+            f"input ({format_bytes(self.held)}, kept until the result is written) can never fit the "
+            f"{format_bytes(cap)} arena together; raise broker.capacity to more than "
+            f"{format_bytes(item * rows + self.held)}")
 
     # -- inputs -------------------------------------------------------------------------------------
     def inputs(self, x: np.ndarray, layout: Layout | None, wire: str | None = None) -> Any:
@@ -160,8 +195,8 @@ class Compute:
         for key, value in pairs:
             if isinstance(value, (np.generic, bool, int, float)):  # a NumPy scalar or a number
                 value = np.asarray(value)
-            if isinstance(value, np.ndarray):
-                value = torch.from_numpy(np.ascontiguousarray(value))
+            if isinstance(value, np.ndarray):  # (np.ascontiguousarray would make a 0-d array 1-d)
+                value = torch.from_numpy(value if value.flags.c_contiguous else value.copy(order="C"))
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"stage {name!r} returned {type(value).__name__}"
                                 f"{'' if key is None else f' in field {key!r}'}; return tensors, "

@@ -84,7 +84,8 @@ class Worker:
             flag = os.environ.get("SHMBROKER_PREFETCH")
             self.prefetch = self.device.cuda if flag is None else flag == "1"
             self.stopping = False
-            self.client.register(spec.name, credits=spec.credits, device=str(self.device), pinned=pinned)
+            self.client.register(spec.name, credits=spec.credits, device=str(self.device), pinned=pinned,
+                                 pipeline=spec.pipeline)
         except BaseException:
             self.close()
             raise
@@ -116,16 +117,19 @@ class Worker:
         try:
             rsvs, copied = self.compute.run(task)
         except ArenaFull as e:  # backpressure: the task waits in its queue, the stage is not to blame
-            log.warning("stage %s: no arena space for the result of items %s: %s", self.spec.name,
-                        task.items[:8], e)
+            # the driver reports it (it stops the run); here only for --log-level INFO
+            log.info("stage %s: no arena space for the result of items %s: %s", self.spec.name,
+                     task.items[:8], e)
             self.client.fail(task, f"stage {self.spec.name!r} could not write its result: {e}",
                              arena=True)
             return
         except (BrokerGone, BrokerTimeout):
             raise  # the broker's trouble, not the stage's
         except Exception as e:
-            log.warning("stage %s failed on items %s: %r", self.spec.name, task.items[:8], e)
             item, self.compute.failed_item = self.compute.failed_item, None
+            # the driver reports the failure (once, with its items); here only for --log-level INFO
+            log.info("stage %s failed on item(s) %s: %r", self.spec.name,
+                     [item] if item is not None else task.items[:8], e)
             self.client.fail(task, f"{type(e).__name__}: {e}", traceback.format_exc(), item=item)
             return
         # Not answered: the broker handles this connection's messages in order, so `done` lands
@@ -166,6 +170,9 @@ def worker_main(endpoint: str, spec: StageSpec, device: str, log_level: str = "W
         worker = Worker(endpoint, spec, device, curve=curve)
         return worker.run()
     except (BrokerGone, BrokerTimeout) as e:
+        if worker is not None and worker.stopping:  # told to stop, and the broker stopped too
+            log.info("worker for stage %s stops: %s", spec.name, e)
+            return 0
         log.error("worker for stage %s stops: %s", spec.name, e)
         return 3
     finally:

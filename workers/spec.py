@@ -11,12 +11,13 @@ in the current directory is found without ``PYTHONPATH``.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["StageSpec", "resolve", "add_search_path"]
+__all__ = ["StageSpec", "resolve", "add_search_path", "call_error"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class StageSpec:
     credits: int = 2
     threads: int | None = None  # torch.set_num_threads
     search_path: tuple[str, ...] = ()  # directories stage modules are looked for in, after sys.path
+    next_batch: int = 1  # the next stage's batch: results are collated in blocks of this many rows
+    next_name: str = ""  # the next stage's name ("" for the sink)
+    pipeline: str = ""  # which pipeline (name@config hash): the broker refuses a worker of another
 
     @property
     def target(self) -> str:
@@ -69,3 +73,27 @@ def resolve(spec: str, search_path: tuple[str, ...] | list[str] = ()) -> Callabl
     if not callable(obj):
         raise TypeError(f"{spec} is not callable")
     return obj
+
+
+def call_error(fn: Callable[..., Any], args: dict[str, Any], *, factory: bool = False,
+               leading: int = 1, how: str = "fn(x, **args)") -> str | None:
+    """Why calling ``fn`` as a stage calls it would fail on its arguments, or None.
+
+    A stage function is called ``fn(x, **args)`` (``leading`` positional values
+    first; ``how`` says so in the message), a factory ``factory(**args)`` with
+    ``device=`` if it takes one. Functions without a signature (some builtins)
+    are not checked.
+    """
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    if factory:
+        leading, how = 0, "factory(**args)"
+        if "device" in sig.parameters and "device" not in args:
+            args = {**args, "device": "cpu"}  # the worker passes its device
+    try:
+        sig.bind(*([None] * leading), **args)
+    except TypeError as e:
+        return f"{e}; it is called as {how} and takes {sig}"
+    return None
