@@ -1,37 +1,47 @@
 #!/usr/bin/env python
-"""The same preprocessing and the same CPU "model" through a shmbroker pipeline and a torch DataLoader.
+"""The same preprocessing and the same CPU "model" through a shmbroker pipeline, a torch DataLoader and SPDL.
 
 One command::
 
-    .venv/bin/python benchmarks/pipeline.py [--quick] [--sizes 64KiB,1MiB,16MiB] [--seconds S]
-                                            [--reps N] [--out benchmarks/results/pipeline.json]
+    .venv/bin/python benchmarks/pipeline.py [--quick] [--sizes 4KiB,64KiB,1MiB,16MiB] [--seconds S]
+                                            [--systems shmbroker,dataloader,spdl] [--reps N]
+                                            [--out benchmarks/results/pipeline.json]
 
-Workload (identical in both systems)
+Workload (identical in every system)
 ------------------------------------
-* items: float32 ``[rows, 256]`` arrays of 64 KiB, 1 MiB and 16 MiB (rows = 64, 1024, 16384);
-  item ``i`` is ``pool[i % 4]``, four arrays made once per process
-  (``benchmarks._bench_stages.pool``), so neither system generates data in the
-  timed loop and both start from an array already in memory.
-* preprocess: ``workers.stages.normalize`` (standardize each item) on 2 CPU workers.
+* items: float32 ``[rows, 256]`` arrays of 4 KiB, 64 KiB, 1 MiB and 16 MiB (rows = 4, 64, 1024,
+  16384); item ``i`` is ``pool[i % 4]``, four arrays made once per process
+  (``benchmarks._bench_stages.pool``), so no system generates data in the
+  timed loop and all start from an array already in memory.
+* preprocess: ``workers.stages.normalize`` (standardize each item) with 2-way parallelism.
 * model: ``x.reshape(-1, 256) @ W`` with a fixed seeded ``W [256, 64]``
   (``benchmarks._bench_stages.model_factory``) on batches of 16, under
   ``torch.inference_mode()``; its output is dropped (null sink).
 * threads: ``torch.set_num_threads(1)`` everywhere (shmbroker: ``threads: 1`` on both
   stages; the driver does no torch math. DataLoader: the main process calls it, and
-  DataLoader workers set 1 themselves), so the 2 cores are shared by processes, not
-  by intra-op threads.
+  DataLoader workers set 1 themselves. SPDL: its one process calls it, which holds for
+  all its threads), so the 2 cores are shared by processes or threads, not by intra-op threads.
 
 (a) shmbroker: driver (python source: the pool) -> ``preprocess`` (replicas 2, threads 1)
     -> ``model`` (batch 16, threads 1) -> null sink, via ``Pipeline.run()``.
 (b) ``torch.utils.data.DataLoader(ds, batch_size=16, num_workers=2, persistent_workers=True)``
     (fork, prefetch_factor 2, pin_memory False); ``ds[i]`` = normalize(pool[i % 4]);
     the main process applies the model to each batch.
+(c) SPDL (``pip install spdl``; skipped with the reason when not importable), one process:
+    ``PipelineBuilder().add_source(range(n)).pipe(preprocess, concurrency=2).aggregate(16)
+    .pipe(model).add_sink(3).build(num_threads=3)`` -- ``preprocess(i)`` =
+    normalize(pool[i % 4]) as the DataLoader's dataset, ``model(batch)`` =
+    the model on ``torch.stack(batch)`` (the DataLoader's default_collate stacks too), both
+    under ``torch.inference_mode()``; 3 pool threads: two preprocessing tasks and the model at
+    once, as the other systems' 2 + 1 processes. The pipeline is built before the clock; its
+    start, the run and its stop are timed.
 
 Each (system, size) runs in its own child process (a fresh interpreter): start-up,
 warm-up runs (32 items, then 64, 128, ... until one takes >= 1 s; its rate sizes
 the item count so one timed run takes about ``--seconds``),
 then ``--reps`` timed runs. items/s = items / wall time of the run; MB/s = items x
-item bytes / s (input bytes).
+item bytes / s (input bytes). CPU per item per process: utime + stime of each process
+of the system over the run / items (SPDL is one process: its threads are all in it).
 
 Bytes copied per item
 ---------------------
@@ -41,8 +51,9 @@ its own). DataLoader, counted analytically: default_collate
 ``torch.stack``s the 16 preprocessed items into a new shared-memory tensor
 (1 x item bytes); the batch goes to the main process as a file descriptor (no copy);
 the dataset reads the pool in place (no copy); the model's output stays in the main
-process (no copy). So 1 x item bytes. Neither count includes compute outputs
-(normalize's and the matmul's result tensors), which both systems produce alike.
+process (no copy). So 1 x item bytes. SPDL, analytically: ``torch.stack`` of the batch
+(1 x item bytes); everything else stays in the one process. None of the counts includes
+compute outputs (normalize's and the matmul's result tensors), which all systems produce alike.
 
 Memory: the parent samples the child's whole process tree (child + broker + workers,
 or child + DataLoader workers) every 50 ms (stretched so the sampler never takes more
@@ -53,9 +64,13 @@ once in total); the table shows the median over runs of each run's peak.
 shmbroker's arena is a memfd that the broker ``posix_fallocate``s at start: all of
 its capacity is RAM from the start, but PSS counts only pages some process has
 mapped and touched. "footprint" adds that back: peak PSS - arena PSS at the end of
-the run + arena capacity (DataLoader: footprint = peak PSS). The arena is sized
+the run + arena capacity (the others: footprint = peak PSS). The arena is sized
 ``--capacity-items`` (64) items, min 128 MiB: with max_inflight 64 that is about what
 the DataLoader holds in flight (2 workers x prefetch_factor 2 x 16 = 64 items).
+
+Goals (issue 13), printed as met/MISSED lines: broker CPU <= 5 % of the pipeline's total;
+>= 2x DataLoader items/s at 1 MiB and 16 MiB with <= 0.5x its CPU per item; >= 1.3x SPDL's
+items/s.
 """
 
 from __future__ import annotations
@@ -294,9 +309,102 @@ def child_dataloader(nbytes: int, target: float, reps: int, cap_items: int | Non
     return out
 
 
+# -- child: SPDL ----------------------------------------------------------------------------
+SPDL_THREADS = 3  # the pipeline's pool: 2 preprocessing tasks + the model at once (2 + 1 processes elsewhere)
+
+
+def spdl_skip_reason() -> str | None:
+    """Why the SPDL system cannot run here, or None."""
+    try:
+        from spdl.pipeline import PipelineBuilder  # noqa: F401
+    except ImportError as e:
+        return f"not importable ({e}); install the bench extra: .venv/bin/pip install -e '.[bench]'"
+    return None
+
+
+def child_spdl(nbytes: int, target: float, reps: int, cap_items: int | None = None,
+               device: str = "cpu") -> dict[str, Any]:
+    from importlib.metadata import version
+
+    import torch
+    from spdl.pipeline import PipelineBuilder
+
+    from benchmarks._bench_stages import model_factory, pool
+    from workers.stages import normalize
+
+    torch.set_num_threads(1)  # intra-op threads of the process: every SPDL thread runs with 1
+    rows = rows_for(nbytes)
+    items = pool(rows)
+    model = model_factory(device=device)
+    cuda = device == "cuda"
+
+    def preprocess(i: int) -> Any:  # the DataLoader's ds[i]
+        with torch.inference_mode():  # thread-local: set in the thread that computes
+            return normalize(torch.from_numpy(items[i % len(items)]))
+
+    def run_model(batch: list[Any]) -> Any:
+        with torch.inference_mode():
+            x = torch.stack(batch)  # as the DataLoader's default_collate
+            return model(x.to(device, non_blocking=True) if cuda else x)
+
+    def build(count: int) -> Any:
+        return (PipelineBuilder()
+                .add_source(range(count))
+                .pipe(preprocess, concurrency=2)
+                .aggregate(BATCH)
+                .pipe(run_model)
+                .add_sink(3)
+                .build(num_threads=SPDL_THREADS))
+
+    me = os.getpid()
+    out: dict[str, Any] = {"system": "spdl", "runs": [],
+                           "settings": {"spdl": version("spdl"), "num_threads": SPDL_THREADS,
+                                        "preprocess_concurrency": 2, "aggregate": BATCH, "sink_buffer": 3}}
+
+    def one(count: int) -> tuple[int, float, dict[str, float]]:
+        pipeline = build(count)  # before the clock: the other systems' workers exist already too
+        c0 = tree_cpu(me)
+        n = 0
+        t = time.perf_counter()
+        with pipeline.auto_stop():
+            for y in pipeline.get_iterator(timeout=600):
+                n += y.shape[0]
+            if cuda:
+                torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+        c1 = tree_cpu(me)
+        roles = {"spdl (one process, all threads)": c1.get(me, 0) - c0.get(me, 0), "total": cpu_delta(c0, c1)}
+        return n, wall, roles
+
+    phase("warmup")
+    t = time.perf_counter()
+    one(32)
+    out["startup_and_first_32_s"] = time.perf_counter() - t
+    w = 64
+    while True:
+        n, wall, _ = one(w)
+        if wall >= 1.0 or w >= 1 << 16:
+            break
+        w *= 2
+    count = round16(target * n / wall)
+    out["count"] = count
+    for r in range(reps):
+        phase(f"rep{r}")
+        n, wall, roles = one(count)
+        phase(f"after{r}")
+        if n != count:
+            raise RuntimeError(f"spdl: {n} items came out of {count}")
+        out["runs"].append({"items": n, "seconds": wall, "items_s": n / wall, "mb_s": n * nbytes / wall / 1e6,
+                            "copied_per_item": float(nbytes), "cpu_s": roles})
+    return out
+
+
+CHILDREN = {"shmbroker": child_shmbroker, "dataloader": child_dataloader, "spdl": child_spdl}
+
+
 def child_main(system: str, nbytes: int, target: float, reps: int, cap_items: int | None,
                device: str = "cpu") -> int:
-    fn = child_shmbroker if system == "shmbroker" else child_dataloader
+    fn = CHILDREN[system]
     res = fn(nbytes, target, reps, cap_items, device)
     print("RESULT " + json.dumps(res), flush=True)
     return 0
@@ -348,11 +456,79 @@ def run_child(system: str, nbytes: int, target: float, reps: int, cap_items: int
     return result
 
 
+def ratio_lines(results: dict[str, Any], sizes: list[int]) -> tuple[list[list[str]], dict[str, Any]]:
+    """shmbroker / each peer, per size: items/s and CPU per item (medians), and the broker's share
+    of all CPU. Returns table rows and the same numbers for the JSON."""
+    rows: list[list[str]] = []
+    out: dict[str, Any] = {}
+    for nbytes in sizes:
+        a = results.get(f"shmbroker/{nbytes}")
+        if not a:
+            continue
+        ours = out[str(nbytes)] = {}
+        runs = a["runs"]
+        share = summarize([r["cpu_s"]["broker"] / r["cpu_s"]["total"] for r in runs if r["cpu_s"]["total"] > 0])
+        ours["broker_share_of_cpu"] = share["median"]
+        ours["broker_cpu_ms_per_item"] = a["stats"]["cpu_ms_per_item"]["broker"]["median"]
+        for peer, name in (("dataloader", "DataLoader"), ("spdl", "SPDL")):
+            b = results.get(f"{peer}/{nbytes}")
+            if not b:
+                continue
+            rate = a["stats"]["items_s"]["median"] / b["stats"]["items_s"]["median"]
+            cpu = (a["stats"]["cpu_ms_per_item"]["total"]["median"]
+                   / b["stats"]["cpu_ms_per_item"]["total"]["median"])
+            ours[peer] = {"items_s_ratio": rate, "cpu_per_item_ratio": cpu}
+            rows.append([f"shmbroker/{name}", fmt_bytes(nbytes), f"{rate:.2f}x", f"{cpu:.2f}x"])
+        rows.append(["shmbroker: broker's share of all CPU", fmt_bytes(nbytes), "",
+                     f"{100 * share['median']:.1f}% ({ours['broker_cpu_ms_per_item']:.3f} ms/item)"])
+    return rows, out
+
+
+def goal_lines(ratios: dict[str, Any], sizes: list[int], skipped: dict[str, str]) -> list[str]:
+    """Issue 13's pipeline goals, met/MISSED with this run's numbers."""
+    def missing(peer: str) -> str:
+        return f"{peer} skipped: {skipped[peer]}" if peer in skipped else f"{peer} not run (--systems)"
+
+    out = ["pipeline goals of issue 13 (medians of this run; the machine is noisy: one run is indicative):"]
+    have = [n for n in sizes if str(n) in ratios]
+    if not have:
+        return out + ["  not checked: shmbroker not run (--systems)"]
+    shares = [(n, ratios[str(n)]["broker_share_of_cpu"]) for n in have]
+    ok = all(s <= 0.05 for _, s in shares)
+    out.append(f"  broker CPU <= 5 % of the pipeline's total at every size: {'met' if ok else 'MISSED'} ("
+               + ", ".join(f"{fmt_bytes(n)} {100 * s:.1f} %" for n, s in shares) + ")")
+    big = [n for n in have if n in (1 << 20, 16 << 20)]
+    dl = [n for n in big if "dataloader" in ratios[str(n)]]
+    if not big:
+        out.append("  >= 2x DataLoader at 1 MiB and 16 MiB: not checked (neither size was run)")
+    elif not dl:
+        out.append(f"  >= 2x DataLoader at 1 MiB and 16 MiB: not checked ({missing('dataloader')})")
+    else:
+        r = [(n, ratios[str(n)]["dataloader"]) for n in dl]
+        part = "" if len(dl) == 2 else " (only " + ", ".join(fmt_bytes(n) for n in dl) + " run)"
+        ok = all(x["items_s_ratio"] >= 2.0 for _, x in r)
+        out.append(f"  >= 2x DataLoader items/s at 1 MiB and 16 MiB{part}: {'met' if ok else 'MISSED'} ("
+                   + ", ".join(f"{fmt_bytes(n)} {x['items_s_ratio']:.2f}x" for n, x in r) + ")")
+        ok = all(x["cpu_per_item_ratio"] <= 0.5 for _, x in r)
+        out.append(f"  <= 0.5x DataLoader's CPU per item at 1 MiB and 16 MiB{part}: {'met' if ok else 'MISSED'} ("
+                   + ", ".join(f"{fmt_bytes(n)} {x['cpu_per_item_ratio']:.2f}x" for n, x in r) + ")")
+    sp = [n for n in have if "spdl" in ratios[str(n)]]
+    if not sp:
+        out.append(f"  >= 1.3x SPDL items/s: not checked ({missing('spdl')})")
+    else:
+        r = [(n, ratios[str(n)]["spdl"]) for n in sp]
+        ok = all(x["items_s_ratio"] >= 1.3 for _, x in r)
+        out.append(f"  >= 1.3x SPDL items/s at every size: {'met' if ok else 'MISSED'} ("
+                   + ", ".join(f"{fmt_bytes(n)} {x['items_s_ratio']:.2f}x (CPU/item {x['cpu_per_item_ratio']:.2f}x)"
+                               for n, x in r) + ")")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="runs of ~1.5 s instead of ~5 s")
-    ap.add_argument("--sizes", default="64KiB,1MiB,16MiB")
-    ap.add_argument("--systems", default="shmbroker,dataloader")
+    ap.add_argument("--sizes", default="4KiB,64KiB,1MiB,16MiB")
+    ap.add_argument("--systems", default="shmbroker,dataloader,spdl")
     ap.add_argument("--seconds", type=float, default=None, help="target seconds per timed run (default 5)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--capacity-items", type=int, default=CAPACITY_ITEMS,
@@ -385,7 +561,21 @@ def main() -> int:
     machine = machine_info(with_torch=True)
     t_start = time.monotonic()
     sizes = [parse_size(s) for s in args.sizes.split(",")]
-    systems = args.systems.split(",")
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in CHILDREN]
+    if unknown:
+        ap.error(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(CHILDREN)}")
+    skipped: dict[str, str] = {}
+    if "spdl" in systems:
+        why = spdl_skip_reason()
+        if why:
+            skipped["spdl"] = why
+            systems.remove("spdl")
+            print(f"spdl: skipped, {why}", flush=True)
+        else:
+            from importlib.metadata import version
+
+            machine["spdl"] = version("spdl")
     results: dict[str, dict[str, Any]] = {}
     for nbytes in sizes:
         for system in systems:
@@ -412,17 +602,15 @@ def main() -> int:
                          f"{st['items_s']['spread_pct']:.0f}%", f"{st['mb_s']['median']:.0f}",
                          f"{fmt_bytes(st['copied_per_item']['median'])} ({st['copied_per_item']['median'] / nbytes:.2f}x)",
                          fmt_bytes(st["peak_pss"]["median"]), fmt_bytes(st["footprint"]["median"]),
-                         f"{cpu['total']['median']:.2f}",
+                         f"{cpu['total']['median']:.3f}",
                          f"{st['foreign_cores']['median'] + st['steal_cores']['median']:.2f}"])
-        a = results.get(f"shmbroker/{nbytes}")
-        b = results.get(f"dataloader/{nbytes}")
-        if a and b:
-            ratio = a["stats"]["items_s"]["median"] / b["stats"]["items_s"]["median"]
-            rows.append(["  shmbroker/DataLoader", "", "", f"{ratio:.2f}x", "", "", "", "", "", "", ""])
     hdr = ["system", "item", "items/run", "items/s median (min-max)", "spread", "MB/s", "copied/item",
            "peak PSS", "footprint", "CPU ms/item", "others' cores"]
-    text = table(hdr, rows, title=f"preprocess(normalize, 2 workers) -> model(x.reshape(-1,256) @ W, batch 16), "
-                                  f"{reps} runs of ~{target:.0f} s each, torch threads 1")
+    title = (f"preprocess(normalize, 2-way) -> model(x.reshape(-1,256) @ W, batch 16), "
+             f"{reps} runs of ~{target:g} s each, torch threads 1")
+    text = table(hdr, rows, title=title)
+    for name, why in skipped.items():
+        text += f"\n{name}: skipped, {why}"
     print()
     print(text)
     cpu_rows = []
@@ -431,17 +619,27 @@ def main() -> int:
         for role, s in res["stats"]["cpu_ms_per_item"].items():
             cpu_rows.append([system, fmt_bytes(int(nbytes)), role, f"{s['median']:.3f}"])
     cpu_text = table(["system", "item", "process", "CPU ms/item (median)"], cpu_rows,
-                     title="where the CPU goes (utime+stime per process over each run / items)")
+                     title="CPU per item per process (utime+stime of each process over each run / items)")
     print()
     print(cpu_text)
+    r_rows, ratios = ratio_lines(results, sizes)
+    ratio_text = table(["ratio (medians)", "item", "items/s", "CPU per item"], r_rows,
+                       title="shmbroker against its peers (> 1x items/s and < 1x CPU per item favour shmbroker)")
+    if r_rows:
+        print()
+        print(ratio_text)
+    goals = goal_lines(ratios, sizes, skipped)
+    print()
+    print("\n".join(goals))
     data = {"machine": machine,
             "config": {"sizes": sizes, "systems": systems, "target_seconds": target, "reps": reps,
                        "quick": args.quick, "batch": BATCH, "features": FEATURES, "out_features": 64,
-                       "torch_threads": 1, "argv": sys.argv[1:],
+                       "torch_threads": 1, "spdl_num_threads": SPDL_THREADS, "argv": sys.argv[1:],
                        "capacity_items": args.capacity_items, "pss_interval_s": args.pss_interval,
                        "pss_max_duty": args.pss_max_duty,
                        "shmbroker_capacity": {str(n): capacity_for(n, args.capacity_items) for n in sizes}},
-            "results": results, "table": text, "cpu_table": cpu_text,
+            "systems_skipped": skipped, "results": results, "ratios": ratios, "goals": goals,
+            "table": text, "cpu_table": cpu_text, "ratio_table": ratio_text,
             "elapsed_s": time.monotonic() - t_start}
     write_json(args.out, data)
     print(f"\nwrote {args.out}")
@@ -451,21 +649,23 @@ def main() -> int:
 
         fig, axes = plt.subplots(1, 3, figsize=(13, 4))
         x = np.arange(len(sizes))
-        width = 0.38
+        width = 0.8 / max(1, len(systems))
         for i, system in enumerate(systems):
             for ax, key, scale, label in ((axes[0], "items_s", 1, "items/s"), (axes[1], "mb_s", 1, "MB/s"),
                                           (axes[2], "peak_pss", 2**-20, "peak PSS (MiB)")):
                 med = [results[f"{system}/{n}"]["stats"][key]["median"] * scale for n in sizes]
                 lo = [m - results[f"{system}/{n}"]["stats"][key]["min"] * scale for m, n in zip(med, sizes, strict=True)]
                 hi = [results[f"{system}/{n}"]["stats"][key]["max"] * scale - m for m, n in zip(med, sizes, strict=True)]
-                ax.bar(x + (i - 0.5) * width, med, width, yerr=[lo, hi], capsize=3, label=system)
+                ax.bar(x + (i - (len(systems) - 1) / 2) * width, med, width, yerr=[lo, hi], capsize=3, label=system)
                 ax.set_xticks(x, [fmt_bytes(n) for n in sizes])
                 ax.set_ylabel(label)
                 ax.set_yscale("log")
         axes[0].legend()
-        fig.suptitle(f"shmbroker pipeline vs DataLoader, 2 cores ({machine['date'][:10]})")
+        fig.suptitle(f"shmbroker pipeline vs {' and '.join(s for s in systems if s != 'shmbroker')}, "
+                     f"2 cores ({machine['date'][:10]})")
 
-    maybe_plot(args.out.with_suffix(".png"), draw)
+    if systems:
+        maybe_plot(args.out.with_suffix(".png"), draw)
     return 0
 
 
