@@ -1,7 +1,11 @@
-"""The GPU benchmarks say why they did not run on a host without CUDA, and exit 0."""
+"""The benchmarks start, run their peers on tiny sizes, and skip what cannot run here with the reason.
+
+Smokes only (a few reps of the smallest size): the numbers are not checked, the code paths are.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,17 +15,115 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
-                                reason="checks the no-CUDA path; on a GPU host run the benchmarks themselves")
+from benchmarks import handoff  # noqa: E402
+
+HAVE_ICEORYX2 = importlib.util.find_spec("iceoryx2") is not None
+HAVE_SPDL = importlib.util.find_spec("spdl") is not None
 
 
+def run(args: list[str], hide: str = "", timeout: float = 110) -> subprocess.CompletedProcess[str]:
+    """A benchmark script in a fresh interpreter; ``hide``: a package made unimportable there first
+    (as if it were not installed)."""
+    if hide:
+        code = (f"import runpy, sys; sys.modules[{hide!r}] = None; sys.argv = {args!r}; "
+                f"runpy.run_path({args[0]!r}, run_name='__main__')")
+        cmd = [sys.executable, "-c", code]
+    else:
+        cmd = [sys.executable, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="checks the no-CUDA path; on a GPU host run the benchmarks themselves")
 @pytest.mark.parametrize("cmd", [["benchmarks/gpu.py"], ["benchmarks/pipeline.py", "--device", "cuda"]])
 def test_gpu_benchmarks_skip_with_the_reason(tmp_path: Path, cmd: list[str]) -> None:
     out = tmp_path / "r.json"
-    run = subprocess.run([sys.executable, *cmd, "--out", str(out)], cwd=ROOT, capture_output=True,
+    ran = subprocess.run([sys.executable, *cmd, "--out", str(out)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert "skipped" in run.stdout and "CUDA" in run.stdout
+    assert ran.returncode == 0, ran.stderr
+    assert "skipped" in ran.stdout and "CUDA" in ran.stdout
     data = json.loads(out.read_text())
     assert "is_available() is False" in data["skipped"] and data["machine"]["cpu_count"] >= 1
+
+
+NEW_PEERS = ["shm_handle", "shm_copy", "shmbroker_put", "queue", "queue_spin", "iceoryx2"]
+
+
+def test_handoff_new_peers_run_on_a_tiny_size(tmp_path: Path) -> None:
+    """The hand-rolled shared_memory peers, put + Handle, both queue consumers and iceoryx2 (or its
+    skip line) hand off 4 KiB arrays; every label names its timed window; nothing is left behind."""
+    out = tmp_path / "h.json"
+    ran = run(["benchmarks/handoff.py", "--sizes", "4KiB", "--repeat", "3", "--no-plot", "--no-refs",
+               "--spin-ms", "5", "--peers", ",".join(NEW_PEERS), "--out", str(out)])
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "KeyError" not in ran.stderr  # the resource tracker never saw the consumer's attach
+    data = json.loads(out.read_text())
+    ran_peers = set(data["handoff"])
+    expected = set(NEW_PEERS) - ({"iceoryx2"} if not HAVE_ICEORYX2 else set())
+    assert ran_peers == expected
+    for key in ran_peers:
+        res = data["handoff"][key]["4096"]
+        assert res["touch"]["n"] == 3 and res["read_all"]["n"] == 3 and res["touch"]["p50_us"] > 0
+        assert "[" in data["peers"][key] and "]" in data["peers"][key]  # the timed window, in brackets
+    assert data["consumer_info"]["queue_spin"]["spin_budget_us_p50"] == pytest.approx(5000)
+    if HAVE_ICEORYX2:
+        assert data["iceoryx2_files"]["left_by_this_run"] == []
+        assert any(line.startswith("  (c)") and "vs iceoryx2" in line and ("met" in line or "MISSED" in line)
+                   for line in data["targets"])
+    else:
+        assert "not importable" in data["skipped"]["iceoryx2"]
+    assert any("(b)" in line and "copy in + handle" in line for line in data["targets"])
+
+
+def test_handoff_skips_iceoryx2_with_the_reason_when_it_is_missing(tmp_path: Path) -> None:
+    out = tmp_path / "h.json"
+    ran = run(["benchmarks/handoff.py", "--sizes", "4KiB", "--repeat", "3", "--no-plot", "--no-refs",
+               "--peers", "iceoryx2", "--out", str(out)], hide="iceoryx2")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "iceoryx2: skipped, not importable" in ran.stderr
+    data = json.loads(out.read_text())
+    assert data["handoff"] == {} and "not importable" in data["skipped"]["iceoryx2"]
+    assert any("(c)" in line and "not checked (" in line and "iceoryx2 skipped: not importable" in line
+               for line in data["targets"])
+
+
+def test_handoff_segments_are_unlinked_by_the_producer() -> None:
+    from multiprocessing import shared_memory
+
+    peer = handoff.ShmPeer(copy=True)
+    peer.open(__import__("multiprocessing").get_context("spawn"))
+    name, _src, dst = peer.prepare(4096)
+    seg = handoff.attach_untracked(name)  # what a consumer does
+    assert float(seg.buf.cast("f")[0]) == handoff.FILL
+    seg.close()
+    del dst
+    peer.close()
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(name=name)
+
+
+def test_pipeline_spdl_runs_or_skips_with_the_reason(tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    ran = run(["benchmarks/pipeline.py", "--systems", "spdl", "--sizes", "4KiB", "--seconds", "0.2",
+               "--reps", "3", "--out", str(out)])
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    data = json.loads(out.read_text())
+    if HAVE_SPDL:
+        res = data["results"]["spdl/4096"]
+        assert len(res["runs"]) == 3 and all(r["items"] == res["count"] for r in res["runs"])
+        assert "spdl (one process, all threads)" in res["stats"]["cpu_ms_per_item"]
+    else:
+        assert "spdl: skipped, not importable" in ran.stdout
+    assert any("not checked: shmbroker not run" in line for line in data["goals"])
+
+
+def test_pipeline_skips_spdl_with_the_reason_when_it_is_missing(tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    ran = run(["benchmarks/pipeline.py", "--systems", "spdl", "--sizes", "4KiB", "--out", str(out)],
+              hide="spdl")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "spdl: skipped, not importable" in ran.stdout
+    data = json.loads(out.read_text())
+    assert data["results"] == {} and "not importable" in data["systems_skipped"]["spdl"]
