@@ -34,7 +34,7 @@ lint: $(INSTALLED_DEV)
 	$(BIN)/ruff check broker workers shmbroker tests benchmarks
 	$(BIN)/mypy
 
-bench: install  # about 8 minutes; results and plots in benchmarks/results/
+bench: install  # about 15 minutes; results and plots in benchmarks/results/
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/rate.py
 	$(BIN)/python benchmarks/handoff.py
