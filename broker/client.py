@@ -55,6 +55,7 @@ from .protocol import (
     Layout,
     Lookup,
     Message,
+    OutSpec,
     Ping,
     Publish,
     QueueInfo,
@@ -578,11 +579,14 @@ class Client:
         return [unpack(view[r], task.layout) for r in rows]
 
     def done(self, task: Task | int, rsvs: Sequence[int] = (), *, busy: float = 0.0, copied: int = 0,
-             credit: int = 1, wait: bool = False) -> None:
+             credit: int = 1, wait: bool = False, next_out: OutSpec | None = None) -> None:
         """A task is finished, its outputs in reservations ``rsvs``. Not answered: the broker
-        handles it before anything this client sends next (``wait=True`` pings after it)."""
+        handles it before anything this client sends next (``wait=True`` pings after it).
+        ``next_out``: the slot each item of the next task will likely need; the broker then
+        sends that task with its output slots reserved (``Task.out``)."""
         tid = task if isinstance(task, int) else task.task
-        self._notify(Done(task=tid, rsvs=list(rsvs), credit=credit, busy=busy, copied=copied), wait)
+        self._notify(Done(task=tid, rsvs=list(rsvs), credit=credit, busy=busy, copied=copied,
+                          next_out=next_out), wait)
 
     def fail(self, task: Task | int, error: str, trace: str = "", *, item: int | None = None,
              arena: bool = False, credit: int = 1) -> None:

@@ -233,3 +233,9 @@ class Holds:
     def drop(self, i: int) -> None:
         self.table[i] = 0
         self.free.append(i)
+        if i + 1 == self.hwm:  # the last entry in use: scanners may stop earlier now
+            table, hwm = self.table, self.hwm - 1
+            while hwm and not table[hwm - 1]:
+                hwm -= 1
+            self.hwm = hwm
+            self.hwm_cell[0] = hwm

@@ -31,7 +31,7 @@ from .protocol import Handle
 __all__ = ["Pool", "POOL_MAX", "size_class"]
 
 POOL_MAX = 1 << 20  # arrays up to this size are placed in pooled blocks
-REFILL_BYTES = 256 << 10  # one refill asks for about this many bytes of one size class (one block at least)
+REFILL_BYTES = 256 << 10  # one refill asks for about this many bytes of one size class (4 blocks at least)
 KEEP_BYTES = 4 << 20  # free blocks of one class kept after a recycle beyond this go back to the broker
 _REUSES = (1 << GEN_BITS) - 1
 
@@ -63,7 +63,7 @@ class Pool:
             free = self.free[size] = collections.deque()
             self._recycle(size, free)
             if not free:
-                count = max(1, min(64, REFILL_BYTES // size))
+                count = max(4, min(64, REFILL_BYTES // size))  # 4 at least: a recycle per 4 puts
                 free.extend((h, h.generation) for h in self.refill(size, count))
         return free.popleft()
 

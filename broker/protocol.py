@@ -39,7 +39,8 @@ Every request gets exactly one reply with the same ``rid``: a reply kind
 ``done``), answered only when refused, by an ``error`` marked ``late`` (the
 client raises it at its next request): one broker message per task, not two.
 The broker also sends unsolicited ``task`` and ``failure`` messages (rid 0)
-to workers and to the pipeline driver, bounded by credits.
+to workers and to the pipeline driver, bounded by credits; a task may carry
+its output slots, reserved ahead, so a worker asks nothing while it works.
 
 A Unix-connection length over ``MAX_MESSAGE`` cannot be skipped (the stream
 cannot be resynchronised), so the broker closes that connection instead.
@@ -63,7 +64,7 @@ BFLOAT16 = "bfloat16"  # NumPy has no bfloat16: such arrays are stored, and seen
 
 __all__ = [
     "VERSION", "MAX_MESSAGE", "MAX_REFS", "NO_REPLY", "BFLOAT16", "ProtocolError", "Handle",
-    "Message", "Layout", "StageSettings", "KINDS", "encode", "decode", "frame", "FrameReader",
+    "Message", "Layout", "OutSpec", "StageSettings", "KINDS", "encode", "decode", "frame", "FrameReader",
     "c_strides", "storage_dtype",
     # requests
     "Hello", "Ping", "Alloc", "AllocMany", "Acquire", "AcquireMany", "Release", "Drop", "Grant",
@@ -308,14 +309,27 @@ class Cancel(Message, tag="cancel"):
     rsv: Id
 
 
+class OutSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The slot one item's result needs in the next stage (a worker's guess for its next task)."""
+
+    shape: Shape
+    dtype: Name
+    layout: Layout | None = None
+
+
 class Done(Message, tag="done"):
-    """A task is finished; its outputs are in reservations ``rsvs`` (none for the sink)."""
+    """A task is finished; its outputs are in reservations ``rsvs`` (none for the sink).
+
+    ``next_out``: the slot each item of this worker's next task will likely need; the broker
+    then reserves it when it dispatches that task and sends it along (``Task.out``), so the
+    worker asks for nothing while it works."""
 
     task: Id
     rsvs: Annotated[list[Id], msgspec.Meta(max_length=1024)] = []
     credit: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 1
     busy: Seconds = 0.0
     copied: NonNeg = 0
+    next_out: OutSpec | None = None
 
 
 class Fail(Message, tag="fail"):
@@ -418,6 +432,8 @@ class Task(Message, tag="task"):
     each: bool = False
     layout: Layout | None = None
     attempts: NonNeg = 0
+    out: Reserved | None = None  # the items' output slots, reserved ahead (``Done.next_out``) ...
+    out_spec: OutSpec | None = None  # ... for results of this slot
 
 
 class Failure(Message, tag="failure"):

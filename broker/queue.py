@@ -186,14 +186,8 @@ class HandleQueue:
                 _unlock(self.mutex)
                 break
             space = int(w[f + _SPACE]) & 0xFFFFFFFF
-            w[f + _PWAIT] = int(w[f + _PWAIT]) + 1
             _unlock(self.mutex)
-            try:
-                self._wait(self.space_addr, f + _SPACE, space, deadline, "put: the queue stayed full")
-            finally:
-                self._acquire()
-                w[f + _PWAIT] = max(0, int(w[f + _PWAIT]) - 1)
-                _unlock(self.mutex)
+            self._wait(self.space_addr, _SPACE, _PWAIT, space, deadline, "put: the queue stayed full")
         if wake:
             _futex_wake(self.seq_addr, 1)
         c.release(handle)  # the queue's slot holds the block now
@@ -220,14 +214,8 @@ class HandleQueue:
                     return handle
                 continue  # an empty or stale slot (a producer died mid-put): the next one
             seq = int(w[f + _SEQ]) & 0xFFFFFFFF
-            w[f + _CWAIT] = int(w[f + _CWAIT]) + 1
             _unlock(self.mutex)
-            try:
-                self._wait(self.seq_addr, f + _SEQ, seq, deadline, "get: the queue stayed empty")
-            finally:
-                self._acquire()
-                w[f + _CWAIT] = max(0, int(w[f + _CWAIT]) - 1)
-                _unlock(self.mutex)
+            self._wait(self.seq_addr, _SEQ, _CWAIT, seq, deadline, "get: the queue stayed empty")
 
     def _take(self, index: int) -> Handle | None:
         """Under the mutex: the hold of the item at ``index``, then its slot cleared."""
@@ -246,15 +234,37 @@ class HandleQueue:
         w[s] = 0
         return handle
 
-    def _wait(self, addr: int, word: int, seen: int, deadline: float | None, what: str) -> None:
-        """Spin on ``word`` for a while, then sleep on its futex, until it moves past ``seen``."""
-        spun_until = time.perf_counter() + self.spin
+    def _wait(self, addr: int, word: int, waiting: int, seen: int, deadline: float | None,
+              what: str) -> None:
+        """Until ``word`` moves past ``seen``: spin on it for an adaptive while, then, counted in
+        ``waiting`` (so the other side knows to wake us), sleep in its futex.
+
+        The spin budget follows the gaps it sees: an item that came during the spin, or soon
+        after it ended, makes the next spin as long as that wait (up to ``SPIN_MAX``); a long
+        sleep halves it. Nobody is told we wait while we only spin: no wake-up syscall is paid
+        for a waiter that is not asleep."""
+        f, w = self.first, self.words
+        started = time.perf_counter()
+        spun_until = started + self.spin
         while time.perf_counter() < spun_until:
-            if int(self.words[word]) & 0xFFFFFFFF != seen:
-                self.spin = min(SPIN_MAX, self.spin * 1.5 + 5e-6)  # rewarded: spin longer
+            if int(w[f + word]) & 0xFFFFFFFF != seen:
+                self.spin = min(SPIN_MAX, max(self.spin, (time.perf_counter() - started) * 1.25))
                 return
-        self.spin = max(0.0, self.spin * 0.5)
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             raise BrokerTimeout(f"queue {self.name!r}: {what} for the timeout")
-        _futex_wait(addr, seen, 1.0 if left is None else min(left, 1.0))
+        self._acquire()  # announce the sleep, unless the word moved meanwhile (no lost wake-up:
+        moved = int(w[f + word]) & 0xFFFFFFFF != seen  # the other side bumps it under the lock)
+        if not moved:
+            w[f + waiting] = int(w[f + waiting]) + 1
+        _unlock(self.mutex)
+        if moved:
+            return
+        try:
+            _futex_wait(addr, seen, 1.0 if left is None else min(left, 1.0))
+        finally:
+            self._acquire()
+            w[f + waiting] = max(0, int(w[f + waiting]) - 1)
+            _unlock(self.mutex)
+        waited = time.perf_counter() - started
+        self.spin = min(SPIN_MAX, waited * 1.25) if waited < SPIN_MAX else self.spin * 0.5

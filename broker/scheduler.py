@@ -36,8 +36,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import ArenaFull, BadRequest, format_bytes
-from .protocol import Done, Fail, Failure, Layout, Message, Reserve, Reserved, StageSettings, Task
+from .errors import ArenaFull, BadRequest, BrokerError, format_bytes
+from .protocol import Done, Fail, Failure, Layout, Message, OutSpec, Reserve, Reserved, StageSettings, Task
 from .table import Obj, ObjectTable, array_nbytes
 
 __all__ = ["Scheduler", "SINK"]
@@ -62,6 +62,7 @@ class _Task:
     attempts: int = 0
     each: bool = False  # rows of items for a stage that takes one at a time
     batched: bool = False  # rows of a batch slot
+    out: int = 0  # the reservation made ahead for its outputs, while it is out with a worker
 
 
 @dataclass(eq=False)
@@ -127,6 +128,7 @@ class _Member:
     pinned: bool = False
     tasks: dict[int, _Task] = field(default_factory=dict)
     reservations: dict[int, _Reservation] = field(default_factory=dict)
+    next_out: OutSpec | None = None  # what the worker said its next task's items will need
     done: int = 0
     busy: float = 0.0
     started: float = 0.0
@@ -423,12 +425,28 @@ class Scheduler:
                 st.inflight += 1
                 if not st.first:
                     st.first = self.clock()
+                out = self._reserve_ahead(m, s, task.items)
+                task.out = out.rsv if out is not None else 0
                 self.outbox.append((m.cid, Task(
                     task=task.tid, stage=s, items=task.items, handle=self.table.handle(task.obj),
                     rows=task.rows, valid=task.valid, batched=task.batched, each=task.each, layout=task.obj.layout,
-                    attempts=task.attempts)))
+                    attempts=task.attempts, out=out, out_spec=m.next_out if out is not None else None)))
                 if m.credits == 0:
                     pool.pop(0)
+
+    def _reserve_ahead(self, m: _Member, s: int, items: list[int]) -> Reserved | None:
+        """The output slots a task's items will likely need (as its worker said after its last
+        task), reserved now and sent with the task; None if unknown or no room (the worker
+        then reserves them itself, and waits for room)."""
+        spec = m.next_out
+        if spec is None or s + 1 >= len(self.stages):
+            return None
+        msg = Reserve(stage=s + 1, items=items, shape=spec.shape, dtype=spec.dtype, layout=spec.layout)
+        try:
+            return self.reserve(m.cid, msg)
+        except BrokerError:  # an odd guess (too large now, say): the worker will ask
+            m.next_out = None
+            return None
 
     # -- results ------------------------------------------------------------------------------------
     def _finish(self, m: _Member, tid: int, credit: int, op: str) -> _Task:
@@ -453,6 +471,13 @@ class Scheduler:
         task = self._finish(m, msg.task, msg.credit, "done")
         for r in msg.rsvs:
             self._commit(m.reservations.pop(r))
+        if msg.next_out is not None:
+            try:
+                self.check_reserve(Reserve(stage=task.stage + 1, items=[0], shape=msg.next_out.shape,
+                                           dtype=msg.next_out.dtype, layout=msg.next_out.layout))
+                m.next_out = msg.next_out
+            except BadRequest:
+                m.next_out = None
         st = self.stages[task.stage]
         st.done += len(task.items)
         st.busy += msg.busy
@@ -469,9 +494,10 @@ class Scheduler:
         task = m.tasks.get(msg.task)
         if task is None:
             raise BadRequest(f"fail: task {msg.task} is not assigned to this client")
-        for rsv in list(m.reservations.values()):
-            self._cancel(rsv)
-        m.reservations.clear()
+        others = {t.out for t in m.tasks.values() if t is not task}  # slots of tasks still to come
+        for r in [r for r in m.reservations if r not in others]:
+            self._cancel(m.reservations.pop(r))
+        task.out = 0
         st = self.stages[task.stage]
         if msg.arena:  # backpressure: the work is redone later, the stage is not to blame
             self._requeue(m, task, msg.credit)
@@ -549,6 +575,7 @@ class Scheduler:
             self.counters["requeued"] += 1
             error = (f"worker {m.name or cid} (pid {m.pid}) died while processing it "
                      f"(attempt {task.attempts + 1} of {st.retries + 1})")
+            task.out = 0  # cancelled with the worker's other reservations above
             parts = [task]
             if task.each:
                 parts = self._row_tasks(task.stage, task.obj, task.items, 1, 1, task.attempts)

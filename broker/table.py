@@ -125,9 +125,9 @@ class ObjectTable:
                 f"an array of {format_bytes(nbytes)} ({dtype}{list(shape)}) is larger than the "
                 f"whole arena ({format_bytes(self.alloc.capacity)}, of which {format_bytes(room)} "
                 f"can hold one array); raise broker.capacity")
-        if self.retiring:
-            self.reclaim()  # a block just released comes back warm for the same size
         block = self.alloc.alloc(nbytes + self.lead, lead=self.lead)
+        if block is None and self.retiring and self.reclaim():
+            block = self.alloc.alloc(nbytes + self.lead, lead=self.lead)
         if block is None:
             return None
         base = block.offset + self.lead

@@ -170,3 +170,8 @@ def scalars_in_tuple(x: torch.Tensor) -> tuple:
 def grow(x: torch.Tensor, times: int = 3) -> torch.Tensor:
     """A result ``times`` as large as its input."""
     return x.repeat(times)
+
+
+def row_sums(x: torch.Tensor) -> torch.Tensor:
+    """A batched stage: one float32 sum per row."""
+    return x.reshape(x.shape[0], -1).sum(-1).to(torch.float32)

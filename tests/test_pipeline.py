@@ -593,3 +593,27 @@ def test_bfloat16_results_flow_between_stages_and_reach_the_sink_as_their_raw_bi
     for b, w in zip(back, want, strict=True):  # the second stage got bfloat16 values, not their bits
         assert b.dtype == np.float32
         np.testing.assert_array_equal(b, w.float().numpy())
+
+
+def test_workers_get_their_output_slots_with_their_tasks(tmp_path: Path) -> None:
+    """After its first task, a worker says what its results need (``done.next_out``) and the
+    broker sends each next task with its output slots reserved: a worker asks nothing while it
+    works, so the broker handles two messages a task (the task, its done) instead of four."""
+    count = 120
+    cfg = write_cfg(tmp_path, {
+        "source": synthetic(count, [80_000], "float32"),  # 320 KB: one item per task
+        "stages": [{"name": "twice", "fn": "workers.stages:scale", "args": {"factor": 2.0},
+                    "replicas": 2},
+                   {"name": "sum", "fn": "stage_helpers:row_sums", "batch": 4}],
+    })
+    got: dict[int, np.ndarray] = {}
+    with Pipeline.from_yaml(cfg) as p:
+        p.run(sink=lambda i, a: got.__setitem__(i, a.copy()))
+        assert p.client is not None
+        requests = p.client.stats()["requests"]
+    assert sorted(got) == list(range(count))
+    for i, x in enumerate(reference_items(count, [80_000], "float32")):
+        np.testing.assert_allclose(got[i], np.float32((x * 2).sum()), rtol=1e-4)
+    groups = requests.get("commit", 0)  # the driver's reservations, one per group of items
+    workers = requests["reserve"] - groups
+    assert workers <= 12, requests  # ~ the first task of each of the 3 workers, not ~160

@@ -30,6 +30,7 @@ import numpy as np
 from broker.client import Client
 from broker.errors import ArenaFull, format_bytes
 from broker.protocol import Layout, Reserved, Task, storage_dtype
+from broker.protocol import OutSpec as OutSpecWire
 from broker.rows import field_views, pack_fields
 
 from .bridge import cast, to_tensor, wire_dtype, write_into
@@ -69,11 +70,35 @@ class Compute:
         self.prefetched: dict[int, tuple[Any, Any]] = {}  # task id -> (inputs on the device, event)
         self.counters_prefetched = 0
         self.held = 0  # bytes of the current task's input
+        self.ahead: Reserved | None = None  # the current task's output slots, reserved by the broker
+        self.ahead_spec: OutSpecWire | None = None  # ... for results of this slot
+        self.last: OutSpec | None = None  # the last result's slot
 
     # -- a task -------------------------------------------------------------------------------------
     def run(self, task: Task) -> tuple[list[int], int]:
-        """Compute a task and write its results; returns (reservations, bytes copied)."""
+        """Compute a task and write its results; returns (reservations, bytes copied).
+
+        A task may come with its output slots reserved ahead by the broker (``task.out``, from
+        the spec this worker reported after its last task): they are used when the result
+        needs exactly them, and given back otherwise."""
         self.held = task.handle.nbytes  # the input's block stays until the results are written
+        self.ahead = task.out
+        self.ahead_spec = task.out_spec
+        try:
+            return self._run(task)
+        finally:
+            if self.ahead is not None:  # not needed after all: the broker may give it to others
+                self.client.cancel(self.ahead)
+                self.ahead = None
+
+    def hint(self) -> OutSpecWire | None:
+        """What the next task's items will likely need (the last result's slot), for ``done``."""
+        spec = self.last
+        if spec is None:
+            return None
+        return OutSpecWire(shape=list(spec.shape), dtype=spec.dtype, layout=spec.layout)
+
+    def _run(self, task: Task) -> tuple[list[int], int]:
         if task.each:
             return self._rows(self.client.view(task.handle), task)
         batched = task.batched
@@ -116,6 +141,14 @@ class Compute:
             self.out_specs.popitem(last=False)
 
     def _reserve(self, items: list[int], spec: OutSpec) -> Reserved:
+        """The slots for ``items``' results: those reserved ahead if they are exactly these,
+        else reserved now (a round trip that may wait for room)."""
+        self.last = spec
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            if _fits(ahead, self.ahead_spec, items, spec):
+                return ahead
+            self.client.cancel(ahead)
         self._check_room(len(items), spec)
         return self.client.reserve(self.spec.index + 1, items, spec.shape, spec.dtype, layout=spec.layout)
 
@@ -338,6 +371,13 @@ class Compute:
                 k += 1
         self.device.copied()
         return copied
+
+
+def _fits(reserved: Reserved, made_for: OutSpecWire | None, items: list[int], spec: OutSpec) -> bool:
+    """Whether slots reserved ahead (for results like ``made_for``) are the ones ``items``'
+    results need: the same count, shape, dtype and row layout."""
+    return made_for is not None and sum(n for _, n in reserved.segments) == len(items) and \
+        (tuple(made_for.shape), made_for.dtype, made_for.layout) == (spec.shape, spec.dtype, spec.layout)
 
 
 def _is_slot(out: Any, dst: Any) -> bool:

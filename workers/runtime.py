@@ -134,7 +134,8 @@ class Worker:
             return
         # Not answered: the broker handles this connection's messages in order, so `done` lands
         # before anything this worker sends next; a refusal is raised by its next request.
-        self.client.done(task, rsvs, busy=time.perf_counter() - t0, copied=copied)
+        self.client.done(task, rsvs, busy=time.perf_counter() - t0, copied=copied,
+                         next_out=self.compute.hint())
 
     def _prefetch_next(self) -> None:
         """Start copying the next waiting task's input to the device on the side stream."""
