@@ -361,8 +361,8 @@ class Client:
         holds = self.holds
         if holds is None:
             return False
-        base = handle.block
-        if base % 64 or not HEADER <= base < self._capacity:
+        base = handle.base or handle.offset
+        if base & 63 or not HEADER <= base < self._capacity:
             raise StaleHandle(f"handle {handle} names no block of this arena")
         i = holds.take(base, handle.generation)
         if i is None:
@@ -371,10 +371,10 @@ class Client:
             raise StaleHandle(f"handle (object {handle.oid}, generation {handle.generation}) is stale: "
                               f"the array was released or its memory reused; keep a reference (do "
                               f"not release) while it is in use")
-        room = int(holds.words[((base - HEADER) >> 3) + 1])  # the block's size, from its header
-        itemsize = storage_dtype(handle.dtype).itemsize
+        room = holds.words[((base - HEADER) >> 3) + 1]  # the block's size, from its header
+        dt = self._dtypes.get(handle.dtype) or self._dtype(handle.dtype)
         if not base <= handle.offset or handle.offset + handle.nbytes > base + room or \
-                itemsize * math.prod(handle.shape) > handle.nbytes:
+                dt.itemsize * math.prod(handle.shape) > handle.nbytes:
             holds.drop(i)
             raise StaleHandle(f"handle {handle} does not fit its block of {room} bytes")
         self._held[handle.oid] = (handle, HOLD, i)
@@ -614,6 +614,9 @@ class Client:
     def close(self) -> None:
         """Let go of the arena (mapped while any view of it lives) and of the broker."""
         self._buffer = None
+        if self.holds is not None:
+            self.holds.table.release()
+            self.holds.words.release()
         self.holds = None  # views of the control region: gone before the mapping is closed
         self._pool.region = None
         self.conn.close()

@@ -208,10 +208,13 @@ class Holds:
     def __init__(self, region: ControlRegion, slot: int) -> None:
         self.region = region
         self.slot = slot
-        self.table = region.tables[slot]
-        self.hwm_cell = region.slots[slot, 2:3]
-        self.words = region.words
-        self.free = list(range(region.layout.holds - 1, -1, -1))  # lowest index last: popped first
+        # memoryviews, not NumPy arrays: an item of one is a plain int (no scalar object to make)
+        self.words = region.words.data.cast("B").cast("Q")
+        lo = region.layout
+        first = lo.tables_at // 8 + slot * lo.holds
+        self.table = self.words[first: first + lo.holds]
+        self.hwm_at = lo.slots_at // 8 + slot * 8 + 2
+        self.free = list(range(lo.holds - 1, -1, -1))  # lowest index last: popped first
         self.hwm = 0
 
     def take(self, base: int, gen: int) -> int | None:
@@ -222,7 +225,7 @@ class Holds:
         i = self.free.pop()
         if i >= self.hwm:
             self.hwm = i + 1
-            self.hwm_cell[0] = self.hwm
+            self.words[self.hwm_at] = self.hwm
         self.table[i] = base
         if self.words[(base - HEADER) >> 3] != gen:
             self.table[i] = 0
@@ -238,4 +241,4 @@ class Holds:
             while hwm and not table[hwm - 1]:
                 hwm -= 1
             self.hwm = hwm
-            self.hwm_cell[0] = hwm
+            self.words[self.hwm_at] = hwm
