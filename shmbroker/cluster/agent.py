@@ -169,6 +169,7 @@ class NodeAgent:
         self.slots = [_Slot(w) for w in self.plan.workers]
         self.restarts: collections.Counter[str] = collections.Counter()
         self.stopping = False
+        self.supervising = False  # from the end of start_workers on
         self.pump = threading.Thread(target=self._pump, name="shmbroker-agent-pump", daemon=True)
         self.pump.start()
 
@@ -197,7 +198,35 @@ class NodeAgent:
             out.append({"name": slot.plan.name, "stage": slot.plan.stage, "device": slot.device,
                         "planned": slot.plan.device, "num_gpus": slot.plan.num_gpus,
                         "pid": slot.pid, "warning": warning})
+        self._wait_registered(timeout)
+        self.supervising = True
         return out
+
+    def _wait_registered(self, timeout: float) -> None:
+        """Until every worker has loaded its stage and registered with the broker (a worker that
+        ends first, say its stage code does not import here, is an error with its reason)."""
+        want = collections.Counter(self.setup.stage_names[w.stage] for w in self.plan.workers)
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self._broker_stats()
+            have = {s["name"]: len(s["workers"]) for s in st["stages"]}
+            if all(have.get(name, 0) >= n for name, n in want.items()):
+                return
+            runs = [s.run for s in self.slots]
+            ended = ray.wait(runs, num_returns=len(runs), timeout=0)[0]
+            if ended:
+                slot = next(s for s in self.slots if s.run in ended)
+                raise BrokerError(f"node {self.node_id[:8]}: worker {slot.plan.name} ended while starting: "
+                                  f"{_ending(slot.run)}")
+            if time.monotonic() > deadline:
+                raise BrokerError(f"node {self.node_id[:8]}: workers registered {have}, not {dict(want)}, "
+                                  f"within {timeout:g} s; raise cluster.start_timeout")
+            time.sleep(0.05)
+
+    def _broker_stats(self) -> dict[str, Any]:
+        done: Future[dict[str, Any]] = Future()
+        self.commands.put(lambda: done.set_result(self.client.stats()))
+        return done.result(timeout=10)
 
     def accept(self, stage: int, ids: list[int], rows: list[np.ndarray], layout: Layout | None = None,
                positions: list[int] | None = None) -> int:
@@ -242,9 +271,7 @@ class NodeAgent:
 
     def stats(self) -> dict[str, Any]:
         """The node's broker statistics, its workers and restarts (for status and the summary)."""
-        done: Future[dict[str, Any]] = Future()
-        self.commands.put(lambda: done.set_result(self.client.stats()))
-        st = done.result(timeout=10)
+        st = self._broker_stats()
         workers = [{"name": s.plan.name, "stage": self.setup.stage_names[s.plan.stage], "pid": s.pid,
                     "device": s.device, "planned": s.plan.device, "num_gpus": s.plan.num_gpus,
                     "deaths": len(s.deaths)} for s in self.slots]
@@ -277,7 +304,7 @@ class NodeAgent:
                 while msg is not None:
                     self._handle(msg)
                     msg = self.client.next_message(0)
-                if time.monotonic() - supervised > SUPERVISE_EVERY:
+                if self.supervising and time.monotonic() - supervised > SUPERVISE_EVERY:
                     supervised = time.monotonic()
                     self._supervise()
             except Exception as e:  # the broker went away, or a bug: the driver must hear of it
