@@ -77,9 +77,8 @@ def config(path: Path, items: int, rows: int, gpu: bool) -> Path:
 
 
 def run_shmbroker(cfg: Path) -> dict[str, Any]:
-    from shmbroker.driver import Pipeline
-
     from benchmarks._bench_stages import pool
+    from shmbroker.driver import Pipeline
 
     t0 = time.perf_counter()
     with Pipeline.from_yaml(cfg) as p:

@@ -41,7 +41,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from broker.client import SINK, Client
-from broker.errors import BrokerError
+from broker.errors import BrokerError, BrokerGone
 from broker.process import Broker
 from broker.protocol import Error, Failure, Layout, Reserved, StageSettings, Task
 from workers.spec import StageSpec
@@ -307,7 +307,12 @@ class NodeAgent:
                 if self.supervising and time.monotonic() - supervised > SUPERVISE_EVERY:
                     supervised = time.monotonic()
                     self._supervise()
-            except Exception as e:  # the broker went away, or a bug: the driver must hear of it
+            except BrokerGone as e:  # the node's broker died: this node is out, as if it had died
+                if self.stopping:
+                    return
+                log.error("node %s: its broker is gone (%s); the agent exits", self.node_id[:8], e)
+                os._exit(70)  # Ray reports the actor dead; the driver sends its items elsewhere
+            except Exception as e:  # a bug: the driver must hear of it
                 if self.stopping:
                     return
                 log.exception("node agent pump failed")

@@ -76,7 +76,8 @@ class _Run:
     flights: dict[int, _Flight] = field(default_factory=dict)
     load: collections.Counter[str] = field(default_factory=collections.Counter)
     pending: dict[Any, tuple[str, str, list[int], list[int]]] = field(default_factory=dict)
-    polls: dict[str, Any] = field(default_factory=dict)
+    polls: dict[str, Any] = field(default_factory=dict)  # the pipeline's, shared by its runs: a poll a
+    # run left unanswered may carry the next run's first results
 
 
 class ClusterPipeline(Pipeline):
@@ -96,6 +97,7 @@ class ClusterPipeline(Pipeline):
         self.moved_items = 0
         self.received_bytes = 0
         self._epoch = 0
+        self._polls: dict[str, Any] = {}  # node -> its agent's outstanding poll
         self._run_file: Path | None = None
 
     # -- lifetime -------------------------------------------------------------------------------------
@@ -199,6 +201,7 @@ class ClusterPipeline(Pipeline):
             ray.kill(a, no_restart=True)
         self.agents.clear()
         self.alive.clear()
+        self._polls.clear()
         remove_run_file(self._run_file)
         self._run_file = None
         if self.own_ray:
@@ -215,7 +218,7 @@ class ClusterPipeline(Pipeline):
         self._unfinished = True
         self.state = state
         self._epoch += 1
-        run = _Run(self._epoch)
+        run = _Run(self._epoch, polls=self._polls)
         groups = self._groups(items)
         held: list[tuple[int, np.ndarray]] | None = None
         exhausted = False
@@ -241,7 +244,7 @@ class ClusterPipeline(Pipeline):
                 run.polls[nid] = self.agents[nid].poll.remote(POLL)
             progressed = False
             for kind, nid, payload in self._ready(run):
-                progressed = True
+                progressed = progressed or kind != "poll" or bool(payload)
                 if kind == "poll":
                     yield from self._events(nid, payload, run, state)
             if progressed:
