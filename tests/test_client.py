@@ -252,6 +252,7 @@ def test_stale_handle_is_refused_here_and_in_another_client(fresh_broker):
     with Client(fresh_broker.endpoint, pool=False) as c, Client(fresh_broker.endpoint, pool=False) as other:
         old = c.put(np.arange(16.0))
         c.release(old)
+        c.stats()  # the release is in and the broker retired the block: it is free again
         new = c.put(np.full(16, 7.0))
         assert new.offset == old.offset and new.generation > old.generation
         with pytest.raises(StaleHandle, match="stale"):
@@ -441,7 +442,7 @@ def test_array_larger_than_the_arena_is_refused_at_once(fresh_broker):
 
 # -- leases of processes that exit ----------------------------------------------------------------
 def _child_hold(endpoint: str, wire: bytes, how: str, conn) -> None:
-    c = Client(endpoint)
+    c = Client(endpoint, pool=False)  # a lease of the broker's (a pooled array would be in 4 blocks)
     mine = c.put(np.ones(MiB, np.uint8))
     theirs = pickle.loads(wire)
     c.get(theirs)  # a lease on the parent's array too
