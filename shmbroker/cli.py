@@ -382,10 +382,15 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     for e in list_rundirs():
         if e.live:
             print(f"live   {e.path} (pid {e.info.get('pid', '?')}): kept")
+    from .cluster.status import stale_run_files
+
     removed = cleanup(dry_run=args.dry_run)
     for e in removed:
         print(f"{'would remove' if args.dry_run else 'removed'} {e.path} (pid {e.info.get('pid', '?')})")
-    if not removed:
+    runs = stale_run_files(args.dry_run)  # cluster runs whose driver is gone
+    for path in runs:
+        print(f"{'would remove' if args.dry_run else 'removed'} {path}")
+    if not removed and not runs:
         print(f"nothing to remove in {base_dir()}")
     return 0
 

@@ -244,6 +244,23 @@ def test_a_single_host_run_never_imports_ray(tmp_path: Path) -> None:
     assert done.stdout.split() == ["[0.0]", "False"]  # neither the workers nor the driver loaded Ray
 
 
+def test_status_finds_a_live_cluster_run_and_cleanup_removes_a_dead_ones_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shmbroker.cli import main
+    from shmbroker.cluster.status import live_run, remove_run_file, write_run_file
+
+    monkeypatch.setenv("SHMBROKER_RUNTIME_DIR", str(tmp_path))
+    mine = write_run_file("127.0.0.1:6379", ["shmbroker-agent:x:aaaa"], ["a" * 56])
+    dead = tmp_path / "cluster.999999999.json"  # a driver killed with kill -9 left this behind
+    dead.write_text(json.dumps({"pid": 999999999, "address": "x", "agents": [], "nodes": []}))
+    run = live_run()
+    assert run is not None and run["pid"] == os.getpid() and run["agents"] == ["shmbroker-agent:x:aaaa"]
+    assert main(["cleanup"]) == 0
+    assert not dead.exists() and mine.exists()
+    remove_run_file(mine)
+    assert live_run() is None and not list(tmp_path.iterdir())
+
+
 # -- planning (no Ray needed) -----------------------------------------------------------------------
 def _cfg(stages: list[dict[str, Any]], **cluster: Any) -> PipelineConfig:
     return PipelineConfig.model_validate({"source": {"type": "synthetic", "count": 1, "shape": [1]},

@@ -22,7 +22,7 @@ from broker.rundir import base_dir
 
 from . import import_ray
 
-__all__ = ["NAMESPACE", "write_run_file", "remove_run_file", "live_run", "cluster_stats", "render_cluster",
+__all__ = ["NAMESPACE", "write_run_file", "remove_run_file", "stale_run_files", "live_run", "cluster_stats", "render_cluster",
            "cluster_checks"]
 
 NAMESPACE = "shmbroker"  # the Ray namespace of the node agents (named actors)
@@ -47,6 +47,8 @@ def remove_run_file(path: Path | None) -> None:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -54,6 +56,22 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def stale_run_files(dry_run: bool = False) -> list[Path]:
+    """Remove (or only list) the run files of cluster runs whose driver is gone (``kill -9``)."""
+    base = base_dir()
+    stale = []
+    for path in sorted(base.glob("cluster.*.json")) if base.is_dir() else []:
+        try:
+            pid = int(json.loads(path.read_text()).get("pid", 0))
+        except (OSError, ValueError):
+            pid = 0
+        if not _alive(pid):
+            stale.append(path)
+            if not dry_run:
+                path.unlink(missing_ok=True)
+    return stale
 
 
 def live_run() -> dict[str, Any] | None:
