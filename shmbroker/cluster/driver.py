@@ -319,6 +319,9 @@ class ClusterPipeline(Pipeline):
         """Send a source group to a stage-0 node; False while none has room."""
         if not any(0 in self.plans[n].stages for n in self.alive):
             raise BrokerError(self._none_left(0))
+        fewest = min(sum(1 for n in self.alive if s in self.plans[n].stages) for s in range(len(self.cfg.stages)))
+        if len(run.flights) + len(group) > self.cfg.broker.max_inflight * max(1, fewest):
+            return False  # the narrowest stage's nodes hold at most max_inflight each, on average
         nid = self._pick(0, run, len(group))
         if nid is None:
             return False
