@@ -106,6 +106,7 @@ def test_two_nodes_give_the_in_process_results_and_both_do_work(cluster: Any, tm
     assert len(out) == 40 and all(np.array_equal(o["y"], r) for o, r in zip(out, reference, strict=True))
     assert {tag(o["node"]) for o in out} == node_ids(ray)
     assert summary.items == 40 and summary.duplicates == 0 and len(summary.nodes) == 2
+    assert summary.moved["items"] == 0  # every stage runs on both nodes: nothing crosses
     assert ray.is_initialized()  # the caller's connection stays the caller's
 
 

@@ -219,6 +219,7 @@ class ClusterPipeline(Pipeline):
         self.state = state
         self._epoch += 1
         run = _Run(self._epoch, polls=self._polls)
+        self.moved_items = self.moved_bytes = self.received_bytes = 0  # this run's
         groups = self._groups(items)
         held: list[tuple[int, np.ndarray]] | None = None
         exhausted = False
