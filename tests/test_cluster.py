@@ -53,8 +53,8 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Any]:
     from ray.cluster_utils import Cluster
 
     extra = getattr(request, "param", [{"num_cpus": 2}])
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "node_ip_address": "127.0.0.1", "object_store_memory": STORE,
+    c = Cluster(initialize_head=True, head_node_args={  # with 3 nodes, the head takes no work
+        "num_cpus": 2 if len(extra) < 2 else 0, "node_ip_address": "127.0.0.1", "object_store_memory": STORE,
         "include_dashboard": False})
     try:
         c.extra = [c.add_node(node_ip_address="127.0.0.1", object_store_memory=STORE, **kw) for kw in extra]
@@ -192,6 +192,36 @@ def test_a_node_removed_mid_run_still_delivers_every_item_once(cluster: Any, tmp
     assert len(out) == 120 and all(np.array_equal(o["y"], a * 2 + 1) for o, a in zip(out, arrays, strict=True))
     assert summary.items == 120 and summary.moved["lost_nodes"] == [gone]
     assert any(tag(o["second"]) == gone for o in out[:16])  # the removed node did work before
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("cluster", [[{"num_cpus": 2}, {"num_cpus": 2, "num_gpus": 1}]], indirect=True)
+def test_a_node_lost_while_it_hands_items_on_loses_none(cluster: Any, tmp_path: Path) -> None:
+    """Node A runs only the CPU stage and hands every item to node B (the GPU stage's); A is removed
+    mid-run, with items in its arena and hand-offs in the air: every item still arrives once, all
+    of the GPU stage on B."""
+    from shmbroker.driver import Pipeline
+
+    ray = _ray()
+    ray.init(address=cluster.address)
+    a, b = cluster.extra[0], cluster.extra[1]
+    cfg = write_config(tmp_path, [
+        {"name": "tag", "fn": "stage_helpers:on_node", "replicas": 1},
+        {"name": "gpu", "fn": "stage_helpers:node_of", "args": {"seconds": 0.02}, "device": "cuda"}], count=150)
+    arrays = [np.full(8, i, np.float32) for i in range(150)]
+    out = []
+    with Pipeline.from_yaml(cfg) as p:
+        assert {n.node.node_id for n in p.plans.values()} == {a.node_id, b.node_id}
+        for k, o in enumerate(p.map(arrays)):
+            out.append(o)
+            if k == 15:
+                cluster.remove_node(a, allow_graceful=False)
+        summary = p.last_summary
+    assert len(out) == 150 and all(np.array_equal(o["y"], x * 2 + 1) for o, x in zip(out, arrays, strict=True))
+    assert {tag(o["second"]) for o in out} == {b.node_id}
+    assert any(tag(o["first"]) == a.node_id for o in out[:16])  # A did its part before it went
+    assert summary.moved["lost_nodes"] == [a.node_id]
 
 
 @pytest.mark.cluster

@@ -289,10 +289,10 @@ class ClusterPipeline(Pipeline):
         """An agent could not write items: their bytes were lost with the node that sent them
         (send them again from the source), or its broker refused (the run fails, as on one host)."""
         cause = getattr(e, "cause", None)
-        if isinstance(cause, BrokerError) or "ArenaFull" in str(cause):
+        if not isinstance(cause, self.ray.exceptions.ObjectLostError):
             code, _, message = str(cause).partition(": ")
             raise (error_from_wire(code, message) if code in ("ArenaFull", "ItemTooLarge") else
-                   BrokerError(f"node {nid[:8]} could not take items: {cause}"))
+                   BrokerError(f"node {nid[:8]} could not take items: {cause or e}"))
         self._resubmit([i for i, h in zip(ids, hops, strict=True) if self._current(run, i, h)], run)
 
     @staticmethod
