@@ -69,6 +69,11 @@ def model_factory(features: int = FEATURES, out: int = OUT_FEATURES, seed: int =
     return model
 
 
+def row_normalize(x: Any) -> Any:
+    """Each row to mean 0, standard deviation 1 (an item or a batch of them alike)."""
+    return (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-6)
+
+
 def busy_factory(iters: int, n: int = 128, seed: int = 0) -> Callable[[Any], Any]:
     """A CPU-bound stage: ``iters`` matmuls of ``[n, n] @ [n, n]`` per item, returns the item."""
     import torch

@@ -28,7 +28,7 @@ a YAML file names a source, CPU/GPU stages and a sink.
 
   shmbroker run FILE        run a pipeline to the end of its source
   shmbroker validate FILE   check a pipeline file without starting anything
-  shmbroker doctor [FILE]   check this host against a pipeline file
+  shmbroker doctor [FILE]   check this host (or the file's Ray cluster) against a pipeline file
 
 Docs: README.md and docs/pipelines.md in the repository."""
 
@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the broker's statistics as JSON")
     p.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
                    help="show it again every SECONDS (default 1) until Ctrl-C")
+    p.add_argument("--cluster", nargs="?", const="auto", metavar="ADDRESS",
+                   help="show every node of the cluster runs on this Ray cluster (default: a cluster run "
+                        "of this host, found by itself)")
     _common(p)
 
     p = sub.add_parser("validate", help="check a pipeline file (and that its code imports) and exit")
@@ -282,6 +285,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     from broker.client import Client
 
     console = Console()
+    if args.cluster or not args.endpoint:
+        from .cluster.status import live_run
+
+        run = None if args.cluster else live_run()
+        if args.cluster or run is not None:
+            return _cluster_status(args, console, run)
     with Client(find_endpoint(args.endpoint), role="status", timeout=5.0) as c:
         while True:
             st = c.stats()
@@ -292,6 +301,21 @@ def cmd_status(args: argparse.Namespace) -> int:
             if not args.watch:
                 return 0
             time.sleep(args.watch)
+
+
+def _cluster_status(args: argparse.Namespace, console: Any, run: dict[str, Any] | None) -> int:
+    """Every node of a cluster run: asked of its node agent through Ray (``cluster/status.py``)."""
+    from .cluster.status import cluster_stats, render_cluster
+
+    while True:
+        nodes = cluster_stats(run["address"] if run else args.cluster, run["agents"] if run else None)
+        if args.json:
+            print(json.dumps({"nodes": nodes}, default=str), flush=True)
+        else:
+            console.print(render_cluster(nodes))
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -323,7 +347,7 @@ def preflight(cfg: Any, require_gpu: bool) -> None:
     """What ``run`` checks before starting anything; failures stop it with their fixes."""
     from .doctor import run_checks
 
-    failed = [c for c in run_checks(cfg, require_gpu) if c.status == "fail"]
+    failed = [c for c in run_checks(cfg, require_gpu, cluster=False) if c.status == "fail"]
     if failed:
         raise BrokerError("preflight failed:\n" + "\n".join(
             f"  {c.name}: {c.detail}\n    fix: {c.fix}" for c in failed))
@@ -358,10 +382,15 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     for e in list_rundirs():
         if e.live:
             print(f"live   {e.path} (pid {e.info.get('pid', '?')}): kept")
+    from .cluster.status import stale_run_files
+
     removed = cleanup(dry_run=args.dry_run)
     for e in removed:
         print(f"{'would remove' if args.dry_run else 'removed'} {e.path} (pid {e.info.get('pid', '?')})")
-    if not removed:
+    runs = stale_run_files(args.dry_run)  # cluster runs whose driver is gone
+    for path in runs:
+        print(f"{'would remove' if args.dry_run else 'removed'} {path}")
+    if not removed and not runs:
         print(f"nothing to remove in {base_dir()}")
     return 0
 

@@ -32,7 +32,7 @@ from broker.protocol import BFLOAT16, StageSettings
 from broker.security import is_loopback
 from workers.spec import StageSpec
 
-__all__ = ["PipelineConfig", "StageConfig", "load_config", "parse_size", "apply_overrides"]
+__all__ = ["PipelineConfig", "StageConfig", "ClusterConfig", "load_config", "parse_size", "apply_overrides"]
 
 _DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 _FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -206,6 +206,19 @@ class StageConfig(_Strict):
                          next_batch=after.batch if after else 1, next_name=after.name if after else "")
 
 
+class ClusterConfig(_Strict):
+    """``cluster:``: run the pipeline on a Ray cluster (``docs/cluster.md``); absent: one host."""
+
+    engine: Literal["ray"] = "ray"
+    address: str = Field(default="auto", description="auto (the running cluster), HOST:PORT of its "
+                         "head, or ray://HOST:10001 (Ray Client)")
+    worker_cpus: float = Field(default=1.0, ge=0, description="Ray CPUs each worker actor asks for")
+    runtime_env: dict[str, Any] = Field(default_factory=dict, description="more of Ray's runtime_env "
+                                        "for the workers (pip, env_vars, working_dir, py_modules)")
+    start_timeout: float = Field(default=120.0, gt=0, description="seconds for the agents and "
+                                 "workers to start on their nodes")
+
+
 class PipelineConfig(_Strict):
     name: str = "pipeline"
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
@@ -214,6 +227,7 @@ class PipelineConfig(_Strict):
     sink: Sink = Field(default_factory=lambda: NullSink(type="null"))
     failures: str | None = Field(default=None, description="JSON-lines file of skipped items "
                                  "(default: failures.jsonl in an npy sink's directory)")
+    cluster: ClusterConfig | None = None
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)  # key path -> the --set that wrote it
 
     def origin(self, key_path: str, path: str | Path | None) -> str:
@@ -367,7 +381,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None,
                          + (f" (got {err['input']!r:.60})" if err["type"] != "missing" else ""))
         raise ConfigError("\n".join(lines)) from None
     cfg._origins = origins
-    if check_host:
+    if check_host and cfg.cluster is None:  # on a cluster, each node's arena is checked there
         limit, where = host_memory_limit()
         if cfg.broker.capacity > limit:
             raise ConfigError(

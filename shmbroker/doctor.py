@@ -129,7 +129,13 @@ def _devshm() -> Check:
                  f"so Docker's 64 MiB default does not matter)")
 
 
-def run_checks(cfg: PipelineConfig | None, require_gpu: bool = False) -> list[Check]:
+def run_checks(cfg: PipelineConfig | None, require_gpu: bool = False, cluster: bool = True) -> list[Check]:
+    """The checks of this host against ``cfg``; with a ``cluster:`` block, of the cluster's nodes
+    instead (``cluster``: connect to Ray to check them; ``run`` leaves that to its start)."""
+    if cfg is not None and cfg.cluster is not None:
+        from .cluster.status import cluster_checks
+
+        return [_nofile(cfg), _rundir(), *(cluster_checks(cfg, require_gpu) if cluster else [])]
     return [_memory(cfg), _nofile(cfg), _rundir(), *_gpus(cfg, require_gpu), _endpoint(cfg), _devshm()]
 
 

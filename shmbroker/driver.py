@@ -125,7 +125,21 @@ class _DriveState:
 
 
 class Pipeline:
-    """A broker, its workers and a driver for one pipeline config. A context manager."""
+    """A broker, its workers and a driver for one pipeline config. A context manager.
+
+    A config with a ``cluster:`` block makes a ``ClusterPipeline`` (``shmbroker/cluster/``):
+    the same run and map on a Ray cluster, one broker per node.
+    """
+
+    def __new__(cls, cfg: PipelineConfig, *args: Any, **kw: Any) -> Pipeline:
+        if cls is Pipeline and cfg.cluster is not None:
+            from .cluster import import_ray
+
+            import_ray()  # without Ray: the error says how to install it
+            from .cluster.driver import ClusterPipeline
+
+            cls = ClusterPipeline
+        return super().__new__(cls)
 
     def __init__(self, cfg: PipelineConfig, *, path: str | None = None, require_gpu: bool = False,
                  log_level: str = "WARNING", log_json: bool = False, progress: bool = False,
@@ -435,7 +449,6 @@ class Pipeline:
         self.stop_signal = signum
 
     def _run(self, sink: Callable[[int, Any], None] | None, out: RunOutput | None) -> Summary:
-        assert self.client is not None
         where = search_path(self.path)
         done = out.done if out is not None else set()
         items, total = source_items(self.cfg, done, where)
@@ -443,7 +456,7 @@ class Pipeline:
         record = out.failures if out is not None else Path(self.cfg.failures) if self.cfg.failures else None
         if out is None and record is not None:
             record.unlink(missing_ok=True)  # the failures file belongs to one run
-        state = _DriveState(base=_baseline(self.client), record=record)
+        state = _DriveState(base=self._baseline(), record=record)
         if out is not None:
             out.begin(total)
         t0 = time.perf_counter()
@@ -481,17 +494,12 @@ class Pipeline:
         """
         if on_skip not in ("raise", "marker"):
             raise ValueError(f"on_skip must be 'raise' or 'marker', not {on_skip!r}")
-        assert self.client is not None
-        state = _DriveState(base=_baseline(self.client))
+        state = _DriveState(base=self._baseline())
         items = ((i, np.asarray(a)) for i, a in enumerate(arrays))
         try:
             yield from self._ordered(self._drive(items, state), state, copy, on_skip)
         finally:
-            # a caller that stopped early: give back every sink task not finished with, including
-            # the rows of many-row tasks that were never yielded
-            for t in list(self._rows_left):
-                self.client.done(t)
-            self._rows_left.clear()
+            self._give_back()
         self.last_summary = self._summary(state, 0.0)
 
     def _ordered(self, delivered: Iterator[tuple[int, Any, int]], state: _DriveState,
@@ -529,6 +537,20 @@ class Pipeline:
             finally:
                 if t >= 0:
                     self._done(t)
+
+    def _give_back(self) -> None:
+        """A caller that stopped early: give back every sink task not finished with, including
+        the rows of many-row tasks that were never yielded."""
+        if self._rows_left:
+            assert self.client is not None
+            for t in list(self._rows_left):
+                self.client.done(t)
+            self._rows_left.clear()
+
+    def _baseline(self) -> dict[str, dict[str, float]]:
+        """The stage counters before a run (a run's summary counts what it added)."""
+        assert self.client is not None
+        return _baseline(self.client)
 
     def _summary(self, state: _DriveState, seconds: float, resumed: int = 0, interrupted: str = "") -> Summary:
         assert self.client is not None and self.broker is not None

@@ -31,6 +31,8 @@ class Summary:
     resumed: int = 0  # items an earlier run had settled (left out of this one)
     interrupted: str = ""  # why the run stopped before the end of its source ("" if it did not)
     failures_file: str = ""  # where skipped items are recorded
+    nodes: list[dict[str, Any]] = field(default_factory=list)  # a cluster run's nodes (docs/cluster.md)
+    moved: dict[str, Any] = field(default_factory=dict)  # ... and what crossed between them
 
     @property
     def items_per_s(self) -> float:
@@ -56,6 +58,12 @@ class Summary:
                      f"duplicates dropped {self.duplicates}")
         if self.resumed:
             t.caption += f"; resumed: {self.resumed} item(s) were done before"
+        if self.nodes:
+            t.caption += (f"; cluster: {len(self.nodes)} node(s), arena peak per node; moved between "
+                          f"nodes: {self.moved.get('items', 0)} item(s), "
+                          f"{format_bytes(int(self.moved.get('bytes', 0)))}")
+            if self.moved.get("lost_nodes"):
+                t.caption += f"; nodes lost: {', '.join(n[:8] for n in self.moved['lost_nodes'])}"
         unpinned = {st["name"]: st["unpinned"] for st in self.stages if st.get("unpinned")}
         if unpinned:
             t.caption += "; NOT PINNED (host-device copies staged): " + ", ".join(

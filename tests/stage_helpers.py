@@ -175,3 +175,31 @@ def grow(x: torch.Tensor, times: int = 3) -> torch.Tensor:
 def row_sums(x: torch.Tensor) -> torch.Tensor:
     """A batched stage: one float32 sum per row."""
     return x.reshape(x.shape[0], -1).sum(-1).to(torch.float32)
+
+
+# -- a cluster run (tests/test_cluster.py) ---------------------------------------------------------
+def on_node(x: torch.Tensor) -> dict:
+    """``x * 2`` and the Ray node id the worker runs on (``SHMBROKER_NODE_ID``, as bytes)."""
+    import numpy as np
+
+    node = np.frombuffer(os.environ.get("SHMBROKER_NODE_ID", "?").encode(), dtype=np.uint8).copy()
+    return {"y": x * 2, "node": torch.from_numpy(node)}
+
+
+def node_of(d: dict, seconds: float = 0.0) -> dict:
+    """After ``on_node`` (batched or not): ``y + 1``, the first stage's node and this worker's."""
+    import numpy as np
+
+    time.sleep(seconds)
+    node = torch.from_numpy(np.frombuffer(os.environ.get("SHMBROKER_NODE_ID", "?").encode(),
+                                          dtype=np.uint8).copy())
+    if d["y"].dim() == 2:  # a batch: one row per item
+        node = node.expand(d["y"].shape[0], -1)
+    return {"y": d["y"] + 1, "first": d["node"], "second": node}
+
+
+def ray_loaded(x: torch.Tensor) -> torch.Tensor:
+    """``x + 1`` if Ray is imported in this worker, else ``x``."""
+    import sys
+
+    return x + float("ray" in sys.modules)

@@ -98,7 +98,7 @@ def test_sizes() -> None:
     assert parse_size(4096) == 4096
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "multi_gpu.yaml", "npy_files.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "multi_gpu.yaml", "npy_files.yaml", "cluster.yaml"])
 def test_shipped_configs_validate(name: str) -> None:
     cfg = load_config(ROOT / "configs" / name, check_host=False)
     assert cfg.stages

@@ -335,7 +335,7 @@ def test_every_package_of_the_project_is_copied_before_it_is_installed(dockerfil
     packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     copied = {dest.strip("/") for stage in stages(dockerfile)
               for sources, dest, _ in copies(stage, from_context=True) for _src in sources}
-    missing = [p for p in packages if p not in copied]
+    missing = [p for p in packages if p.split(".")[0] not in copied]  # a subpackage comes with its package
     assert not missing, f"{dockerfile.name} does not COPY {missing} (pyproject.toml packages: {packages})"
 
 
