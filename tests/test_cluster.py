@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,17 +55,22 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Any]:
     from ray.cluster_utils import Cluster
 
     extra = getattr(request, "param", [{"num_cpus": 2}])
+    # Ray's sessions (logs, sockets) go to a directory of the test's own, removed afterwards; a short
+    # path, since Ray's Unix sockets live under it
+    temp = tempfile.mkdtemp(prefix="shmbroker-ray-")
     c = Cluster(initialize_head=True, head_node_args={  # with 3 nodes, the head takes no work
         "num_cpus": 2 if len(extra) < 2 else 0, "node_ip_address": "127.0.0.1", "object_store_memory": STORE,
-        "include_dashboard": False})
+        "include_dashboard": False, "temp_dir": temp})
     try:
-        c.extra = [c.add_node(node_ip_address="127.0.0.1", object_store_memory=STORE, **kw) for kw in extra]
+        c.extra = [c.add_node(node_ip_address="127.0.0.1", object_store_memory=STORE, temp_dir=temp, **kw)
+                   for kw in extra]
         c.wait_for_nodes()
         yield c
     finally:
         if ray.is_initialized():
             ray.shutdown()
         c.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def write_config(tmp_path: Path, stages: list[dict[str, Any]], count: int = 40, **extra: Any) -> Path:
