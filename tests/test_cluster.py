@@ -11,6 +11,7 @@ The planning tests need no cluster (``shmbroker/cluster/plan.py`` is pure).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -48,29 +49,45 @@ def _ray() -> Any:
 
 
 @pytest.fixture
-def cluster(request: pytest.FixtureRequest) -> Iterator[Any]:
+def cluster(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A head node and the nodes ``request.param`` lists (``add_node`` keyword arguments);
     shut down at the end of the test, whatever happened."""
     ray = _ray()
     from ray.cluster_utils import Cluster
 
     extra = getattr(request, "param", [{"num_cpus": 2}])
-    # Ray's sessions (logs, sockets) go to a directory of the test's own, removed afterwards; a short
-    # path, since Ray's Unix sockets live under it
+    # Ray's sessions (logs, sockets, the address file) go to a directory of the test's own, removed
+    # afterwards; a short path, since Ray's Unix sockets live under it
     temp = tempfile.mkdtemp(prefix="shmbroker-ray-")
-    c = Cluster(initialize_head=True, head_node_args={  # with 3 nodes, the head takes no work
-        "num_cpus": 2 if len(extra) < 2 else 0, "node_ip_address": "127.0.0.1", "object_store_memory": STORE,
-        "include_dashboard": False, "temp_dir": temp})
+    monkeypatch.setenv("RAY_TMPDIR", temp)
+    c = None
     try:
-        c.extra = [c.add_node(node_ip_address="127.0.0.1", object_store_memory=STORE, temp_dir=temp, **kw)
-                   for kw in extra]
+        c = Cluster(initialize_head=True, head_node_args={  # with 3 nodes, the head takes no work
+            "num_cpus": 2 if len(extra) < 2 else 0, "node_ip_address": "127.0.0.1",
+            "object_store_memory": STORE, "include_dashboard": False})
+        c.extra = [c.add_node(node_ip_address="127.0.0.1", object_store_memory=STORE, **kw) for kw in extra]
         c.wait_for_nodes()
         yield c
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        c.shutdown()
+        if c is not None:
+            c.shutdown()
+        else:  # the head failed half-way: end what it started, found by the directory only it uses
+            for pid in _pids_mentioning(temp):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+    return pids
 
 
 def write_config(tmp_path: Path, stages: list[dict[str, Any]], count: int = 40, **extra: Any) -> Path:

@@ -10,7 +10,7 @@ import pytest
 import broker.scheduler as sched_mod
 from broker.errors import ArenaFull, BadRequest
 from broker.protocol import Done, Fail, Failure, Layout, Message, Reserve, Reserved, StageSettings, Task
-from broker.scheduler import SINK, TASK_ITEMS, Scheduler
+from broker.scheduler import SINK, TASK_BYTES, TASK_ITEMS, Scheduler
 from broker.table import ObjectTable
 
 SRC, W0, W1, W2, DRV = 1, 10, 11, 12, 99  # client ids: the source, workers, the driver (sink)
@@ -211,7 +211,7 @@ def test_tasks_go_to_the_least_loaded_worker() -> None:
 
 
 def test_small_items_travel_a_few_per_task_and_large_ones_alone() -> None:
-    run = Run([{"name": "a"}], capacity=4 << 20)
+    run = Run([{"name": "a"}], capacity=4 * TASK_BYTES)
     run.register(W0, "a", credits=16)
     r = run.put(0, range(6))
     base = r.segments[0][0].offset
@@ -220,7 +220,7 @@ def test_small_items_travel_a_few_per_task_and_large_ones_alone() -> None:
         ([0, 1, 2, 3], TASK_ITEMS, True, (4, 4), base)
     assert (t2.items, t2.rows, t2.each, t2.handle.shape, t2.handle.offset) == \
         ([4, 5], 2, True, (2, 4), base + 4 * ROW)
-    big = 200_000  # more than half TASK_BYTES: one per task
+    big = TASK_BYTES // 8 + 1  # float32: more than half TASK_BYTES, so one per task
     r = run.put(0, [10, 11], shape=(big,))
     base = r.segments[0][0].offset
     got = run.tasks(W0)
