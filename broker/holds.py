@@ -172,15 +172,27 @@ class ControlRegion:
     # -- scanning -------------------------------------------------------------------------------
     def named(self, bases: np.ndarray) -> np.ndarray:
         """For each block data offset in ``bases``: does a hold or a queue slot name it?"""
-        hwms = self.slots[:, 2]
-        parts = [self.tables[s, :hwms[s]] for s in np.flatnonzero(hwms)]
-        for q in np.flatnonzero(self.queues[:, 0]):
-            offset, capacity, slot_words = (int(v) for v in self.queues[q, :3])
-            first = offset // 8 + QUEUE_HEADER_WORDS
-            parts.append(self.words[first: first + capacity * slot_words: slot_words])
-        if not parts:
+        words = self.naming_words()
+        if not len(words):
             return np.zeros(len(bases), dtype=bool)
-        return np.isin(bases, np.concatenate(parts))
+        if len(bases) <= 4:  # the common case: a few blocks; np.isin sorts, this only compares
+            return np.array([bool((words == b).any()) for b in bases.tolist()], dtype=bool)
+        return np.isin(bases, words)
+
+    def naming_words(self) -> np.ndarray:
+        """Every word that may name a block: the used part of each hold table, each queue's slots."""
+        tables, parts = self.tables, []
+        for s, hwm in enumerate(self.slots[:, 2].tolist()):
+            if hwm:
+                parts.append(tables[s, :hwm])
+        for q, offset in enumerate(self.queues[:, 0].tolist()):
+            if offset:
+                capacity, slot_words = int(self.queues[q, 1]), int(self.queues[q, 2])
+                first = offset // 8 + QUEUE_HEADER_WORDS
+                parts.append(self.words[first: first + capacity * slot_words: slot_words])
+        if not parts:
+            return _NO_WORDS
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def retire(self, bases: np.ndarray) -> np.ndarray:
         """The four steps above for a batch of released blocks (their data offsets); returns
@@ -200,6 +212,7 @@ class ControlRegion:
 
 
 QUEUE_HEADER_WORDS = 16  # a queue block's header (queue.py), before its slots
+_NO_WORDS = np.zeros(0, dtype=np.uint64)
 
 
 class Holds:

@@ -213,13 +213,14 @@ def test_tasks_go_to_the_least_loaded_worker() -> None:
 def test_small_items_travel_a_few_per_task_and_large_ones_alone() -> None:
     run = Run([{"name": "a"}], capacity=4 * TASK_BYTES)
     run.register(W0, "a", credits=16)
-    r = run.put(0, range(6))
+    n = TASK_ITEMS + 2  # one full task and the two left over
+    r = run.put(0, range(n))
     base = r.segments[0][0].offset
     t1, t2 = run.tasks(W0)
     assert (t1.items, t1.rows, t1.each, t1.handle.shape, t1.handle.offset) == \
-        ([0, 1, 2, 3], TASK_ITEMS, True, (4, 4), base)
+        (list(range(TASK_ITEMS)), TASK_ITEMS, True, (TASK_ITEMS, 4), base)
     assert (t2.items, t2.rows, t2.each, t2.handle.shape, t2.handle.offset) == \
-        ([4, 5], 2, True, (2, 4), base + 4 * ROW)
+        ([TASK_ITEMS, TASK_ITEMS + 1], 2, True, (2, 4), base + TASK_ITEMS * ROW)
     big = TASK_BYTES // 8 + 1  # float32: more than half TASK_BYTES, so one per task
     r = run.put(0, [10, 11], shape=(big,))
     base = r.segments[0][0].offset
