@@ -35,13 +35,17 @@ Peers (``PEERS``: the key, the label, and exactly what is inside the timed windo
     shm_copy     the same, copy in + handle: timed: ``np.copyto`` of the array into the
                  segment, then the header.
     shmbroker    shmbroker, Handle only: ``put`` before the clock, the same Handle re-sent
-                 each rep; timed: the Handle pickled over a ``Pipe``; the consumer's
-                 ``Client.tensor`` takes a hold in shared memory (no broker message),
-                 ``release`` after the clock.
+                 each rep; timed: ``Handle.to_bytes()`` sent with ``Pipe.send_bytes`` (as the
+                 hand-rolled peer packs and sends its header), the consumer's
+                 ``Handle.from_bytes`` and ``Client.tensor``, which takes a hold in shared
+                 memory (no broker message); ``release`` after the clock.
+    shmbroker_pickle  the same, but the Handle pickled with ``Pipe.send`` / ``recv`` (what
+                 ``conn.send(handle)`` costs: a pickler per call and a class looked up by
+                 name on the other side).
     shmbroker_put  shmbroker, put + Handle: timed: ``Client.put(array)`` (the one copy into
                  the arena; a pooled block up to 1 MiB, an ``alloc`` round trip to the broker
-                 above) and the Handle over the ``Pipe``; the producer releases after the
-                 reply (untimed).
+                 above) and the Handle's bytes over the ``Pipe``; the producer releases after
+                 the reply (untimed).
     queue        shmbroker's handle queue (``client.queue``): timed: ``q.put(array)`` (the
                  copy into the arena happens there) ... consumer ``h = q.get()``,
                  ``client.tensor(h)``, read; ``release`` after the clock. The consumer spins
@@ -118,10 +122,12 @@ PEERS = {
                   "(data already in the segment; consumer attaches once, cached)",
     "shm_copy": "hand-rolled shared_memory, copy in + handle: [np.copyto into the segment + "
                 "msgpack header over mp.Pipe]",
-    "shmbroker": "shmbroker, Handle only: [Handle over mp.Pipe; consumer Client.tensor takes a hold, "
-                 "no message] (put before the clock)",
-    "shmbroker_put": "shmbroker, put + Handle: [Client.put(array) + Handle over mp.Pipe; consumer "
-                     "Client.tensor] (release after the reply)",
+    "shmbroker": "shmbroker, Handle only: [Handle.to_bytes() over mp.Pipe.send_bytes; consumer "
+                 "Handle.from_bytes + Client.tensor takes a hold, no message] (put before the clock)",
+    "shmbroker_pickle": "shmbroker, Handle only, pickled: [Pipe.send(Handle) -> recv(); consumer "
+                        "Client.tensor takes a hold, no message] (put before the clock)",
+    "shmbroker_put": "shmbroker, put + Handle: [Client.put(array) + Handle.to_bytes() over "
+                     "mp.Pipe.send_bytes; consumer Handle.from_bytes + Client.tensor] (release after the reply)",
     "queue": "shmbroker handle queue: [q.put(array) -> q.get() + Client.tensor] (consumer spins "
              "adaptively <= SPIN_MAX 200 µs, then futex)",
     "queue_spin": "shmbroker handle queue, polling consumer: [q.put(array) -> q.get() + Client.tensor] "
@@ -136,6 +142,7 @@ PEERS = {
 }
 # The consumer kind each peer uses (its receive loop in _receiver)
 KIND = {"shm_handle": "shm", "shm_copy": "shm", "shmbroker": "shmbroker", "shmbroker_put": "shmbroker",
+        "shmbroker_pickle": "shmbroker_pickle",
         "queue": "queue", "queue_spin": "queue", "iceoryx2": "iceoryx2", "mpqueue": "mpqueue",
         "torchqueue": "torchqueue", "zmq": "zmq"}
 CONTROL = {"touch": 1, "read_all": 2, "stop": 3}  # control words on the data channels, as codes
@@ -332,17 +339,31 @@ def _receiver(kind: str, data: Any, cfg: dict[str, Any]) -> tuple[Any, Any, Any]
         return receive_pipe, nothing, no_info
 
     if kind == "shmbroker":
-        from broker import Client
+        from broker import Client, Handle
 
         client = Client(cfg["endpoint"], role="bench-consumer")
 
         def receive_handle() -> Any:
+            raw = data.recv_bytes()
+            if raw.startswith(b"ctl:"):  # a Handle's bytes begin with a msgpack array header
+                return raw[4:].decode()
+            h = Handle.from_bytes(raw)
+            return client.tensor(h), (lambda: client.release(h))
+
+        return receive_handle, client.close, no_info
+
+    if kind == "shmbroker_pickle":
+        from broker import Client
+
+        client = Client(cfg["endpoint"], role="bench-consumer")
+
+        def receive_pickled() -> Any:
             h = data.recv()
             if isinstance(h, str):
                 return h
             return client.tensor(h), (lambda: client.release(h))
 
-        return receive_handle, client.close, no_info
+        return receive_pickled, client.close, no_info
 
     if kind == "shm":
         import msgpack
@@ -482,7 +503,7 @@ class Consumer:
         Consumer.live.append(self)
         self.proc.start()
         child_ctrl.close()
-        if hasattr(data_for_child, "close") and kind in ("shmbroker", "pipe", "shm"):
+        if hasattr(data_for_child, "close") and kind in ("shmbroker", "shmbroker_pickle", "pipe", "shm"):
             data_for_child.close()  # the child has its own copy; ours would hide its death
         self.expect("ready")
 
@@ -593,14 +614,16 @@ class ShmbrokerPeer(PipePeer):
     re-sent every rep; the consumer takes (and after the clock drops) a hold per hand-off.
     ``put=True`` (``shmbroker_put``): ``Client.put`` of the array inside the timed window, then the
     Handle; the producer releases it after the consumer's reply.
+    The Handle travels as ``Handle.to_bytes()`` with ``send_bytes``, or pickled with ``send``
+    (``pickled=True``, key ``shmbroker_pickle``).
     """
 
-    kind = "shmbroker"
-
-    def __init__(self, client: Any, put: bool = False) -> None:
+    def __init__(self, client: Any, put: bool = False, pickled: bool = False) -> None:
         self.client = client
         self.put = put
-        self.key = "shmbroker_put" if put else "shmbroker"
+        self.pickled = pickled
+        self.kind = "shmbroker_pickle" if pickled else "shmbroker"
+        self.key = "shmbroker_put" if put else self.kind
         self.held: Any = None
         self.sent: Any = None
 
@@ -619,7 +642,16 @@ class ShmbrokerPeer(PipePeer):
     def send(self, item: Any) -> None:
         if self.put:
             item = self.sent = self.client.put(item)
-        self.w.send(item)
+        if self.pickled:
+            self.w.send(item)
+        else:
+            self.w.send_bytes(item.to_bytes())
+
+    def control(self, word: str) -> None:
+        if self.pickled:
+            self.w.send(word)
+        else:
+            self.w.send_bytes(b"ctl:" + word.encode())
 
     def after(self, item: Any) -> None:
         if self.sent is not None:
@@ -1328,7 +1360,9 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_refs:
                 result["put"] = run_put(client, sizes, reps_for, progress)
             make = {"shm_handle": lambda: ShmPeer(copy=False), "shm_copy": lambda: ShmPeer(copy=True),
-                    "shmbroker": lambda: ShmbrokerPeer(client), "shmbroker_put": lambda: ShmbrokerPeer(client, put=True),
+                    "shmbroker": lambda: ShmbrokerPeer(client),
+                    "shmbroker_pickle": lambda: ShmbrokerPeer(client, pickled=True),
+                    "shmbroker_put": lambda: ShmbrokerPeer(client, put=True),
                     "queue": lambda: QueuePeer(client), "queue_spin": lambda: QueuePeer(client, args.spin_ms / 1e3),
                     "iceoryx2": lambda: Iceoryx2Peer(max(sizes)), "mpqueue": MPQueuePeer,
                     "torchqueue": TorchQueuePeer, "zmq": lambda: ZmqPeer(tmpdir)}

@@ -89,6 +89,19 @@ HOLD = 2  # by a hold in its table in shared memory (the third item: the entry's
 _Spec = tuple[str, np.dtype, tuple[int, ...], int, tuple[int, ...], int]
 
 
+def _torch() -> Any:
+    """torch, imported on first use (the store never imports it otherwise)."""
+    global _TORCH
+    if _TORCH is None:
+        import torch
+
+        _TORCH = torch
+    return _TORCH
+
+
+_TORCH: Any = None
+
+
 def _finite(seconds: float) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise BadRequest(f"timeout must be a finite number of seconds >= 0, got {seconds!r}")
@@ -337,8 +350,9 @@ class Client:
             return array
         if entry is not None:
             return self.view(entry[0] if entry[1] == LEASE else handle)
-        if self._hold(handle):
-            return self.view(handle)
+        held = self._hold(handle)
+        if held is not None:
+            return held
         reply = self._request(Acquire(oid=handle.oid, gen=handle.generation))
         return self.view(self._adopt(handle, reply.handle))
 
@@ -355,30 +369,34 @@ class Client:
         else:  # a lease already: the claim did not add one (the broker counts one lease per client)
             pass
 
-    def _hold(self, handle: Handle) -> bool:
-        """Hold ``handle``'s block in shared memory; False if this client has no free hold (then
-        the caller takes a lease). ``StaleHandle`` if the array was released."""
+    def _hold(self, handle: Handle) -> np.ndarray | None:
+        """Hold ``handle``'s block in shared memory and return its view; None if this client has
+        no free hold (then the caller takes a lease). ``StaleHandle`` if the array was released."""
         holds = self.holds
         if holds is None:
-            return False
+            return None
+        self.conn.check_process()
+        if self._buffer is None:
+            raise BrokerError("this client is closed")
         base = handle.base or handle.offset
         if base & 63 or not HEADER <= base < self._capacity:
             raise StaleHandle(f"handle {handle} names no block of this arena")
         i = holds.take(base, handle.generation)
         if i is None:
-            return False
+            return None
         if i < 0:
             raise StaleHandle(f"handle (object {handle.oid}, generation {handle.generation}) is stale: "
                               f"the array was released or its memory reused; keep a reference (do "
                               f"not release) while it is in use")
         room = holds.words[((base - HEADER) >> 3) + 1]  # the block's size, from its header
         dt = self._dtypes.get(handle.dtype) or self._dtype(handle.dtype)
-        if not base <= handle.offset or handle.offset + handle.nbytes > base + room or \
-                dt.itemsize * math.prod(handle.shape) > handle.nbytes:
+        offset, shape = handle.offset, handle.shape
+        if not base <= offset or offset + handle.nbytes > base + room or \
+                dt.itemsize * math.prod(shape) > handle.nbytes:
             holds.drop(i)
             raise StaleHandle(f"handle {handle} does not fit its block of {room} bytes")
         self._held[handle.oid] = (handle, HOLD, i)
-        return True
+        return np.ndarray(shape, dt, self._buffer, offset)
 
     def get_many(self, handles: Iterable[Handle]) -> list[np.ndarray]:
         """``get`` for many handles: holds in shared memory, or one round trip per 1024 leases.
@@ -395,7 +413,7 @@ class Client:
             for h in hs:
                 if self.holds_handle(h):
                     continue
-                if self._hold(h):
+                if self._hold(h) is not None:
                     taken.append(h)
                 else:
                     todo.append(h)
@@ -431,10 +449,9 @@ class Client:
     def tensor(self, handle: Handle) -> torch.Tensor:
         """``torch.from_numpy(get(handle))``: zero-copy and writable (bfloat16 viewed as such).
 
-        The one place the client touches torch, imported here and only here.
+        The one place the client touches torch (imported on its first call, by ``_torch``).
         """
-        import torch
-
+        torch = _torch()
         t = torch.from_numpy(self.get(handle))
         return t.view(torch.bfloat16) if handle.dtype == BFLOAT16 else t
 

@@ -164,6 +164,25 @@ class Handle(msgspec.Struct, frozen=True, array_like=True):
         if len(self.strides) != len(self.shape):
             raise ProtocolError(f"handle has {len(self.shape)} dimensions but {len(self.strides)} strides")
 
+    def to_bytes(self) -> bytes:
+        """The handle as msgpack bytes (~100 B): for a byte channel (``Pipe.send_bytes``, a socket,
+        ZeroMQ). Cheaper to make and read than a pickle; ``Handle.from_bytes`` reads it."""
+        return _handle_encoder.encode(self)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> Handle:
+        """Read ``to_bytes``' form, validated (``ProtocolError`` if it is not a handle)."""
+        try:
+            handle = _handle_decoder.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            raise ProtocolError(f"not a handle: {e}") from None
+        handle.check()
+        return handle
+
+
+_handle_encoder = msgspec.msgpack.Encoder()
+_handle_decoder = msgspec.msgpack.Decoder(Handle)
+
 
 # -- what travels inside messages ----------------------------------------------------------------
 FieldSpec = tuple[int | str, str, Shape, NonNeg]  # key, dtype, shape, offset in the row

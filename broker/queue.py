@@ -66,8 +66,6 @@ _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 _libc = ctypes.CDLL(None, use_errno=True)
 _lock = _libc.pthread_mutex_lock
 _unlock = _libc.pthread_mutex_unlock
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Handle)
 
 
 class _Timespec(ctypes.Structure):
@@ -166,7 +164,7 @@ class HandleQueue:
         else:
             handle = c.put(item, timeout=timeout)
         handle = msgspec.structs.replace(handle, grant=0, expires=0.0)
-        data = _encoder.encode(handle)
+        data = handle.to_bytes()
         if len(data) > (self.slot_words - 2) * 8:
             raise BrokerError(f"queue {self.name!r}: a handle of {len(data)} bytes does not fit a slot")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -225,11 +223,10 @@ class HandleQueue:
         n = int(w[s + 1])
         start = s * 8 + 16
         try:
-            handle = _decoder.decode(self.bytes[start: start + n].tobytes())
-            handle.check()
-            if not self.client._hold(handle):  # before the slot stops protecting the block
+            handle = Handle.from_bytes(self.bytes[start: start + n].tobytes())
+            if self.client._hold(handle) is None:  # before the slot stops protecting the block
                 self.client.get(handle)  # no free hold: a lease, taken while the slot protects it
-        except (msgspec.DecodeError, msgspec.ValidationError, ProtocolError, StaleHandle):
+        except (ProtocolError, StaleHandle):
             handle = None
         w[s] = 0
         return handle

@@ -48,7 +48,7 @@ def test_gpu_benchmarks_skip_with_the_reason(tmp_path: Path, cmd: list[str]) -> 
     assert "is_available() is False" in data["skipped"] and data["machine"]["cpu_count"] >= 1
 
 
-NEW_PEERS = ["shm_handle", "shm_copy", "shmbroker_put", "queue", "queue_spin", "iceoryx2"]
+NEW_PEERS = ["shm_handle", "shm_copy", "shmbroker", "shmbroker_pickle", "shmbroker_put", "queue", "queue_spin", "iceoryx2"]
 
 
 def test_handoff_new_peers_run_on_a_tiny_size(tmp_path: Path) -> None:

@@ -194,6 +194,19 @@ def test_handle_pickle_round_trip():
     assert pickle.loads(pickle.dumps(zero_d)) == zero_d
 
 
+def test_handle_bytes_round_trip_and_refusals():
+    data = H.to_bytes()
+    assert isinstance(data, bytes) and len(data) < 100
+    assert Handle.from_wire(msgpack.unpackb(data)) == H  # the wire form (a list), msgpack-encoded
+    assert Handle.from_bytes(data) == H and Handle.from_bytes(memoryview(data)) == H
+    granted = msgspec.structs.replace(H, grant=7, expires=1.5, base=4096)
+    assert Handle.from_bytes(granted.to_bytes()) == granted
+    bad_strides = msgpack.packb([*H.to_wire()[:7], [4]])
+    for junk in (b"", b"\xc1", msgpack.packb({"op": "ping"}), msgpack.packb([1, 2, 3]), bad_strides):
+        with pytest.raises(ProtocolError):
+            Handle.from_bytes(junk)
+
+
 def test_handle_is_frozen_slotted_and_hashable():
     with pytest.raises(AttributeError):
         H.offset = 0  # type: ignore[misc]
