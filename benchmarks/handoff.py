@@ -51,9 +51,9 @@ Peers (``PEERS``: the key, the label, and exactly what is inside the timed windo
                  ``client.tensor(h)``, read; ``release`` after the clock. The consumer spins
                  adaptively (up to ``broker.queue.SPIN_MAX``, 200 µs) before sleeping in a
                  futex.
-    queue_spin   the same, but the consumer polls like iceoryx2's subscriber: its spin
-                 budget is pinned at ``--spin-ms`` before every ``get``, longer than the
-                 whole wait here, so it burns a core while waiting.
+    queue_spin   the same, but the consumer polls like iceoryx2's subscriber:
+                 ``client.queue(name, spin=--spin-ms)``, longer than the whole wait here,
+                 so it burns a core while waiting.
     iceoryx2     iceoryx2 from Python (``pip install iceoryx2``; skipped with the reason when
                  not importable): publish-subscribe of ``Slice[c_uint8]``; timed:
                  ``loan_slice_uninit`` + ``np.copyto`` into the sample + ``assume_init`` +
@@ -131,8 +131,7 @@ PEERS = {
     "queue": "shmbroker handle queue: [q.put(array) -> q.get() + Client.tensor] (consumer spins "
              "adaptively <= SPIN_MAX 200 µs, then futex)",
     "queue_spin": "shmbroker handle queue, polling consumer: [q.put(array) -> q.get() + Client.tensor] "
-                  "(spin budget pinned at {spin} before every get: like a polling subscriber, burns a "
-                  "core while waiting)",
+                  "(client.queue(spin={spin}): polls like a busy subscriber, burns a core while waiting)",
     "iceoryx2": "iceoryx2 {version} pub/sub Slice[u8]: [loan_slice_uninit + np.copyto into the sample + "
                 "send -> receive()] (subscriber polls receive(): burns a core while waiting)",
     "mpqueue": "multiprocessing.Queue: [put(ndarray): pickled through a pipe]",
@@ -392,15 +391,11 @@ def _receiver(kind: str, data: Any, cfg: dict[str, Any]) -> tuple[Any, Any, Any]
         from broker import Client
 
         client = Client(cfg["endpoint"], role="bench-consumer")
-        q = client.queue(cfg["queue"])
         pinned = cfg.get("spin_s")
-        if pinned is not None:
-            bq.SPIN_MAX = pinned  # this process only: a labelled variant
+        q = client.queue(cfg["queue"], spin=pinned)  # None: adaptive (the default)
         spins: list[float] = []
 
         def receive_queue() -> Any:
-            if pinned is not None:
-                q.spin = pinned
             spins.append(q.spin)
             h = q.get()
             if h.dtype == "|u1":  # a control word: one byte
@@ -412,7 +407,7 @@ def _receiver(kind: str, data: Any, cfg: dict[str, Any]) -> tuple[Any, Any, Any]
         def queue_info() -> dict[str, Any]:
             s = np.asarray(spins[1:] or [0.0]) * 1e6
             return {"spin_budget_us_p50": float(np.median(s)), "spin_budget_us_max": float(s.max()),
-                    "SPIN_MAX_us": bq.SPIN_MAX * 1e6}
+                    "SPIN_MAX_us": bq.SPIN_MAX * 1e6, "spin_fixed_us": None if pinned is None else pinned * 1e6}
 
         return receive_queue, client.close, queue_info
 

@@ -519,11 +519,18 @@ class Client:
         """Ask the broker to stop (it removes its runtime directory)."""
         self._request(Shutdown())
 
-    def queue(self, name: str, maxsize: int = 64) -> HandleQueue:
+    def queue(self, name: str, maxsize: int = 64, spin: float | None = None) -> HandleQueue:
         """The named handle queue (made on first use; ``maxsize`` is the first user's): the
-        zero-copy replacement for ``torch.multiprocessing.Queue``, see ``broker.queue``."""
+        zero-copy replacement for ``torch.multiprocessing.Queue``, see ``broker.queue``.
+
+        ``spin``: how long this process's waits spin before they sleep in the kernel. None
+        (default): adaptively, at most ``SPIN_MAX`` (200 µs). A number of seconds: that long,
+        every time; ``0`` sleeps at once, a long spin polls like a busy subscriber (the lowest
+        latency, at the price of a core kept busy while waiting)."""
+        if spin is not None and not (math.isfinite(spin) and 0 <= spin <= 3600):
+            raise BadRequest(f"spin must be None or seconds in [0, 3600], got {spin!r}")
         info: QueueInfo = self._request(QueueOpen(name=name, maxsize=maxsize))
-        return HandleQueue(self, name, info.offset, info.maxsize, info.slot_words)
+        return HandleQueue(self, name, info.offset, info.maxsize, info.slot_words, spin)
 
     # -- pipeline operations ------------------------------------------------------------------------
     def configure(self, stages: Sequence[StageSettings | dict[str, Any]], max_inflight: int = 0,

@@ -32,7 +32,9 @@ Waiting: a consumer that finds the ring empty spins on the ``seq`` word for an
 adaptive while (longer after a spin that was rewarded, shorter after one that
 was not, never above ``SPIN_MAX``), then sleeps in ``futex(FUTEX_WAIT)`` on it;
 a producer wakes it with ``FUTEX_WAKE`` only when someone waits. Producers wait
-for room the same way on ``space``.
+for room the same way on ``space``. ``Client.queue(..., spin=S)`` fixes the spin
+at ``S`` seconds instead (``0``: sleep at once; long: poll, as iceoryx2's
+subscriber does, keeping a core busy while it waits).
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ def init_queue(words: np.ndarray, address: int, offset: int, maxsize: int) -> No
 class HandleQueue:
     """One process's use of a named queue; get it from ``Client.queue``."""
 
-    def __init__(self, client: Client, name: str, offset: int, maxsize: int, slot_words: int) -> None:
+    def __init__(self, client: Client, name: str, offset: int, maxsize: int, slot_words: int,
+                 spin: float | None = None) -> None:
         region = client.conn.region
         assert region is not None
         self.client = client
@@ -118,7 +121,8 @@ class HandleQueue:
         self.mutex = ctypes.c_void_p(address + offset + _MUTEX)
         self.seq_addr = address + offset + _SEQ * 8
         self.space_addr = address + offset + _SPACE * 8
-        self.spin = 50e-6
+        self.fixed_spin = spin  # seconds every wait spins; None: adaptive, up to SPIN_MAX
+        self.spin = 50e-6 if spin is None else spin
         if int(self.words[self.first]) != MAGIC:
             raise BrokerError(f"queue {name!r}: no queue at offset {offset} (the broker's answer was wrong)")
 
@@ -243,9 +247,12 @@ class HandleQueue:
         f, w = self.first, self.words
         started = time.perf_counter()
         spun_until = started + self.spin
+        if deadline is not None:
+            spun_until = min(spun_until, started + max(0.0, deadline - time.monotonic()))
         while time.perf_counter() < spun_until:
             if int(w[f + word]) & 0xFFFFFFFF != seen:
-                self.spin = min(SPIN_MAX, max(self.spin, (time.perf_counter() - started) * 1.25))
+                if self.fixed_spin is None:
+                    self.spin = min(SPIN_MAX, max(self.spin, (time.perf_counter() - started) * 1.25))
                 return
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
@@ -263,5 +270,6 @@ class HandleQueue:
             self._acquire()
             w[f + waiting] = max(0, int(w[f + waiting]) - 1)
             _unlock(self.mutex)
-        waited = time.perf_counter() - started
-        self.spin = min(SPIN_MAX, waited * 1.25) if waited < SPIN_MAX else self.spin * 0.5
+        if self.fixed_spin is None:
+            waited = time.perf_counter() - started
+            self.spin = min(SPIN_MAX, waited * 1.25) if waited < SPIN_MAX else self.spin * 0.5

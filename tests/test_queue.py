@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from broker import BrokerTimeout, Client, StaleHandle
+from broker import BadRequest, BrokerTimeout, Client, StaleHandle
 from broker.holds import fence_available
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -215,3 +215,23 @@ def _cpu(pid: int) -> float:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+
+
+def test_a_fixed_spin_keeps_its_length_is_cut_by_the_timeout_and_bad_ones_are_refused(fresh_broker):
+    """``spin=S`` spins S every wait (no adapting), never past the caller's timeout; ``spin=0``
+    sleeps at once; nonsense is refused before the queue is touched."""
+    with Client(fresh_broker.endpoint) as c:
+        for bad in (-1.0, float("nan"), float("inf"), 1e9):
+            with pytest.raises(BadRequest, match="spin"):
+                c.queue("spun", spin=bad)
+        polling = c.queue("spun", spin=30.0)  # would spin 30 s: the 0.2 s timeout ends it
+        t = time.monotonic()
+        with pytest.raises(BrokerTimeout):
+            polling.get(timeout=0.2)
+        assert time.monotonic() - t < 5 and polling.spin == 30.0
+        sleeper = c.queue("spun", spin=0.0)
+        with pytest.raises(BrokerTimeout):
+            sleeper.get(timeout=0.05)
+        assert sleeper.spin == 0.0
+        polling.put(np.arange(4))
+        assert list(c.get(sleeper.get(timeout=5))) == [0, 1, 2, 3]
