@@ -180,7 +180,8 @@ class ControlRegion:
         return np.isin(bases, words)
 
     def naming_words(self) -> np.ndarray:
-        """Every word that may name a block: the used part of each hold table, each queue's slots."""
+        """Every word that may name a block (the used part of each hold table, each queue's slots),
+        copied out of the shared tables at one moment."""
         tables, parts = self.tables, []
         for s, hwm in enumerate(self.slots[:, 2].tolist()):
             if hwm:
@@ -192,7 +193,9 @@ class ControlRegion:
                 parts.append(self.words[first: first + capacity * slot_words: slot_words])
         if not parts:
             return _NO_WORDS
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        # a copy, never a view: other processes write the tables while the caller reads, and
+        # np.isin reads its input more than once (its min and max bound a lookup table)
+        return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
 
     def retire(self, bases: np.ndarray) -> np.ndarray:
         """The four steps above for a batch of released blocks (their data offsets); returns

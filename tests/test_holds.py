@@ -190,3 +190,21 @@ def test_small_put_get_release_of_one_client_costs_no_message(fresh_broker):
             c.release(h)
         after = _requests(c)
         assert after == before, (before, after)  # 5,000 triples, no message at all
+
+
+def test_the_scan_reads_a_copy_of_the_tables_never_the_live_memory(fresh_broker):
+    """Other processes write their tables while an owner scans: the words a scan works on are
+    copied out first (np.isin over a live table read a min above its max and failed mid-run)."""
+    with Client(fresh_broker.endpoint) as a, Client(fresh_broker.endpoint) as b:
+        hs = [a.put(np.full(64, i, np.float32)) for i in range(8)]
+        for h in hs[:5]:
+            b.get(h)  # b's table alone names blocks: one part, the case that was returned as a view
+        region = a.holds.region
+        words = region.naming_words()
+        assert not np.shares_memory(words, region.words)
+        assert set(words.tolist()) >= {h.offset for h in hs[:5]}
+        bases = np.array([h.offset for h in hs], np.uint64)
+        assert region.named(bases).tolist() == [True] * 5 + [False] * 3
+        assert region.named(bases[:3]).tolist() == [True] * 3  # the few-blocks path
+        b.release(hs[:5])
+        a.release(hs)
