@@ -46,8 +46,8 @@ SINK = "__sink__"
 # Small items of a stage that takes one item at a time travel a few per task message (the worker
 # calls the stage on each row, reserves their outputs with one request and reports them with one
 # ``done``): up to TASK_ITEMS and TASK_BYTES per task, more for the sink (the driver).
-TASK_ITEMS, TASK_BYTES = 16, 4 << 20
-SINK_TASK_ITEMS, SINK_TASK_BYTES = 16, 1 << 20
+TASK_ITEMS, TASK_BYTES = 16, 16 << 20
+SINK_TASK_ITEMS, SINK_TASK_BYTES = 16, 4 << 20
 KEPT_FAILURES = 10_000  # failure reports held for a driver that has not connected yet
 
 

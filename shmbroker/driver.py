@@ -56,7 +56,7 @@ __all__ = ["Pipeline", "Summary", "Skipped", "Interrupted"]
 log = logging.getLogger("shmbroker.driver")
 
 FEED_ITEMS = 16  # items of one shape the driver reserves and commits with one request each
-FEED_BYTES = 4 << 20  # ... and at most this many bytes of them
+FEED_BYTES = 16 << 20  # ... and at most this many bytes of them
 FEED_WAIT = 0.005  # s the driver waits for the source to fill a group before sending it
 _COUNTERS = ("done", "failed", "busy", "copied")
 
