@@ -109,7 +109,7 @@ DEFAULT_SIZES = "4KiB,1MiB,16MiB,128MiB"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "handoff.json"
 FILL = 0.5  # every element of every array; the consumer checks it reads this
 GAP_S = 0.001  # idle time before each send, so the consumer is blocked in its receive
-SPIN_S = 0.1  # queue_spin: the consumer's spin budget, pinned before every get (--spin-ms)
+SPIN_S = 0.1  # queue_spin: the consumer's fixed spin, client.queue(spin=...) (--spin-ms)
 REPLY_TIMEOUT_S = 120.0
 MIN_WARMUP = 8  # at least this many warm-up hand-offs per size and mode (iceoryx2 rotates a few samples)
 QUEUE_MAXSIZE = 64
@@ -1241,7 +1241,7 @@ def targets(result: dict[str, Any]) -> list[str]:
                   "mpqueue"),
            within("(c)", "handle queue put+get+tensor (default adaptive spin) vs iceoryx2", "queue",
                   "iceoryx2", 1.5),
-           within("(c)", "handle queue put+get+tensor, polling consumer (spin pinned: burns a core) "
+           within("(c)", "handle queue put+get+tensor, polling consumer (a fixed spin: burns a core) "
                   "vs iceoryx2", "queue_spin", "iceoryx2", 1.5)]
     for n in sizes:
         if result.get("put") and int(n) >= 16 << 20:
@@ -1275,7 +1275,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gap-ms", type=float, default=GAP_S * 1e3,
                     help="idle time before each send, ms (default %(default)s)")
     ap.add_argument("--spin-ms", type=float, default=SPIN_S * 1e3,
-                    help="queue_spin: the consumer's spin budget, pinned before every get, ms "
+                    help="queue_spin: the consumer's fixed spin (client.queue(spin=...)), ms "
                          "(default %(default)s: longer than the whole wait at every size here)")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)

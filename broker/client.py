@@ -196,7 +196,10 @@ class Client:
         return np.ndarray(handle.shape, dt, buffer, handle.offset)
 
     def _dtype(self, wire: str) -> np.dtype:
-        dt = self._dtypes[wire] = storage_dtype(wire)
+        try:
+            dt = self._dtypes[wire] = storage_dtype(wire)
+        except (TypeError, ValueError):
+            raise BadRequest(f"a handle names dtype {wire!r}, which NumPy does not know") from None
         return dt
 
     def _check_broker(self, handle: Handle) -> None:
@@ -335,6 +338,8 @@ class Client:
         a message nobody waits for.
         """
         self._check_broker(handle)
+        if self._buffer is None:
+            raise BrokerError("this client is closed")
         entry = self._held.get(handle.oid)
         if entry is not None and entry[0].generation != handle.generation:
             entry = None
@@ -376,11 +381,10 @@ class Client:
         if holds is None:
             return None
         self.conn.check_process()
-        if self._buffer is None:
-            raise BrokerError("this client is closed")
         base = handle.base or handle.offset
         if base & 63 or not HEADER <= base < self._capacity:
             raise StaleHandle(f"handle {handle} names no block of this arena")
+        dt = self._dtypes.get(handle.dtype) or self._dtype(handle.dtype)  # before the hold is taken
         i = holds.take(base, handle.generation)
         if i is None:
             return None
@@ -389,7 +393,6 @@ class Client:
                               f"the array was released or its memory reused; keep a reference (do "
                               f"not release) while it is in use")
         room = holds.words[((base - HEADER) >> 3) + 1]  # the block's size, from its header
-        dt = self._dtypes.get(handle.dtype) or self._dtype(handle.dtype)
         offset, shape = handle.offset, handle.shape
         if not base <= offset or offset + handle.nbytes > base + room or \
                 dt.itemsize * math.prod(shape) > handle.nbytes:
@@ -405,8 +408,10 @@ class Client:
         is kept; leases taken by earlier groups of 1024 are (``release`` drops them).
         """
         hs = list(handles)
-        for h in hs:
+        for h in hs:  # bad handles are refused before anything is held
             self._check_broker(h)
+            if h.dtype not in self._dtypes:
+                self._dtype(h.dtype)
         taken: list[Handle] = []
         todo = []
         try:
@@ -417,7 +422,7 @@ class Client:
                     taken.append(h)
                 else:
                     todo.append(h)
-        except StaleHandle:
+        except BaseException:
             self.release(taken)  # a stale handle refuses the lot: none of these holds is kept
             raise
         for i in range(0, len(todo), MAX_REFS):
@@ -527,7 +532,8 @@ class Client:
         (default): adaptively, at most ``SPIN_MAX`` (200 µs). A number of seconds: that long,
         every time; ``0`` sleeps at once, a long spin polls like a busy subscriber (the lowest
         latency, at the price of a core kept busy while waiting)."""
-        if spin is not None and not (math.isfinite(spin) and 0 <= spin <= 3600):
+        if spin is not None and (isinstance(spin, bool) or not isinstance(spin, (int, float))
+                                 or not (math.isfinite(spin) and 0 <= spin <= 3600)):
             raise BadRequest(f"spin must be None or seconds in [0, 3600], got {spin!r}")
         info: QueueInfo = self._request(QueueOpen(name=name, maxsize=maxsize))
         return HandleQueue(self, name, info.offset, info.maxsize, info.slot_words, spin)

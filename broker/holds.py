@@ -181,7 +181,8 @@ class ControlRegion:
 
     def naming_words(self) -> np.ndarray:
         """Every word that may name a block (the used part of each hold table, each queue's slots),
-        copied out of the shared tables at one moment."""
+        copied out of the shared tables (part by part: the fence and the second scan of
+        ``retire`` cover what changes meanwhile)."""
         tables, parts = self.tables, []
         for s, hwm in enumerate(self.slots[:, 2].tolist()):
             if hwm:
@@ -216,6 +217,7 @@ class ControlRegion:
 
 QUEUE_HEADER_WORDS = 16  # a queue block's header (queue.py), before its slots
 _NO_WORDS = np.zeros(0, dtype=np.uint64)
+_NO_WORDS.flags.writeable = False
 
 
 class Holds:

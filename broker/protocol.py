@@ -49,6 +49,7 @@ A message that omits ``v`` is read as version 1.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -160,9 +161,12 @@ class Handle(msgspec.Struct, frozen=True, array_like=True):
         return handle
 
     def check(self) -> None:
-        """What the schema cannot say: one stride per dimension (``ProtocolError`` otherwise)."""
+        """What the schema cannot say: one stride per dimension, a dtype NumPy knows and that
+        holds no pointers (``ProtocolError`` otherwise)."""
         if len(self.strides) != len(self.shape):
             raise ProtocolError(f"handle has {len(self.shape)} dimensions but {len(self.strides)} strides")
+        if not _plain_dtype(self.dtype):
+            raise ProtocolError(f"handle names dtype {self.dtype!r}, not a plain NumPy dtype")
 
     def to_bytes(self) -> bytes:
         """The handle as msgpack bytes (~100 B): for a byte channel (``Pipe.send_bytes``, a socket,
@@ -182,6 +186,17 @@ class Handle(msgspec.Struct, frozen=True, array_like=True):
 
 _handle_encoder = msgspec.msgpack.Encoder()
 _handle_decoder = msgspec.msgpack.Decoder(Handle)
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_dtype(wire: str) -> bool:
+    """Whether an array of wire dtype ``wire`` can be viewed in the arena (cached: a handle's
+    check is on the hand-off path)."""
+    try:
+        dt = storage_dtype(wire)
+    except (TypeError, ValueError):
+        return False
+    return not (dt.hasobject or dt.fields is not None or dt.subdtype is not None)
 
 
 # -- what travels inside messages ----------------------------------------------------------------

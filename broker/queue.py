@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import numpy as np
 
-from .errors import BrokerError, BrokerTimeout, StaleHandle
+from .errors import BadRequest, BrokerError, BrokerTimeout, StaleHandle
 from .holds import QUEUE_HEADER_WORDS
 from .protocol import Handle, ProtocolError
 
@@ -228,11 +228,15 @@ class HandleQueue:
         start = s * 8 + 16
         try:
             handle = Handle.from_bytes(self.bytes[start: start + n].tobytes())
-            if self.client._hold(handle) is None:  # before the slot stops protecting the block
-                self.client.get(handle)  # no free hold: a lease, taken while the slot protects it
-        except (ProtocolError, StaleHandle):
+            c = self.client
+            # before the slot stops protecting the block; a block this process holds already
+            # stays held by that one reference (one per array and process, as for get)
+            if not c.holds_handle(handle) and c._hold(handle) is None:
+                c.get(handle)  # no free hold: a lease, taken while the slot protects it
+        except (ProtocolError, StaleHandle, BadRequest):
             handle = None
-        w[s] = 0
+        finally:
+            w[s] = 0  # whatever happened, the slot names the block no more
         return handle
 
     def _wait(self, addr: int, word: int, waiting: int, seen: int, deadline: float | None,

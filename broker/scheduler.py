@@ -43,10 +43,15 @@ from .table import Obj, ObjectTable, array_nbytes
 __all__ = ["Scheduler", "SINK"]
 
 SINK = "__sink__"
-# Small items of a stage that takes one item at a time travel a few per task message (the worker
+# Small items of a stage that takes one item at a time travel several per task message (the worker
 # calls the stage on each row, reserves their outputs with one request and reports them with one
-# ``done``): up to TASK_ITEMS and TASK_BYTES per task, more for the sink (the driver).
-TASK_ITEMS, TASK_BYTES = 16, 16 << 20
+# ``done``). How many (``_rows_per_task``): as many as the stage does in about TASK_SECONDS (its
+# measured time per item; TASK_ITEMS_FIRST until it has finished a task), at most TASK_ITEMS, and
+# at most TASK_BYTES and 1/16 of the arena of input or of output (its last reported size). A slow
+# stage gets one item per task, so items spread over its workers; a fast one 16, so the broker's
+# two messages per task are paid once per 16 items. The sink (the driver) gets up to
+# SINK_TASK_ITEMS and SINK_TASK_BYTES (and 1/16 of the arena) per task.
+TASK_ITEMS, TASK_BYTES, TASK_ITEMS_FIRST, TASK_SECONDS = 16, 16 << 20, 4, 0.01
 SINK_TASK_ITEMS, SINK_TASK_BYTES = 16, 4 << 20
 KEPT_FAILURES = 10_000  # failure reports held for a driver that has not connected yet
 
@@ -113,6 +118,7 @@ class _Stage:
     copied: int = 0
     first: float = 0.0
     last: float = 0.0
+    out_bytes: int = 0  # an item's result, as the stage's workers last said (``Done.next_out``)
 
 
 @dataclass(eq=False)
@@ -335,9 +341,9 @@ class Scheduler:
         for seg in rsv.segments:
             st.reserved -= len(seg.items)
             if seg.batch is None:
+                rowbytes = seg.obj.nbytes // max(1, len(seg.items))
                 st.queue.extend(self._row_tasks(rsv.stage, seg.obj, seg.items,
-                                                SINK_TASK_ITEMS if sink else TASK_ITEMS,
-                                                SINK_TASK_BYTES if sink else TASK_BYTES))
+                                                self._rows_per_task(rsv.stage, rowbytes, sink)))
             else:
                 b = seg.batch
                 b.committed += len(seg.items)
@@ -359,12 +365,19 @@ class Scheduler:
                     seg.batch.holes.append(r)
             self.table.decref(seg.obj)
 
-    def _row_tasks(self, s: int, obj: Obj, items: list[int], per_items: int,
-                   per_bytes: int, attempts: int = 0) -> list[_Task]:
-        """Tasks for the rows of ``obj`` (one item each): a view per task, ``per_items`` rows at most."""
+    def _rows_per_task(self, s: int, rowbytes: int, sink: bool) -> int:
+        """How many one-item rows of ``rowbytes`` a task of stage ``s`` carries (see TASK_ITEMS)."""
+        room = self.table.alloc.capacity // 16
+        if sink:
+            return max(1, min(SINK_TASK_ITEMS, min(SINK_TASK_BYTES, room) // max(1, rowbytes)))
+        st = self.stages[s]
+        items = TASK_ITEMS_FIRST if not st.done or st.busy <= 0 else int(TASK_SECONDS * st.done / st.busy)
+        return max(1, min(TASK_ITEMS, items, min(TASK_BYTES, room) // max(1, rowbytes, st.out_bytes)))
+
+    def _row_tasks(self, s: int, obj: Obj, items: list[int], per: int, attempts: int = 0) -> list[_Task]:
+        """Tasks for the rows of ``obj`` (one item each): a view per task, ``per`` rows at most."""
         rowshape = obj.shape[1:]
         rowbytes = obj.nbytes // max(1, len(items))
-        per = max(1, min(per_items, per_bytes // max(1, rowbytes)))
         tasks = []
         for i in range(0, len(items), per):
             k = min(per, len(items) - i)
@@ -476,6 +489,7 @@ class Scheduler:
                 self.check_reserve(Reserve(stage=task.stage + 1, items=[0], shape=msg.next_out.shape,
                                            dtype=msg.next_out.dtype, layout=msg.next_out.layout))
                 m.next_out = msg.next_out
+                self.stages[task.stage].out_bytes = array_nbytes(msg.next_out.dtype, msg.next_out.shape)
             except BadRequest:
                 m.next_out = None
         st = self.stages[task.stage]
@@ -505,7 +519,7 @@ class Scheduler:
             self._report(Failure(stage=st.name, items=task.items, error=msg.error, trace=msg.trace,
                                  fatal=True, code="ArenaFull"))
         elif task.each:  # one of its items failed: the others go on one per task, as if never grouped
-            singles = self._row_tasks(task.stage, task.obj, task.items, 1, 1, task.attempts)
+            singles = self._row_tasks(task.stage, task.obj, task.items, 1, task.attempts)
             self._finish(m, msg.task, msg.credit, "fail")  # after the views are taken: it may free
             self.counters["split"] += 1
             for t in reversed(singles):
@@ -578,7 +592,7 @@ class Scheduler:
             task.out = 0  # cancelled with the worker's other reservations above
             parts = [task]
             if task.each:
-                parts = self._row_tasks(task.stage, task.obj, task.items, 1, 1, task.attempts)
+                parts = self._row_tasks(task.stage, task.obj, task.items, 1, task.attempts)
                 self.table.decref(task.obj)
             for t in reversed(parts):  # each goes to the front: keep the items' order
                 self._attempt_failed(st, t, error, "", code="WorkerDied", pid=m.pid)

@@ -10,11 +10,13 @@ import subprocess
 import sys
 import time
 
+import msgspec
 import numpy as np
 import pytest
 
-from broker import Client, StaleHandle
+from broker import BadRequest, BrokerError, Client, Handle, StaleHandle
 from broker.holds import GEN_BITS, fence_available
+from broker.protocol import ProtocolError
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -206,5 +208,34 @@ def test_the_scan_reads_a_copy_of_the_tables_never_the_live_memory(fresh_broker)
         bases = np.array([h.offset for h in hs], np.uint64)
         assert region.named(bases).tolist() == [True] * 5 + [False] * 3
         assert region.named(bases[:3]).tolist() == [True] * 3  # the few-blocks path
+        assert region.named(bases[3:7]).tolist() == [True, True, False, False]
         b.release(hs[:5])
         a.release(hs)
+
+
+def test_a_handle_with_a_dtype_numpy_does_not_know_is_refused_and_takes_no_hold(fresh_broker):
+    with Client(fresh_broker.endpoint) as a, Client(fresh_broker.endpoint) as b:
+        h = a.put(np.arange(16, dtype=np.float32))
+        junk = msgspec.structs.replace(h, dtype="zzz")
+        with pytest.raises(ProtocolError, match="zzz"):
+            Handle.from_bytes(junk.to_bytes())
+        assert b.holds is not None
+        free = len(b.holds.free)
+        with pytest.raises(BadRequest, match="zzz"):
+            b.get(junk)
+        with pytest.raises(BadRequest, match="zzz"):
+            b.get_many([h, junk])  # the good one's hold is let go with the refusal
+        assert len(b.holds.free) == free and not b.holds_handle(h)
+        assert b.get(h)[5] == 5.0
+        b.release(h)
+        a.release(h)
+
+
+def test_get_on_a_closed_client_says_so(fresh_broker):
+    with Client(fresh_broker.endpoint) as a:
+        h = a.put(np.ones(4))
+        b = Client(fresh_broker.endpoint)
+        b.close()
+        with pytest.raises(BrokerError, match="closed"):
+            b.get(h)
+        a.release(h)

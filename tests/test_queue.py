@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -218,20 +219,42 @@ def _cpu(pid: int) -> float:
 
 
 def test_a_fixed_spin_keeps_its_length_is_cut_by_the_timeout_and_bad_ones_are_refused(fresh_broker):
-    """``spin=S`` spins S every wait (no adapting), never past the caller's timeout; ``spin=0``
-    sleeps at once; nonsense is refused before the queue is touched."""
+    """``spin=S`` spins S every wait, unrewarded or rewarded (the adaptive spin would halve the
+    first and cut the second to SPIN_MAX); never past the caller's timeout; nonsense is refused."""
     with Client(fresh_broker.endpoint) as c:
-        for bad in (-1.0, float("nan"), float("inf"), 1e9):
+        for bad in (-1.0, float("nan"), float("inf"), 1e9, True, "0.1"):
             with pytest.raises(BadRequest, match="spin"):
-                c.queue("spun", spin=bad)
+                c.queue("spun", spin=bad)  # type: ignore[arg-type]
+        short = c.queue("spun", spin=1e-4)
+        with pytest.raises(BrokerTimeout):
+            short.get(timeout=0.05)  # spun 100 µs, then slept: unrewarded
+        assert short.spin == 1e-4
         polling = c.queue("spun", spin=30.0)  # would spin 30 s: the 0.2 s timeout ends it
         t = time.monotonic()
         with pytest.raises(BrokerTimeout):
             polling.get(timeout=0.2)
         assert time.monotonic() - t < 5 and polling.spin == 30.0
+        long = c.queue("spun", spin=0.5)
+        threading.Timer(0.01, lambda: short.put(np.arange(4))).start()
+        assert list(c.get(long.get(timeout=5))) == [0, 1, 2, 3]  # came during the spin: rewarded
+        assert long.spin == 0.5
         sleeper = c.queue("spun", spin=0.0)
         with pytest.raises(BrokerTimeout):
             sleeper.get(timeout=0.05)
         assert sleeper.spin == 0.0
-        polling.put(np.arange(4))
-        assert list(c.get(sleeper.get(timeout=5))) == [0, 1, 2, 3]
+
+
+def test_an_item_whose_array_the_receiver_holds_already_keeps_one_hold(fresh_broker):
+    with Client(fresh_broker.endpoint) as a, Client(fresh_broker.endpoint) as b:
+        q = a.queue("twice")
+        h = a.put(np.arange(8, dtype=np.int64))
+        assert b.get(h)[3] == 3  # b holds it before the queue brings it
+        q.put(h)  # a's reference travels with the item
+        bq = b.queue("twice")
+        got = bq.get(timeout=5)
+        assert got == h and b.holds_handle(h)
+        assert b.holds is not None
+        in_use = b.holds.table.tolist().count(h.block)
+        assert in_use == 1  # one hold in b's table, not two (the second would never be dropped)
+        b.release(got)
+        assert b.holds.table.tolist().count(h.block) == 0

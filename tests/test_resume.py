@@ -119,7 +119,7 @@ def test_a_second_run_into_the_same_directory_is_refused_while_the_first_runs(tm
     finally:
         if first.poll() is None:
             first.kill()
-            first.communicate()
+        first.communicate()  # reaps it and closes its pipes, whichever way the test went
     assert first.returncode == 0, err
     check_every_item_once(tmp_path / "out", 30)
 

@@ -9,8 +9,19 @@ import pytest
 
 import broker.scheduler as sched_mod
 from broker.errors import ArenaFull, BadRequest
-from broker.protocol import Done, Fail, Failure, Layout, Message, Reserve, Reserved, StageSettings, Task
-from broker.scheduler import SINK, TASK_BYTES, TASK_ITEMS, Scheduler
+from broker.protocol import (
+    Done,
+    Fail,
+    Failure,
+    Layout,
+    Message,
+    OutSpec,
+    Reserve,
+    Reserved,
+    StageSettings,
+    Task,
+)
+from broker.scheduler import SINK, TASK_BYTES, TASK_ITEMS, TASK_ITEMS_FIRST, TASK_SECONDS, Scheduler
 from broker.table import ObjectTable
 
 SRC, W0, W1, W2, DRV = 1, 10, 11, 12, 99  # client ids: the source, workers, the driver (sink)
@@ -210,23 +221,71 @@ def test_tasks_go_to_the_least_loaded_worker() -> None:
     assert len(run.tasks(W0)) == 2 and len(run.tasks(W1)) == 2
 
 
-def test_small_items_travel_a_few_per_task_and_large_ones_alone() -> None:
+def _done_all(run: Run, cid: int, busy_per_item: float, next_out: OutSpec | None = None) -> None:
+    """The worker finishes every task it was given, ``busy_per_item`` s per item (outputs to the sink)."""
+    for t in run.tasks(cid):
+        out = run.reserve(cid, 1, t.items)
+        assert out is not None
+        run.s.done(cid, Done(task=t.task, rsvs=[out.rsv], busy=busy_per_item * len(t.items), next_out=next_out))
+    run.take(Task)
+
+
+def test_small_items_travel_a_few_per_task_then_as_many_as_the_stage_does_in_its_time() -> None:
+    """First tasks carry TASK_ITEMS_FIRST rows; once the stage's time per item is known, a fast stage
+    gets up to TASK_ITEMS per task, a slow one a single item (its items spread over its workers)."""
     run = Run([{"name": "a"}], capacity=4 * TASK_BYTES)
-    run.register(W0, "a", credits=16)
-    n = TASK_ITEMS + 2  # one full task and the two left over
+    run.register(DRV, SINK, credits=1000)
+    run.register(W0, "a", credits=1000)
+    n = TASK_ITEMS_FIRST + 2  # one full first task and the two left over
     r = run.put(0, range(n))
     base = r.segments[0][0].offset
     t1, t2 = run.tasks(W0)
     assert (t1.items, t1.rows, t1.each, t1.handle.shape, t1.handle.offset) == \
-        (list(range(TASK_ITEMS)), TASK_ITEMS, True, (TASK_ITEMS, 4), base)
-    assert (t2.items, t2.rows, t2.each, t2.handle.shape, t2.handle.offset) == \
-        ([TASK_ITEMS, TASK_ITEMS + 1], 2, True, (2, 4), base + TASK_ITEMS * ROW)
-    big = TASK_BYTES // 8 + 1  # float32: more than half TASK_BYTES, so one per task
-    r = run.put(0, [10, 11], shape=(big,))
+        (list(range(TASK_ITEMS_FIRST)), TASK_ITEMS_FIRST, True, (TASK_ITEMS_FIRST, 4), base)
+    assert (t2.items, t2.rows, t2.each, t2.handle.shape) == ([n - 2, n - 1], 2, True, (2, 4))
+    for t in (t1, t2):
+        out = run.reserve(W0, 1, t.items)
+        assert out is not None
+        run.s.done(W0, Done(task=t.task, rsvs=[out.rsv], busy=1e-5 * len(t.items)))  # fast: 10 µs each
+    run.take(Task)
+    run.put(0, range(100, 100 + TASK_ITEMS + 1))
+    assert [len(t.items) for t in run.tasks(W0)] == [TASK_ITEMS, 1]
+
+    slow = Run([{"name": "a"}], capacity=4 * TASK_BYTES)
+    slow.register(DRV, SINK, credits=1000)
+    slow.register(W0, "a", credits=1000)
+    slow.put(0, range(TASK_ITEMS_FIRST))
+    _done_all(slow, W0, busy_per_item=TASK_SECONDS * 2)  # longer than a task should take
+    slow.put(0, range(10, 16))
+    assert [len(t.items) for t in slow.tasks(W0)] == [1] * 6
+
+
+def test_rows_per_task_are_bounded_by_the_input_the_known_output_and_the_arena() -> None:
+    """A stage whose results are much larger than its inputs gets fewer rows per task once its
+    workers said so, so that a task's outputs (reserved as one block) fit a small arena."""
+    cap = 16 << 20
+    run = Run([{"name": "a"}, {"name": "b"}], capacity=cap)
+    run.register(DRV, SINK, credits=1000)
+    run.register(W0, "a", credits=1000)
+    run.register(W1, "b", credits=1000)
+    row = 64 << 10
+    run.put(0, range(TASK_ITEMS_FIRST), shape=(row // 4,))
+    big = OutSpec(shape=[(1 << 20) // 4], dtype="<f4")  # 1 MiB results from 64 KiB inputs
+    for t in run.tasks(W0):
+        out = run.reserve(W0, 1, t.items, shape=big.shape)
+        assert out is not None
+        run.s.done(W0, Done(task=t.task, rsvs=[out.rsv], busy=1e-6, next_out=big))
+    run.take(Task)
+    run.put(0, range(100, 116), shape=(row // 4,))
+    got = [len(t.items) for t in run.tasks(W0)]
+    assert sum(got) == 16 and max(got) == (cap // 16) // (1 << 20)  # 1 MiB of results per task
+    big_in = TASK_BYTES // 8 + 1  # float32: more than half TASK_BYTES, so one per task
+    roomy = Run([{"name": "a"}], capacity=4 * TASK_BYTES)
+    roomy.register(W0, "a", credits=16)
+    r = roomy.put(0, [10, 11], shape=(big_in,))
     base = r.segments[0][0].offset
-    got = run.tasks(W0)
-    assert [(t.items, t.each, t.handle.shape, t.handle.offset - base) for t in got] == \
-        [([10], False, (big,), 0), ([11], False, (big,), 4 * big)]
+    assert [(t.items, t.each, t.handle.shape, t.handle.offset - base) for t in roomy.tasks(W0)] == \
+        [([10], False, (big_in,), 0), ([11], False, (big_in,), 4 * big_in)]
 
 
 def test_done_is_checked_before_it_changes_anything() -> None:
