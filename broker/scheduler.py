@@ -143,9 +143,11 @@ class _Member:
 class Scheduler:
     """Stage queues and the tasks in flight of one broker's pipeline."""
 
-    def __init__(self, table: ObjectTable, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, table: ObjectTable, clock: Callable[[], float] = time.monotonic,
+                 waiting: Callable[[], int] = lambda: 0) -> None:
         self.table = table
         self.clock = clock
+        self.waiting = waiting  # how many requests the server holds until there is room
         self.stages: list[_Stage] = []
         self.members: dict[int, _Member] = {}
         self.max_inflight = 0
@@ -452,7 +454,14 @@ class Scheduler:
         task), reserved now and sent with the task; None if unknown or no room (the worker
         then reserves them itself, and waits for room)."""
         spec = m.next_out
-        if spec is None or s + 1 >= len(self.stages):
+        if spec is None or s + 1 >= len(self.stages) or self.waiting():
+            return None  # nothing known, nothing to reserve, or room is wanted by a request waiting
+        # This worker's tasks that came without their slots will reserve them: reserving for a
+        # later task first could take the room they wait for, while that task waits for them.
+        item = array_nbytes(spec.dtype, spec.shape)
+        owed = sum(len(t.items) for t in m.tasks.values() if not t.out and t.stage == s) - len(items)
+        alloc = self.table.alloc
+        if owed > 0 and alloc.capacity - alloc.used < (owed + len(items)) * item:
             return None
         msg = Reserve(stage=s + 1, items=items, shape=spec.shape, dtype=spec.dtype, layout=spec.layout)
         try:

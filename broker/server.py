@@ -190,7 +190,7 @@ class BrokerServer:
         # holds in shared memory need the heavy barrier; without it clients take leases by message
         self.table = ObjectTable(self.region.capacity, self.token,
                                  buffer=self.region.buffer if fence_available() else None)
-        self.scheduler = Scheduler(self.table)
+        self.scheduler = Scheduler(self.table, waiting=lambda: self.waiting.count)
         self.sessions: dict[int, Session] = {}
         self.queues: dict[str, tuple[int, int]] = {}  # name -> (offset, maxsize); kept while the broker lives
         self.address = np.frombuffer(self.region.buffer, dtype=np.uint8).ctypes.data

@@ -918,3 +918,53 @@ def test_stats_reflect_queues_inflight_done_and_failed() -> None:
     assert (b["name"], b["batch"], b["queue"], b["inflight"], b["workers"]) == ("b", 8, 0, 0, [])
     assert sink["name"] == SINK and sink["done"] == 0
     assert run.s.batches_open  # the row waits in an open batch of "b"
+
+
+def test_slots_are_reserved_ahead_only_when_that_takes_no_room_others_wait_for() -> None:
+    """A task goes out with its output slots reserved (``Task.out``) once its worker has said what
+    its results need; but not while a request waits for room, nor when the slots would take the
+    room that another task of the same worker, sent without slots, has yet to reserve (that task
+    would then wait for memory held for a task queued behind it: a 16 MiB pipeline stopped so)."""
+    item = 10 << 20
+    waiting = [0]
+    table = ObjectTable(32 << 20, "tok", clock=FakeClock())
+    s = Scheduler(table, clock=FakeClock(), waiting=lambda: waiting[0])
+    s.configure([StageSettings(name="a")], 0)
+    s.register(DRV, 1, "drv", SINK, 100, "host", False)
+    s.register(W0, 2, "w0", "a", 2, "cpu", False)
+    out = OutSpec(shape=[item // 4], dtype="<f4")
+
+    def put(i: int) -> None:
+        r = s.reserve(SRC, Reserve(stage=0, items=[i], shape=[16], dtype="<f4"))
+        assert r is not None
+        s.commit(SRC, r.rsv)
+
+    def sent(cid: int) -> list[Task]:
+        got = [m for c, m in s.outbox if c == cid and isinstance(m, Task)]
+        s.outbox = [(c, m) for c, m in s.outbox if not (c == cid and isinstance(m, Task))]
+        return got
+
+    put(0)
+    (t0,) = sent(W0)
+    assert t0.out is None  # nothing known yet
+    r0 = s.reserve(W0, Reserve(stage=1, items=[0], shape=out.shape, dtype="<f4"))
+    assert r0 is not None
+    s.done(W0, Done(task=t0.task, rsvs=[r0.rsv], busy=1.0, next_out=out))  # slow: one item per task
+    put(1)
+    (t1,) = sent(W0)
+    assert t1.out is not None  # room: its slots go with it
+    (sink0,) = sent(DRV)
+    s.done(DRV, Done(task=sink0.task))  # the sink lets t0's results go
+    waiting[0] = 1
+    put(2)
+    (t2,) = sent(W0)
+    assert t2.out is None  # a request waits for room: nothing is taken ahead of it
+    waiting[0] = 0
+    s.done(W0, Done(task=t1.task, rsvs=[t1.out.rsv], busy=1.0, next_out=out))  # t1's 10 MiB at the sink
+    hog = table.new(3 << 20, "|u1", (3 << 20,))
+    assert hog is not None  # 19 MiB free: room for one task's slots, not for t2's and t3's
+    put(3)
+    (t3,) = sent(W0)
+    assert t3.out is None  # t2 still has to reserve its 10 MiB
+    r2 = s.reserve(W0, Reserve(stage=1, items=[2], shape=out.shape, dtype="<f4"))
+    assert r2 is not None  # and gets them: nothing waits on a task queued behind it
