@@ -89,19 +89,6 @@ HOLD = 2  # by a hold in its table in shared memory (the third item: the entry's
 _Spec = tuple[str, np.dtype, tuple[int, ...], int, tuple[int, ...], int]
 
 
-def _torch() -> Any:
-    """torch, imported on first use (the store never imports it otherwise)."""
-    global _TORCH
-    if _TORCH is None:
-        import torch
-
-        _TORCH = torch
-    return _TORCH
-
-
-_TORCH: Any = None
-
-
 def _finite(seconds: float) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise BadRequest(f"timeout must be a finite number of seconds >= 0, got {seconds!r}")
@@ -454,9 +441,10 @@ class Client:
     def tensor(self, handle: Handle) -> torch.Tensor:
         """``torch.from_numpy(get(handle))``: zero-copy and writable (bfloat16 viewed as such).
 
-        The one place the client touches torch (imported on its first call, by ``_torch``).
+        The one place the client touches torch, imported here and only here.
         """
-        torch = _torch()
+        import torch
+
         t = torch.from_numpy(self.get(handle))
         return t.view(torch.bfloat16) if handle.dtype == BFLOAT16 else t
 

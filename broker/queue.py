@@ -43,7 +43,7 @@ import ctypes
 import errno
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 import numpy as np
@@ -51,9 +51,6 @@ import numpy as np
 from .errors import BadRequest, BrokerError, BrokerTimeout, StaleHandle
 from .holds import QUEUE_HEADER_WORDS
 from .protocol import Handle, ProtocolError
-
-if TYPE_CHECKING:
-    from .client import Client
 
 __all__ = ["HandleQueue", "init_queue", "SLOT_WORDS"]
 
@@ -103,10 +100,24 @@ def init_queue(words: np.ndarray, address: int, offset: int, maxsize: int) -> No
     words[first] = MAGIC
 
 
+class Owner(Protocol):
+    """What a queue needs of the client it belongs to (``client.Client``; declared here so the
+    queue does not import the client that makes queues)."""
+
+    conn: Any
+
+    def _check_broker(self, handle: Handle) -> None: ...
+    def _hold(self, handle: Handle) -> np.ndarray | None: ...
+    def holds_handle(self, handle: Handle) -> bool: ...
+    def get(self, handle: Handle) -> np.ndarray: ...
+    def put(self, array: Any, timeout: float | None = None) -> Handle: ...
+    def release(self, handles: Any) -> None: ...
+
+
 class HandleQueue:
     """One process's use of a named queue; get it from ``Client.queue``."""
 
-    def __init__(self, client: Client, name: str, offset: int, maxsize: int, slot_words: int,
+    def __init__(self, client: Owner, name: str, offset: int, maxsize: int, slot_words: int,
                  spin: float | None = None) -> None:
         region = client.conn.region
         assert region is not None

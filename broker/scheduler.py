@@ -51,7 +51,7 @@ SINK = "__sink__"
 # stage gets one item per task, so items spread over its workers; a fast one 16, so the broker's
 # two messages per task are paid once per 16 items. The sink (the driver) gets up to
 # SINK_TASK_ITEMS and SINK_TASK_BYTES (and 1/16 of the arena) per task.
-TASK_ITEMS, TASK_BYTES, TASK_ITEMS_FIRST, TASK_SECONDS = 16, 16 << 20, 4, 0.01
+TASK_ITEMS, TASK_BYTES, TASK_ITEMS_FIRST, TASK_SECONDS = 16, 16 << 20, 4, 0.02
 SINK_TASK_ITEMS, SINK_TASK_BYTES = 16, 4 << 20
 KEPT_FAILURES = 10_000  # failure reports held for a driver that has not connected yet
 
@@ -147,7 +147,7 @@ class Scheduler:
                  waiting: Callable[[], int] = lambda: 0) -> None:
         self.table = table
         self.clock = clock
-        self.waiting = waiting  # how many requests the server holds until there is room
+        self.waiting = waiting  # how many workers' reservations the server holds until there is room
         self.stages: list[_Stage] = []
         self.members: dict[int, _Member] = {}
         self.max_inflight = 0
@@ -455,7 +455,7 @@ class Scheduler:
         then reserves them itself, and waits for room)."""
         spec = m.next_out
         if spec is None or s + 1 >= len(self.stages) or self.waiting():
-            return None  # nothing known, nothing to reserve, or room is wanted by a request waiting
+            return None  # nothing known, nothing to reserve, or a worker waits for room to write
         # This worker's tasks that came without their slots will reserve them: reserving for a
         # later task first could take the room they wait for, while that task waits for them.
         item = array_nbytes(spec.dtype, spec.shape)

@@ -134,6 +134,10 @@ class Waiting:
         self.queues: dict[int, collections.deque[Parked]] = {}
         self.count = 0
 
+    def downstream(self) -> int:
+        """Parked reservations of a stage after the first (workers waiting to write results)."""
+        return sum(len(q) for priority, q in self.queues.items() if priority <= -2)
+
     def add(self, priority: int, parked: Parked) -> None:
         self.queues.setdefault(priority, collections.deque()).append(parked)
         self.count += 1
@@ -190,7 +194,7 @@ class BrokerServer:
         # holds in shared memory need the heavy barrier; without it clients take leases by message
         self.table = ObjectTable(self.region.capacity, self.token,
                                  buffer=self.region.buffer if fence_available() else None)
-        self.scheduler = Scheduler(self.table, waiting=lambda: self.waiting.count)
+        self.scheduler = Scheduler(self.table, waiting=lambda: self.waiting.downstream())
         self.sessions: dict[int, Session] = {}
         self.queues: dict[str, tuple[int, int]] = {}  # name -> (offset, maxsize); kept while the broker lives
         self.address = np.frombuffer(self.region.buffer, dtype=np.uint8).ctypes.data

@@ -254,35 +254,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
                        cfg.broker.curve.client_args() if cfg.broker.curve else None)
 
 
-def render_status(st: dict[str, Any]) -> Any:
-    from rich.console import Group
-    from rich.table import Table
-
-    head = Table(title=f"broker pid {st['pid']} up {st['uptime']:.0f} s ({st['memfd']})")
-    for col in ("capacity", "used", "peak", "objects", "clients", "in flight", "pending"):
-        head.add_column(col, justify="right")
-    head.add_row(format_bytes(st["capacity"]), format_bytes(st["used"]), format_bytes(st["peak"]),
-                 str(st["objects"]), str(st["clients"]), str(st["inflight_items"]), str(st["pending"]))
-    stages = Table(title="stages")
-    for col in ("stage", "batch", "queue", "in flight", "done", "failed", "items/s", "workers"):
-        stages.add_column(col, justify="left" if col == "stage" else "right")
-    workers = Table(title="workers")
-    for col in ("stage", "pid", "device", "pinned", "done", "busy %"):
-        workers.add_column(col, justify="left" if col in ("stage", "device", "pinned") else "right")
-    for s in st["stages"]:
-        stages.add_row(s["name"], str(s["batch"] or "-"), str(s["queue"]), str(s["inflight"]),
-                       str(s["done"]), str(s["failed"]), f"{s['rate']:.1f}", str(len(s["workers"])))
-        for w in s["workers"]:
-            pinned = "yes" if w["pinned"] else ("NO" if w["device"].startswith("cuda") else "-")
-            workers.add_row(s["name"], str(w["pid"]), w["device"], pinned, str(w["done"]),
-                            f"{100 * w['busy']:.0f}")
-    return Group(head, stages, workers)
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from broker.client import Client
+
+    from .summary import render_status
 
     console = Console()
     if args.cluster or not args.endpoint:

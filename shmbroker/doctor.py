@@ -1,4 +1,4 @@
-"""Preflight checks of the host against a pipeline config, each with the exact fix (``shmbroker doctor``)."""
+"""Preflight checks of the host (or of a cluster's nodes) against a pipeline config, each with the exact fix (``shmbroker doctor``)."""
 
 from __future__ import annotations
 
@@ -133,8 +133,6 @@ def run_checks(cfg: PipelineConfig | None, require_gpu: bool = False, cluster: b
     """The checks of this host against ``cfg``; with a ``cluster:`` block, of the cluster's nodes
     instead (``cluster``: connect to Ray to check them; ``run`` leaves that to its start)."""
     if cfg is not None and cfg.cluster is not None:
-        from .cluster.status import cluster_checks
-
         return [_nofile(cfg), _rundir(), *(cluster_checks(cfg, require_gpu) if cluster else [])]
     return [_memory(cfg), _nofile(cfg), _rundir(), *_gpus(cfg, require_gpu), _endpoint(cfg), _devshm()]
 
@@ -150,3 +148,46 @@ def render(checks: list[Check]) -> Any:
     for c in checks:
         t.add_row(escape(c.name), f"[{colour[c.status]}]{c.status}[/]", escape(c.detail), escape(c.fix))
     return t
+
+
+def cluster_checks(cfg: PipelineConfig, require_gpu: bool = False) -> list[Check]:
+    """``doctor``'s checks of a cluster config: Ray installed and reachable, each node's part."""
+    from .cluster import import_ray
+    from .cluster.plan import NodeInfo, plan_cluster
+
+    assert cfg.cluster is not None
+    try:
+        ray = import_ray()
+    except ConfigError as e:
+        return [Check("ray", "fail", str(e).split(";")[0], "pip install 'shmbroker[ray]'")]
+    checks = [Check("ray", "ok", f"Ray {ray.__version__} installed")]
+    owned = not ray.is_initialized()
+    try:
+        if owned:
+            ray.init(address=cfg.cluster.address, configure_logging=False, logging_level="ERROR",
+                     log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        return [*checks, Check("ray cluster", "fail", f"{cfg.cluster.address}: {e}",
+                               "start the cluster (ray start --head; docs/cluster.md) or fix cluster.address")]
+    try:
+        nodes = [NodeInfo.from_ray(n) for n in ray.nodes() if n.get("Alive")]
+        checks.append(Check("ray cluster", "ok", f"{cfg.cluster.address}: {len(nodes)} live node(s)"))
+        cap = int(cfg.broker.capacity)
+        for n in nodes:
+            status = "ok" if cap <= n.memory else "fail"
+            checks.append(Check(f"node {n.short} memory", status,
+                                f"{n.address}: arena {format_bytes(cap)} of {format_bytes(n.memory)} "
+                                f"(Ray's memory resource); {n.cpus:g} CPU, {n.gpus} GPU",
+                                "" if status == "ok" else "lower broker.capacity or give the node more memory"))
+        notes: list[str] = []
+        try:
+            plans = plan_cluster(cfg, nodes, require_gpu, warn=notes.append)
+            checks.append(Check("placement", "warn" if notes else "ok", "; ".join(
+                [f"{p.node.short}: {', '.join(cfg.stages[s].name for s in p.stages)}" for p in plans] + notes),
+                "install a CUDA build of torch / start nodes with GPUs, or set device: cpu" if notes else ""))
+        except ConfigError as e:
+            checks.append(Check("placement", "fail", str(e), "see the detail"))
+        return checks
+    finally:
+        if owned:
+            ray.shutdown()

@@ -1,4 +1,4 @@
-"""What ``shmbroker status`` and ``shmbroker doctor`` show of a cluster.
+"""What ``shmbroker status`` shows of a cluster (``doctor``'s cluster checks are in ``shmbroker.doctor``).
 
 A cluster run's driver writes ``cluster.<pid>.json`` into the runtime base
 directory (``broker.rundir.base_dir()``) while it runs: the Ray address and
@@ -17,13 +17,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from broker.errors import BrokerError, ConfigError, format_bytes
+from broker.errors import BrokerError
 from broker.rundir import base_dir
 
 from . import import_ray
 
-__all__ = ["NAMESPACE", "write_run_file", "remove_run_file", "stale_run_files", "live_run", "cluster_stats", "render_cluster",
-           "cluster_checks"]
+__all__ = ["NAMESPACE", "write_run_file", "remove_run_file", "stale_run_files", "live_run", "cluster_stats", "render_cluster"]
 
 NAMESPACE = "shmbroker"  # the Ray namespace of the node agents (named actors)
 AGENT_PREFIX = "shmbroker-agent:"
@@ -117,11 +116,11 @@ def cluster_stats(address: str | None, agents: list[str] | None = None) -> list[
 
 
 def render_cluster(nodes: list[dict[str, Any]]) -> Any:
-    """One block per node: its arena, stages and workers (``cli.render_status``'s tables)."""
+    """One block per node: its arena, stages and workers (``summary.render_status``'s tables)."""
     from rich.console import Group
     from rich.table import Table
 
-    from ..cli import render_status
+    from ..summary import render_status
 
     parts: list[Any] = []
     for st in nodes:
@@ -135,47 +134,3 @@ def render_cluster(nodes: list[dict[str, Any]]) -> Any:
                      f"{st['broker_pid']}): stages {', '.join(st['stages'])}")
         parts.append(render_status(st["broker"]))
     return Group(*parts)
-
-
-# -- doctor ------------------------------------------------------------------------------------------
-def cluster_checks(cfg: Any, require_gpu: bool = False) -> list[Any]:
-    """``doctor``'s checks of a cluster config: Ray installed and reachable, each node's part."""
-    from ..doctor import Check
-    from .plan import NodeInfo, plan_cluster
-
-    assert cfg.cluster is not None
-    try:
-        ray = import_ray()
-    except ConfigError as e:
-        return [Check("ray", "fail", str(e).split(";")[0], "pip install 'shmbroker[ray]'")]
-    checks = [Check("ray", "ok", f"Ray {ray.__version__} installed")]
-    owned = not ray.is_initialized()
-    try:
-        if owned:
-            ray.init(address=cfg.cluster.address, configure_logging=False, logging_level="ERROR",
-                     log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        return [*checks, Check("ray cluster", "fail", f"{cfg.cluster.address}: {e}",
-                               "start the cluster (ray start --head; docs/cluster.md) or fix cluster.address")]
-    try:
-        nodes = [NodeInfo.from_ray(n) for n in ray.nodes() if n.get("Alive")]
-        checks.append(Check("ray cluster", "ok", f"{cfg.cluster.address}: {len(nodes)} live node(s)"))
-        cap = int(cfg.broker.capacity)
-        for n in nodes:
-            status = "ok" if cap <= n.memory else "fail"
-            checks.append(Check(f"node {n.short} memory", status,
-                                f"{n.address}: arena {format_bytes(cap)} of {format_bytes(n.memory)} "
-                                f"(Ray's memory resource); {n.cpus:g} CPU, {n.gpus} GPU",
-                                "" if status == "ok" else "lower broker.capacity or give the node more memory"))
-        notes: list[str] = []
-        try:
-            plans = plan_cluster(cfg, nodes, require_gpu, warn=notes.append)
-            checks.append(Check("placement", "warn" if notes else "ok", "; ".join(
-                [f"{p.node.short}: {', '.join(cfg.stages[s].name for s in p.stages)}" for p in plans] + notes),
-                "install a CUDA build of torch / start nodes with GPUs, or set device: cpu" if notes else ""))
-        except ConfigError as e:
-            checks.append(Check("placement", "fail", str(e), "see the detail"))
-        return checks
-    finally:
-        if owned:
-            ray.shutdown()
