@@ -576,12 +576,13 @@ class Client:
             out.extend(slot[r] for r in range(n))
         return out
 
-    def commit(self, reserved: Reserved | int, *, wait: bool = False) -> None:
+    def commit(self, reserved: Reserved | int, *, wait: bool = False, defer: bool = False) -> None:
         """The reservation's items are written: they become tasks of its stage. Not answered
         (a refusal is raised by this client's next request); ``wait=True`` pings after it, so it
-        is in the broker, and any refusal raised, when this returns."""
+        is in the broker, and any refusal raised, when this returns. ``defer=True``: it goes
+        with this client's next message to the broker, or before it next waits for one."""
         rsv = reserved if isinstance(reserved, int) else reserved.rsv
-        self._notify(Commit(rsv=rsv), wait)
+        self._notify(Commit(rsv=rsv), wait, defer)
 
     def cancel(self, reserved: Reserved | int, *, wait: bool = False) -> None:
         """Give a reservation back unwritten (not answered, as ``commit``)."""
@@ -597,14 +598,16 @@ class Client:
         return [unpack(view[r], task.layout) for r in rows]
 
     def done(self, task: Task | int, rsvs: Sequence[int] = (), *, busy: float = 0.0, copied: int = 0,
-             credit: int = 1, wait: bool = False, next_out: OutSpec | None = None) -> None:
+             credit: int = 1, wait: bool = False, next_out: OutSpec | None = None,
+             defer: bool = False) -> None:
         """A task is finished, its outputs in reservations ``rsvs``. Not answered: the broker
         handles it before anything this client sends next (``wait=True`` pings after it).
         ``next_out``: the slot each item of the next task will likely need; the broker then
-        sends that task with its output slots reserved (``Task.out``)."""
+        sends that task with its output slots reserved (``Task.out``). ``defer``: as for
+        ``commit``."""
         tid = task if isinstance(task, int) else task.task
         self._notify(Done(task=tid, rsvs=list(rsvs), credit=credit, busy=busy, copied=copied,
-                          next_out=next_out), wait)
+                          next_out=next_out), wait, defer)
 
     def fail(self, task: Task | int, error: str, trace: str = "", *, item: int | None = None,
              arena: bool = False, credit: int = 1) -> None:
@@ -622,11 +625,16 @@ class Client:
         after ``timeout`` s."""
         return self.conn.next_message(timeout)
 
-    def _notify(self, msg: Message, wait: bool) -> None:
+    def _notify(self, msg: Message, wait: bool, defer: bool = False) -> None:
         self.conn.raise_late()
-        self.conn.notify(msg)
+        self.conn.notify(msg, defer=defer and not wait)
         if wait:
             self.ping()
+
+    def flush(self) -> None:
+        """Send the messages deferred with ``defer=True`` now (they go anyway with this client's
+        next message, or before it waits for the broker)."""
+        self.conn.flush()
 
     # -- lifetime -----------------------------------------------------------------------------------
     def close(self) -> None:

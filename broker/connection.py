@@ -64,6 +64,7 @@ class Connection:
         self._unix: socket.socket | None = None  # set once requests travel over ``_alive``
         self._frames = FrameReader()
         self._received: collections.deque[bytes] = collections.deque()
+        self._deferred: list[bytes] = []  # frames of no-reply messages that go with the next write
         self._upoll = select.poll()
         self.region: SharedRegion | None = None
         self._finalizer = weakref.finalize(self, _close_sockets, self._sock, self._ctx)
@@ -119,14 +120,30 @@ class Connection:
         self._send(encode(msg))
         return self._rid
 
-    def notify(self, msg: Message) -> None:
+    def notify(self, msg: Message, defer: bool = False) -> None:
         """Send a message that gets no reply (``drop``, ``grant``, ``claim``).
 
         If the broker refuses it, the refusal arrives as a ``late`` error while
         this client waits for a later reply, and the request after that raises
         it (the answer being waited for is not lost).
+
+        ``defer``: over the Unix connection, the message goes out with this
+        connection's next write (a request, another message) or before it next
+        waits for the broker, whichever comes first (``flush``), in the order
+        sent: one write and one wake-up of the broker for several messages.
         """
+        if defer and self._unix is not None:
+            self.check_process()
+            self._deferred.append(frame(encode(msg)))
+            return
         self._send(encode(msg))
+
+    def flush(self) -> None:
+        """Write the deferred messages now."""
+        if self._deferred:
+            data = b"".join(self._deferred)
+            self._deferred.clear()
+            self._write(data)
 
     def raise_late(self) -> None:
         if self._late:
@@ -153,7 +170,11 @@ class Connection:
     def _send(self, payload: bytes) -> None:
         self.check_process()
         if self._unix is not None:
-            self._write(frame(payload))
+            if self._deferred:
+                self._deferred.append(frame(payload))
+                self.flush()
+            else:
+                self._write(frame(payload))
         else:
             self._sock.send(payload)
 
@@ -194,6 +215,7 @@ class Connection:
         """The next message from the broker, or None after ``timeout`` seconds."""
         self.check_process()
         if self._unix is not None:
+            self.flush()  # nothing deferred waits while this client does
             if not self._received and not self._read_unix():
                 if not self._upoll.poll(None if timeout is None else max(0.0, timeout) * 1000):
                     return None
@@ -253,6 +275,11 @@ class Connection:
 
     # -- lifetime ---------------------------------------------------------------------------------
     def close(self) -> None:
+        if self._deferred and self._unix is not None:
+            try:
+                self.flush()
+            except BrokerError:  # the broker is gone: what was deferred is moot
+                self._deferred.clear()
         if self._alive is not None:
             self._alive.close()
             self._alive = None

@@ -102,7 +102,12 @@ __all__ = ["BrokerServer", "run_broker", "main", "DEFAULT_WAIT"]
 log = logging.getLogger("shmbroker.broker")
 
 DEFAULT_WAIT = 60.0  # seconds a request may wait for arena space when it names no timeout
-RECLAIM_BATCH = 64  # retiring blocks that make the broker look for holds at once (else at its tick)
+# Released blocks are freed in batches (``ObjectTable.reclaim``: two scans of the hold tables
+# and a membarrier, 20-40 us here, about a fifth of the broker's CPU in a 4 KiB pipeline when
+# it ran at every loop turn): once RECLAIM_BLOCKS of them wait, once the oldest has waited
+# RECLAIM_AFTER s, or at once while a request waits for memory. Soon enough that allocations
+# still land on blocks the processes have touched (a block new to a process costs page faults).
+RECLAIM_BLOCKS, RECLAIM_AFTER = 8, 0.002
 
 
 @dataclass(eq=False, slots=True)
@@ -254,9 +259,7 @@ class BrokerServer:
         if answer is not None:
             self.reply(peer, answer)
         self.flush_outbox()
-        retiring = len(self.table.retiring)
-        if retiring >= RECLAIM_BATCH or (retiring and self.waiting.count):
-            self.table.reclaim()
+        self.maybe_reclaim()
         if self.waiting.count and (self.table.alloc.used < used or
                                    self.scheduler.inflight_items < inflight):
             self.retry_waiting()  # memory was freed, or the source's gate opened
@@ -320,11 +323,33 @@ class BrokerServer:
         if self.waiting.count:
             self.retry_waiting()
 
+    def maybe_reclaim(self, now: float | None = None) -> int:
+        """Free released blocks if enough wait, the oldest waited long enough, or memory is
+        waited for (RECLAIM_BLOCKS); returns how many were freed."""
+        table = self.table
+        if not table.retiring:
+            return 0
+        if len(table.retiring) >= RECLAIM_BLOCKS or self._memory_waited() or \
+                (now if now is not None else time.monotonic()) - table.retiring_since >= RECLAIM_AFTER:
+            return table.reclaim()
+        return 0
+
+    def _memory_waited(self) -> bool:
+        """Whether a parked request waits for memory (the source's reservation held back by
+        ``max_inflight`` waits for items to leave, which freeing blocks does not bring)."""
+        if not self.waiting.count:
+            return False
+        gated = self.scheduler.inflight_gated
+        return any(not (isinstance(p.msg, Reserve) and gated(p.msg))
+                   for q in self.waiting.queues.values() for p in q)
+
     # -- waiting for space ------------------------------------------------------------------------
     def park(self, session: Session, msg: Any, priority: int, attempt: Callable[[], Message | None],
-             error: Callable[[], ArenaFull]) -> Message | None:
-        """Answer now if freeing the retiring blocks makes room; else wait for room."""
-        if self.table.reclaim():
+             error: Callable[[], ArenaFull], memory: bool = True) -> Message | None:
+        """Answer now if freeing the retiring blocks makes room; else wait for room.
+        ``memory=False``: the request waits for something else (the source's ``max_inflight``),
+        which freeing blocks does not bring."""
+        if memory and self.table.reclaim():
             answer = attempt()
             if answer is not None:
                 return answer
@@ -461,7 +486,8 @@ class BrokerServer:
         answer: Message | None = self.scheduler.reserve(s.cid, msg)
         if answer is None:
             answer = self.park(s, msg, -msg.stage - 1, lambda: self.scheduler.reserve(s.cid, msg),
-                               lambda: self.scheduler.full_error(msg))
+                               lambda: self.scheduler.full_error(msg),
+                               memory=not self.scheduler.inflight_gated(msg))
         return answer
 
     def commit(self, s: Session, msg: Commit) -> None:
@@ -503,7 +529,7 @@ class BrokerServer:
         due = self.table.next_deadline
         if due is not None and due <= now:
             self.table.expire(now)
-        if self.table.retiring and self.table.reclaim() and self.waiting.count:
+        if self.maybe_reclaim(now) and self.waiting.count:
             self.retry_waiting()
         if self.scheduler.batches_open:
             self.scheduler.tick(now)

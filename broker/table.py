@@ -95,6 +95,7 @@ class ObjectTable:
         self.region: ControlRegion | None = None
         self.lead = 0  # bytes of header before every block's data
         self.retiring: list[Block] = []  # blocks without references, not yet known to be unheld
+        self.retiring_since = 0.0  # when the oldest of them was released (time.monotonic)
         self.slots: dict[int, int] = {}  # client id -> its hold table in the control region
         if buffer is not None:
             layout = ControlLayout.for_capacity(self.alloc.capacity)
@@ -165,6 +166,8 @@ class ObjectTable:
         if self.region is None:
             self.alloc.free(obj.block)
         else:
+            if not self.retiring:
+                self.retiring_since = time.monotonic()
             self.retiring.append(obj.block)  # freed by reclaim once no hold names it
         return True
 
@@ -182,6 +185,8 @@ class ObjectTable:
             else:
                 keep.append(block)
         freed = len(self.retiring) - len(keep)
+        if keep:  # still held: looked at again in a while, not at once
+            self.retiring_since = time.monotonic()
         self.retiring = keep
         return freed
 

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import secrets
+import select
 import socket
 import time
 from dataclasses import dataclass, field
@@ -97,9 +98,16 @@ class Transport:
         os.chmod(self.fd_path, 0o600)
         self.listener.listen(128)
         self.listener.setblocking(False)
-        self.poller = zmq.Poller()
-        self.poller.register(self.router, zmq.POLLIN)
-        self.poller.register(self.listener.fileno(), zmq.POLLIN)
+        # epoll, not zmq.Poller: one epoll_wait per wait (zmq_poll polls once without waiting
+        # first, and rebuilds its item array at every call). Ping, median of 5 A/B pairs on the
+        # 2-core VM (2026-12-04): the broker's CPU 50 -> 47 us per round trip, rtt 91 -> 78 us.
+        # The ROUTER is watched through its ZMQ_FD, which only says "look at ZMQ_EVENTS": the
+        # loop checks ZMQ_EVENTS at every turn (``poll``), so nothing waits behind it.
+        self.epoll = select.epoll()
+        self.router_fd = int(self.router.getsockopt(zmq.FD))
+        self.epoll.register(self.router_fd, select.EPOLLIN)
+        self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+        self._watched: set[int] = {self.router_fd, self.listener.fileno()}
         self.links: dict[bytes, Link] = {}  # by ZeroMQ identity
         self._by_fd: dict[int, Link] = {}
         self._unkeyed: dict[int, tuple[socket.socket, float]] = {}
@@ -119,7 +127,7 @@ class Transport:
             del self.links[link.identity]
         if link.sock is not None:
             self._by_fd.pop(link.sock.fileno(), None)
-            self.poller.unregister(link.sock.fileno())
+            self._unwatch(link.sock.fileno())
             link.sock.close()
 
     # -- sending ----------------------------------------------------------------------------------
@@ -151,7 +159,7 @@ class Transport:
             if n == len(data):
                 return
             data = data[n:]
-            self.poller.register(link.sock.fileno(), zmq.POLLIN | zmq.POLLOUT)
+            self._watch(link.sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
         link.backlog += data
         if len(link.backlog) > MAX_BACKLOG:
             link.dead = f"it stopped reading ({format_bytes(len(link.backlog))} of messages queued)"
@@ -167,24 +175,39 @@ class Transport:
             return
         del link.backlog[:n]
         if not link.backlog:
-            self.poller.register(link.sock.fileno(), zmq.POLLIN)
+            self._watch(link.sock.fileno(), select.EPOLLIN)
+
+    def _watch(self, fd: int, events: int) -> None:
+        if fd in self._watched:
+            self.epoll.modify(fd, events)
+        else:
+            self.epoll.register(fd, events)
+            self._watched.add(fd)
+
+    def _unwatch(self, fd: int) -> None:
+        if fd in self._watched:
+            self._watched.discard(fd)
+            self.epoll.unregister(fd)
 
     # -- receiving --------------------------------------------------------------------------------
     def poll(self, timeout_ms: int) -> None:
         """Wait up to ``timeout_ms`` for traffic; hand every payload and close to the server."""
-        for sock, ev in self.poller.poll(timeout_ms):
-            if sock is self.router:
-                self._drain_router()
-            elif sock == self.listener.fileno():
+        router_ready = bool(int(self.router.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+        for fd, ev in self.epoll.poll(0 if router_ready else timeout_ms / 1000):
+            if fd == self.router_fd:
+                continue  # ZMQ_EVENTS says what it holds, below
+            if fd == self.listener.fileno():
                 self._accept()
-            elif sock in self._unkeyed:
-                self._handshake(sock)
+            elif fd in self._unkeyed:
+                self._handshake(fd)
             else:
-                link = self._by_fd.get(sock)
-                if link is not None and ev & zmq.POLLOUT and link.backlog:
+                link = self._by_fd.get(fd)
+                if link is not None and ev & select.EPOLLOUT and link.backlog:
                     self._flush(link)
-                if link is not None and ev & (zmq.POLLIN | zmq.POLLERR):
+                if link is not None and ev & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
                     self._read(link)
+        while int(self.router.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self._drain_router()
         now = time.monotonic()
         if self._unkeyed:
             self._expire_unkeyed(now)
@@ -216,11 +239,11 @@ class Transport:
             return
         sock.setblocking(False)
         self._unkeyed[sock.fileno()] = (sock, time.monotonic() + HANDSHAKE_TIMEOUT)
-        self.poller.register(sock.fileno(), zmq.POLLIN)
+        self._watch(sock.fileno(), select.EPOLLIN)
 
     def _handshake(self, fd: int) -> None:
         sock, _deadline = self._unkeyed.pop(fd)
-        self.poller.unregister(fd)
+        self._unwatch(fd)
         try:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             _pid, uid, _gid = np.frombuffer(creds, dtype=np.int32)
@@ -239,13 +262,13 @@ class Transport:
         link.sock = sock
         link.unix = mode == "unix"
         self._by_fd[sock.fileno()] = link
-        self.poller.register(sock.fileno(), zmq.POLLIN)
+        self._watch(sock.fileno(), select.EPOLLIN)
 
     def _expire_unkeyed(self, now: float) -> None:
         for fd, (sock, deadline) in list(self._unkeyed.items()):
             if now > deadline:
                 del self._unkeyed[fd]
-                self.poller.unregister(fd)
+                self._unwatch(fd)
                 sock.close()
                 log.warning("closed a descriptor request that sent no key within %.0f s",
                             HANDSHAKE_TIMEOUT)
@@ -282,6 +305,7 @@ class Transport:
                 link.sock.close()
         for sock, _ in self._unkeyed.values():
             sock.close()
+        self.epoll.close()
         self.listener.close()
         self.router.close(0)
         self.pub.close(0)

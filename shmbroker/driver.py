@@ -43,6 +43,7 @@ from broker.errors import (
 )
 from broker.process import Broker
 from broker.protocol import Error, Failure, Reserved, Task
+from broker.scheduler import TASK_ARENA_PART
 
 from .config import NpySink, PipelineConfig, load_config
 from .io import make_sink, source_items
@@ -228,12 +229,12 @@ class Pipeline:
     # -- feeding ------------------------------------------------------------------------------------
     def _groups(self, items: Iterator[tuple[int, np.ndarray]]) -> Iterator[list[tuple[int, np.ndarray]]]:
         """The source's items in groups of one shape: at most ``FEED_ITEMS`` (a quarter of
-        max_inflight), ``FEED_BYTES`` and 1/16 of the arena (a group is one block, freed with its
+        max_inflight), ``FEED_BYTES`` and 1/TASK_ARENA_PART of the arena (a group is one block, freed with its
         last item), and what the source gives within ``FEED_WAIT``."""
         cap = int(self.cfg.broker.capacity)
         inflight = self.cfg.broker.max_inflight
         group_max = max(1, min(FEED_ITEMS, inflight // 4)) if inflight else FEED_ITEMS
-        group_bytes = min(FEED_BYTES, cap // 16)
+        group_bytes = min(FEED_BYTES, cap // TASK_ARENA_PART)
         group: list[tuple[int, np.ndarray]] = []
         nbytes, started = 0, time.monotonic()
         for idx, arr in items:
@@ -314,6 +315,7 @@ class Pipeline:
                 eof_sent = True
             if exhausted and not outstanding and state.seen.count >= state.submitted:
                 self._unfinished = False
+                c.flush()  # the last sink tasks' dones
                 return
             if self.progress and time.monotonic() - state.stats_at > 1.0:
                 state.stats_at = time.monotonic()
@@ -342,7 +344,7 @@ class Pipeline:
                 if isinstance(msg, Reserved):
                     reserving -= 1
                     self._write_items(group, msg, state)
-                    c.commit(msg)
+                    c.commit(msg, defer=True)  # with the next reserve, or before the next wait
             elif isinstance(msg, Error):
                 raise error_from_wire(msg.code, msg.message)
 
@@ -410,7 +412,7 @@ class Pipeline:
         if left > 0:
             self._rows_left[task] = left
             return
-        self.client.done(task)
+        self.client.done(task, defer=True)  # with the next reserve, or before the next wait
 
     # -- the two ways to run ------------------------------------------------------------------------
     def run(self, sink: Callable[[int, Any], None] | None = None, *, resume: bool = False,

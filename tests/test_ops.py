@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from broker import Broker, Client
+from broker.protocol import Task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,3 +131,47 @@ def test_a_non_finite_wait_is_refused_not_parked_forever() -> None:
         for bad in (float("nan"), float("inf")):
             with pytest.raises(BadRequest, match="finite|timeout"):
                 c.alloc((2**20,), "uint8", timeout=bad)
+
+
+def test_deferred_messages_go_with_the_next_write_or_before_the_next_wait() -> None:
+    """``commit(defer=True)`` / ``done(defer=True)`` leave only with the client's next message
+    or when it next waits for the broker, in the order they were made."""
+    with Broker(capacity=16 * 2**20, stages=STAGES) as b, Client(b.endpoint, role="driver") as c, \
+            Client(b.endpoint, role="worker") as w:
+        w.register("prep", credits=4)
+        first = c.reserve(0, [0], [4], "<f4", timeout=1.0)
+        c.commit(first, defer=True)
+        assert w.next_message(0.3) is None  # still in the driver's process
+        c.flush()
+        task = w.next_message(5.0)
+        assert isinstance(task, Task) and task.items == [0]
+        # deferred, then carried by a request: both arrive, the commit first
+        second = c.reserve(0, [1], [4], "<f4", timeout=1.0)
+        c.commit(second, defer=True)
+        third = c.reserve(0, [2], [4], "<f4", timeout=1.0)
+        got = w.next_message(5.0)
+        assert isinstance(got, Task) and got.items == [1]
+        c.commit(third, defer=True)
+        assert c.next_message(0.05) is None  # a wait sends what was deferred
+        got = w.next_message(5.0)
+        assert isinstance(got, Task) and got.items == [2]
+        # what is deferred at close is not lost
+        c.register("__sink__", credits=1)
+        fourth = c.reserve(0, [3], [4], "<f4", timeout=1.0)
+        c.commit(fourth, defer=True)
+        c.close()
+        got = w.next_message(5.0)
+        assert isinstance(got, Task) and got.items == [3]
+
+
+def test_a_released_block_is_freed_soon_without_anyone_asking() -> None:
+    """The broker frees released blocks in batches, but a lone one within a few ms: the next
+    allocation of its size reuses it (its pages are warm in every process)."""
+    with Broker(capacity=16 * 2**20) as b, Client(b.endpoint, pool=False) as c:
+        h = c.put(np.zeros(1 << 16, np.float32))
+        c.release(h)
+        c.ping()
+        time.sleep(0.1)  # no request meanwhile: only the broker's own timer can free it
+        h2 = c.put(np.ones(1 << 16, np.float32))
+        assert h2.offset == h.offset
+        c.release(h2)

@@ -21,7 +21,15 @@ from broker.protocol import (
     StageSettings,
     Task,
 )
-from broker.scheduler import SINK, TASK_BYTES, TASK_ITEMS, TASK_ITEMS_FIRST, TASK_SECONDS, Scheduler
+from broker.scheduler import (
+    SINK,
+    TASK_ARENA_PART,
+    TASK_BYTES,
+    TASK_ITEMS,
+    TASK_ITEMS_FIRST,
+    TASK_SECONDS,
+    Scheduler,
+)
 from broker.table import ObjectTable
 
 SRC, W0, W1, W2, DRV = 1, 10, 11, 12, 99  # client ids: the source, workers, the driver (sink)
@@ -278,7 +286,7 @@ def test_rows_per_task_are_bounded_by_the_input_the_known_output_and_the_arena()
     run.take(Task)
     run.put(0, range(100, 116), shape=(row // 4,))
     got = [len(t.items) for t in run.tasks(W0)]
-    assert sum(got) == 16 and max(got) == (cap // 16) // (1 << 20)  # 1 MiB of results per task
+    assert sum(got) == 16 and max(got) == (cap // TASK_ARENA_PART) // (1 << 20)  # 1 MiB of results per task
     big_in = TASK_BYTES // 8 + 1  # float32: more than half TASK_BYTES, so one per task
     roomy = Run([{"name": "a"}], capacity=4 * TASK_BYTES)
     roomy.register(W0, "a", credits=16)
