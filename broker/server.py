@@ -331,16 +331,18 @@ class BrokerServer:
             return 0
         if len(table.retiring) >= RECLAIM_BLOCKS or self._memory_waited() or \
                 (now if now is not None else time.monotonic()) - table.retiring_since >= RECLAIM_AFTER:
+            self.counters["reclaims"] += 1
             return table.reclaim()
         return 0
 
     def _memory_waited(self) -> bool:
-        """Whether a parked request waits for memory (the source's reservation held back by
-        ``max_inflight`` waits for items to leave, which freeing blocks does not bring)."""
+        """Whether a worker's reservation or an allocation waits for memory. The source's
+        reservations are left to the timer: held back by ``max_inflight`` they wait for items
+        to leave, which freeing blocks does not bring, and by the half-arena rule a few ms
+        more cost nothing (two groups are in flight)."""
         if not self.waiting.count:
             return False
-        gated = self.scheduler.inflight_gated
-        return any(not (isinstance(p.msg, Reserve) and gated(p.msg))
+        return any(not (isinstance(p.msg, Reserve) and p.msg.stage == 0)
                    for q in self.waiting.queues.values() for p in q)
 
     # -- waiting for space ------------------------------------------------------------------------
