@@ -175,3 +175,17 @@ def test_a_released_block_is_freed_soon_without_anyone_asking() -> None:
         h2 = c.put(np.ones(1 << 16, np.float32))
         assert h2.offset == h.offset
         c.release(h2)
+
+
+def test_a_large_array_goes_into_the_block_just_released() -> None:
+    """Arrays above the pools' range reuse a block released just before (warm pages), not a
+    new one, even though released blocks are otherwise freed in batches."""
+    with Broker(capacity=128 * 2**20) as b, Client(b.endpoint) as c:
+        h = c.put(np.zeros(4 << 20, np.float32))  # 16 MiB: allocated by the broker
+        offsets = {h.offset}
+        for i in range(5):
+            c.release(h)  # a drop, handled before the next alloc on the same connection
+            h = c.put(np.full(4 << 20, i, np.float32))
+            offsets.add(h.offset)
+        assert offsets == {h.offset}
+        c.release(h)
