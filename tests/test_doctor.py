@@ -94,3 +94,21 @@ def test_require_gpu_fails_for_auto_stages_too(monkeypatch: pytest.MonkeyPatch,
     assert "devices of infer" in out and "stages[infer].device" in out  # not eaten as rich markup
     with pytest.raises(BrokerError, match="preflight failed"):
         preflight(cfg, True)
+
+
+@pytest.mark.parametrize("setting, status", [
+    ("always within_size advise [never] deny force", "warn"),
+    ("always within_size [advise] never deny force", "warn"),
+    ("always [within_size] advise never deny force", "ok"),
+    ("[always] within_size advise never deny force", "ok"),
+])
+def test_arena_pages_say_whether_the_host_gives_huge_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           setting: str, status: str) -> None:
+    path = tmp_path / "shmem_enabled"
+    path.write_text(setting + "\n")
+    monkeypatch.setattr(doctor, "SHMEM_THP", str(path))
+    check = by_name(doctor.run_checks(load_config(DEMO)))["arena pages"]
+    assert check.status == status
+    assert ("within_size" in check.fix) == (status == "warn")
+    monkeypatch.setattr(doctor, "SHMEM_THP", str(tmp_path / "absent"))
+    assert by_name(doctor.run_checks(load_config(DEMO)))["arena pages"].status == "ok"
