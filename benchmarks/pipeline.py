@@ -4,7 +4,7 @@
 One command::
 
     .venv/bin/python benchmarks/pipeline.py [--quick] [--sizes 4KiB,64KiB,1MiB,16MiB] [--seconds S]
-                                            [--systems shmbroker,dataloader,spdl] [--reps N]
+                                            [--systems shmbroker,dataloader,spdl,queues] [--reps N]
                                             [--out benchmarks/results/pipeline.json]
 
 Workload (identical in every system)
@@ -35,6 +35,13 @@ Workload (identical in every system)
     under ``torch.inference_mode()``; 3 pool threads: two preprocessing tasks and the model at
     once, as the other systems' 2 + 1 processes. The pipeline is built before the clock; its
     start, the run and its stop are timed.
+
+(d) hand-wired queues (system ``queues``): the same work on shmbroker's handle queues, wired by
+    hand, no scheduler: the driver copies 16 items into a block of the arena and puts it into
+    ``q0``; two preprocess processes normalize each row into a block of their own (``out=``) and put
+    it into ``q1``; one model process runs the model on each block as a batch of 16 and puts the
+    result into ``q2``; the driver drains ``q2`` (null sink), at most 64 items in flight. What a
+    task path that never passes through the broker would cost (the broker only allocates).
 
 Each (system, size) runs in its own child process (a fresh interpreter): start-up,
 warm-up runs (32 items, then 64, 128, ... until one takes >= 1 s; its rate sizes
@@ -399,7 +406,97 @@ def child_spdl(nbytes: int, target: float, reps: int, cap_items: int | None = No
     return out
 
 
-CHILDREN = {"shmbroker": child_shmbroker, "dataloader": child_dataloader, "spdl": child_spdl}
+def child_queues(nbytes: int, target: float, reps: int, cap_items: int | None = None,
+                 device: str = "cpu") -> dict[str, Any]:
+    """The same work wired by hand on shmbroker's handle queues: no scheduler, no broker message
+    per task (what a broker-less task path would give). The driver allocates a group of BATCH
+    items in the arena, copies them in and puts it into ``q0``; two preprocess processes take
+    groups, normalize each row into a block of their own (``out=``) and put it into ``q1``; the
+    model process takes each group as a batch and puts its result into ``q2``, which the driver
+    drains (the null sink). At most ``max_inflight`` (64) items in flight, as in the Pipeline."""
+    import multiprocessing as mp
+
+    import numpy as np
+
+    from benchmarks._bench_stages import pool, queue_model, queue_preprocess
+    from broker import Broker, Client
+
+    if device != "cpu":
+        raise SystemExit("queues: CPU only")
+    rows = rows_for(nbytes)
+    items = pool(rows)
+    # inputs and the preprocessed copies of up to 64 items at once, and the model's outputs
+    cap = max(128 * 2**20, (cap_items or CAPACITY_ITEMS) * nbytes * 5 // 2)
+    out: dict[str, Any] = {"system": "queues", "capacity": cap, "runs": []}
+    me = os.getpid()
+    ctx = mp.get_context("spawn")
+    with Broker(cap) as b, Client(b.endpoint, role="driver") as c:
+        qsize = 64 // BATCH + 2
+        q0, q2 = c.queue("q0", maxsize=qsize), c.queue("q2", maxsize=qsize)
+        c.queue("q1", maxsize=qsize)
+        procs = [ctx.Process(target=queue_preprocess, args=(b.endpoint, "q0", "q1", qsize)) for _ in range(2)]
+        procs.append(ctx.Process(target=queue_model, args=(b.endpoint, "q1", "q2", qsize, 1)))
+        for p in procs:
+            p.start()
+
+        def one(count: int) -> tuple[float, dict[str, float]]:
+            c0 = tree_cpu(me)
+            t = time.perf_counter()
+            sent = got = 0
+            while got < count:
+                while sent < count and sent - got + BATCH <= 64:
+                    k = min(BATCH, count - sent)
+                    h, block = c.alloc((k, rows, FEATURES), "float32")
+                    for j in range(k):
+                        block[j] = items[(sent + j) % len(items)]
+                    q0.put(h)
+                    sent += k
+                h = q2.get(timeout=600)
+                got += h.shape[0]
+                c.release(h)
+            wall = time.perf_counter() - t
+            c1 = tree_cpu(me)
+            pre = [p.pid for p in procs[:2]]
+            roles = {"driver": c1.get(me, 0) - c0.get(me, 0), "broker": c1.get(b.pid, 0) - c0.get(b.pid, 0),
+                     "preprocess": sum(c1.get(p, 0) - c0.get(p, 0) for p in pre),
+                     "model": c1.get(procs[2].pid, 0) - c0.get(procs[2].pid, 0), "total": cpu_delta(c0, c1)}
+            return wall, roles
+
+        phase("warmup")
+        t = time.perf_counter()
+        one(32)
+        out["startup_and_first_32_s"] = time.perf_counter() - t
+        w = 64
+        while True:
+            wall, _ = one(w)
+            if wall >= 1.0 or w >= 1 << 16:
+                break
+            w *= 2
+        count = round16(target * w / wall)
+        out["count"] = count
+        for r in range(reps):
+            phase(f"rep{r}")
+            wall, roles = one(count)
+            arena = sum(mapping_pss(pid, "shmbroker-") for pid in tree(me))
+            phase(f"after{r}")
+            out["runs"].append({"items": count, "seconds": wall, "items_s": count / wall,
+                                "mb_s": count * nbytes / wall / 1e6, "copied_per_item": float(nbytes),
+                                "arena_pss_end": arena, "cpu_s": roles})
+        stop = np.zeros((0, rows, FEATURES), np.float32)
+        for _ in range(2):
+            q0.put(stop, timeout=10)
+        for p in procs[:2]:
+            p.join(30)
+        c.queue("q1", maxsize=qsize).put(stop, timeout=10)
+        procs[2].join(30)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    return out
+
+
+CHILDREN = {"shmbroker": child_shmbroker, "dataloader": child_dataloader, "spdl": child_spdl,
+            "queues": child_queues}
 
 
 def child_main(system: str, nbytes: int, target: float, reps: int, cap_items: int | None,
@@ -444,7 +541,7 @@ def run_child(system: str, nbytes: int, target: float, reps: int, cap_items: int
         run["peak_pss"] = sampler.peaks.get(f"rep{r}", 0)
         run.update(foreign.get(str(r), {}))
         run["procs"] = sampler.procs.get(f"rep{r}", 0)
-        if system == "shmbroker":
+        if system in ("shmbroker", "queues"):
             run["footprint"] = run["peak_pss"] - run["arena_pss_end"] + result["capacity"]
         else:
             run["footprint"] = run["peak_pss"]
@@ -470,7 +567,7 @@ def ratio_lines(results: dict[str, Any], sizes: list[int]) -> tuple[list[list[st
         share = summarize([r["cpu_s"]["broker"] / r["cpu_s"]["total"] for r in runs if r["cpu_s"]["total"] > 0])
         ours["broker_share_of_cpu"] = share["median"]
         ours["broker_cpu_ms_per_item"] = a["stats"]["cpu_ms_per_item"]["broker"]["median"]
-        for peer, name in (("dataloader", "DataLoader"), ("spdl", "SPDL")):
+        for peer, name in (("dataloader", "DataLoader"), ("spdl", "SPDL"), ("queues", "hand-wired queues")):
             b = results.get(f"{peer}/{nbytes}")
             if not b:
                 continue
@@ -481,6 +578,12 @@ def ratio_lines(results: dict[str, Any], sizes: list[int]) -> tuple[list[list[st
             rows.append([f"shmbroker/{name}", fmt_bytes(nbytes), f"{rate:.2f}x", f"{cpu:.2f}x"])
         rows.append(["shmbroker: broker's share of all CPU", fmt_bytes(nbytes), "",
                      f"{100 * share['median']:.1f}% ({ours['broker_cpu_ms_per_item']:.3f} ms/item)"])
+        q = results.get(f"queues/{nbytes}")
+        if q:
+            qs = summarize([r["cpu_s"]["broker"] / r["cpu_s"]["total"] for r in q["runs"] if r["cpu_s"]["total"] > 0])
+            ours["queues_broker_share_of_cpu"] = qs["median"]
+            rows.append(["hand-wired queues: broker's share of all CPU", fmt_bytes(nbytes), "",
+                         f"{100 * qs['median']:.1f}% ({q['stats']['cpu_ms_per_item']['broker']['median']:.3f} ms/item)"])
     return rows, out
 
 
@@ -528,7 +631,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="runs of ~1.5 s instead of ~5 s")
     ap.add_argument("--sizes", default="4KiB,64KiB,1MiB,16MiB")
-    ap.add_argument("--systems", default="shmbroker,dataloader,spdl")
+    ap.add_argument("--systems", default="shmbroker,dataloader,spdl,queues")
     ap.add_argument("--seconds", type=float, default=None, help="target seconds per timed run (default 5)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--capacity-items", type=int, default=CAPACITY_ITEMS,
