@@ -96,6 +96,7 @@ from .rundir import RunDir, cleanup
 from .scheduler import Scheduler
 from .table import ObjectTable
 from .transport import Link, Peer, Transport
+from .waiting import Parked, Waiting
 
 __all__ = ["BrokerServer", "run_broker", "main", "DEFAULT_WAIT"]
 
@@ -103,8 +104,8 @@ log = logging.getLogger("shmbroker.broker")
 
 DEFAULT_WAIT = 60.0  # seconds a request may wait for arena space when it names no timeout
 # Released blocks are freed in batches (``ObjectTable.reclaim``: two scans of the hold tables
-# and a membarrier, 20-40 us here, about a fifth of the broker's CPU in a 4 KiB pipeline when
-# it ran at every loop turn): once RECLAIM_BLOCKS of them wait, once the oldest has waited
+# and a membarrier, 17-46 us for one block on the reference VM, more under load; about a fifth
+# of the broker's CPU in a 4 KiB pipeline when it ran at every loop turn): once RECLAIM_BLOCKS of them wait, once the oldest has waited
 # RECLAIM_AFTER s, or at once while a request waits for memory. Soon enough that allocations
 # still land on blocks the processes have touched (a block new to a process costs page faults).
 RECLAIM_BLOCKS, RECLAIM_AFTER = 8, 0.002
@@ -119,64 +120,6 @@ class Session:
     pid: int
     role: str
     link: Link
-
-
-@dataclass(eq=False, slots=True)
-class Parked:
-    """A request for arena space waiting for room."""
-
-    deadline: float
-    session: Session
-    msg: Message
-    attempt: Callable[[], Message | None]
-    error: Callable[[], ArenaFull]
-
-
-class Waiting:
-    """Parked requests by priority (lower first), first come first served within one."""
-
-    def __init__(self) -> None:
-        self.queues: dict[int, collections.deque[Parked]] = {}
-        self.count = 0
-
-    def downstream(self) -> int:
-        """Parked reservations of a stage after the first (workers waiting to write results)."""
-        return sum(len(q) for priority, q in self.queues.items() if priority <= -2)
-
-    def add(self, priority: int, parked: Parked) -> None:
-        self.queues.setdefault(priority, collections.deque()).append(parked)
-        self.count += 1
-
-    def sweep(self, now: float, done: Callable[[Parked, Message | BrokerError], None],
-              expired_only: bool = False) -> None:
-        """Try each parked request (or only time out the expired ones); ``done`` gets each answer."""
-        for priority in sorted(self.queues):
-            queue, keep = self.queues[priority], collections.deque[Parked]()
-            for p in queue:
-                try:
-                    answer: Message | BrokerError | None = None if expired_only else p.attempt()
-                except BrokerError as e:
-                    answer = e
-                if answer is None and now >= p.deadline:
-                    answer = p.error()
-                if answer is None:
-                    keep.append(p)
-                else:
-                    done(p, answer)
-            self.count -= len(queue) - len(keep)
-            if keep:
-                self.queues[priority] = keep
-            else:
-                del self.queues[priority]
-
-    def forget(self, session: Session) -> None:
-        for priority, queue in list(self.queues.items()):
-            keep = collections.deque(p for p in queue if p.session is not session)
-            self.count -= len(queue) - len(keep)
-            if keep:
-                self.queues[priority] = keep
-            else:
-                del self.queues[priority]
 
 
 class BrokerServer:

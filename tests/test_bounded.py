@@ -64,7 +64,7 @@ def test_parked_requests_are_served_downstream_first_then_in_arrival_order() -> 
     """The waiting list keeps one queue per priority: a park costs O(1), never a re-sort."""
     from broker.errors import ArenaFull
     from broker.protocol import Ok
-    from broker.server import Parked, Waiting
+    from broker.waiting import Parked, Waiting
 
     w = Waiting()
     order: list[str] = []
