@@ -109,6 +109,7 @@ DEFAULT_WAIT = 60.0  # seconds a request may wait for arena space when it names 
 # RECLAIM_AFTER s, or at once while a request waits for memory. Soon enough that allocations
 # still land on blocks the processes have touched (a block new to a process costs page faults).
 RECLAIM_BLOCKS, RECLAIM_AFTER = 8, 0.002
+SOURCE_PRIORITY = -1  # a parked reservation of stage 0 (stage s parks at -s - 1; allocations at 0)
 
 
 @dataclass(eq=False, slots=True)
@@ -280,13 +281,10 @@ class BrokerServer:
 
     def _memory_waited(self) -> bool:
         """Whether a worker's reservation or an allocation waits for memory. The source's
-        reservations are left to the timer: held back by ``max_inflight`` they wait for items
-        to leave, which freeing blocks does not bring, and by the half-arena rule a few ms
-        more cost nothing (two groups are in flight)."""
-        if not self.waiting.count:
-            return False
-        return any(not (isinstance(p.msg, Reserve) and p.msg.stage == 0)
-                   for q in self.waiting.queues.values() for p in q)
+        reservations (priority -1) are left to the timer: held back by ``max_inflight`` they wait
+        for items to leave, which freeing blocks does not bring, and by the half-arena rule a few
+        ms more cost nothing (two groups are in flight)."""
+        return any(priority != SOURCE_PRIORITY for priority in self.waiting.queues)
 
     # -- waiting for space ------------------------------------------------------------------------
     def park(self, session: Session, msg: Any, priority: int, attempt: Callable[[], Message | None],

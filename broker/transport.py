@@ -42,6 +42,7 @@ __all__ = ["Link", "Transport", "MAX_BACKLOG"]
 
 log = logging.getLogger("shmbroker.transport")
 
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: pyzmq's enums cost a Flag op per turn
 MAX_BACKLOG = 64 << 20  # bytes queued for a Unix-connected client that is not reading: then it is dropped
 HANDSHAKE_TIMEOUT = 5.0  # seconds a connection to fd.sock has to send its key
 
@@ -192,7 +193,7 @@ class Transport:
     # -- receiving --------------------------------------------------------------------------------
     def poll(self, timeout_ms: int) -> None:
         """Wait up to ``timeout_ms`` for traffic; hand every payload and close to the server."""
-        router_ready = bool(int(self.router.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+        router_ready = bool(int(self.router.getsockopt(_EVENTS)) & _POLLIN)
         for fd, ev in self.epoll.poll(0 if router_ready else timeout_ms / 1000):
             if fd == self.router_fd:
                 continue  # ZMQ_EVENTS says what it holds, below
@@ -206,7 +207,7 @@ class Transport:
                     self._flush(link)
                 if link is not None and ev & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
                     self._read(link)
-        while int(self.router.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        while int(self.router.getsockopt(_EVENTS)) & _POLLIN:
             self._drain_router()
         now = time.monotonic()
         if self._unkeyed:
