@@ -108,15 +108,18 @@ def busy_seconds_per_item(iters: int, n: int = 128, reps: int = 30) -> float:
 
 
 # -- the same pipeline wired by hand on handle queues (benchmarks/pipeline.py, system "queues") --
-def queue_preprocess(endpoint: str, qin: str, qout: str, maxsize: int) -> None:
-    """A process: take groups from ``qin``, ``normalize`` each row into a block of its own
-    (``out=``), put that block into ``qout``; stop at an empty group."""
+def queue_stage(endpoint: str, qin: str, qout: str, maxsize: int, stage: str) -> None:
+    """A process of the hand-wired pipeline: take groups from ``qin``, run ``stage`` on each, put
+    the result into ``qout``; stop at an empty group. ``preprocess``: ``normalize`` each row into
+    a block of its own (``out=``); ``model``: the model on the group as a batch of BATCH rows, its
+    result copied into the arena by ``put``."""
     import torch
 
     from broker import Client
     from workers.stages import normalize
 
     torch.set_num_threads(1)
+    model = model_factory() if stage == "model" else None
     with Client(endpoint, role="worker") as c:
         src, dst = c.queue(qin, maxsize=maxsize), c.queue(qout, maxsize=maxsize)
         while True:
@@ -125,34 +128,13 @@ def queue_preprocess(endpoint: str, qin: str, qout: str, maxsize: int) -> None:
                 c.release(h)
                 return
             x = c.tensor(h)
-            hout, out = c.alloc(h.shape, "float32")
-            o = torch.from_numpy(out)
             with torch.inference_mode():
-                for i in range(x.shape[0]):
-                    normalize(x[i], out=o[i])
+                if model is not None:
+                    result: Any = model(x).numpy()
+                else:
+                    result, out = c.alloc(h.shape, "float32")
+                    o = torch.from_numpy(out)
+                    for i in range(x.shape[0]):
+                        normalize(x[i], out=o[i])
             c.release(h)
-            dst.put(hout)
-
-
-def queue_model(endpoint: str, qin: str, qout: str, maxsize: int, stops: int) -> None:
-    """A process: the model on each group from ``qin`` (a batch of BATCH rows), its result copied
-    into ``qout``; stops after ``stops`` empty groups (the driver sends them once the preprocess
-    processes have stopped)."""
-    import torch
-
-    from broker import Client
-
-    torch.set_num_threads(1)
-    model = model_factory()
-    with Client(endpoint, role="worker") as c:
-        src, dst = c.queue(qin, maxsize=maxsize), c.queue(qout, maxsize=maxsize)
-        while stops:
-            h = src.get()
-            if h.shape[0] == 0:
-                c.release(h)
-                stops -= 1
-                continue
-            with torch.inference_mode():
-                y = model(c.tensor(h))
-            c.release(h)
-            dst.put(y.numpy())
+            dst.put(result)

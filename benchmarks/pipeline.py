@@ -90,7 +90,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -127,6 +127,24 @@ def round16(n: float) -> int:
 
 def phase(name: str) -> None:
     print(f"PHASE {name}", flush=True)
+
+
+def sized_count(run: Callable[[int], tuple[int, float]], target: float, out: dict[str, Any]) -> int:
+    """Warm up (32 items: the workers start and register), then double the count until one run
+    takes >= 1 s; returns the count for timed runs of about ``target`` s. ``run(k)`` runs ``k``
+    items and returns (items delivered, wall seconds)."""
+    phase("warmup")
+    t = time.perf_counter()
+    run(32)
+    out["startup_and_first_32_s"] = time.perf_counter() - t
+    w = 64
+    while True:
+        n, wall = run(w)
+        if wall >= 1.0 or w >= 1 << 16:
+            break
+        w *= 2
+    out["count"] = count = round16(target * n / wall)
+    return count
 
 
 def tree_cpu(root: int) -> dict[int, float]:
@@ -204,18 +222,11 @@ def child_shmbroker(nbytes: int, target: float, reps: int, cap_items: int | None
             roles["total"] = cpu_delta(c0, c1)
             return s, wall, s.copied_per_item, roles
 
-        phase("warmup")
-        t = time.perf_counter()
-        one(32)  # workers start (spawn + import torch) and register here
-        out["startup_and_first_32_s"] = time.perf_counter() - t
-        w = 64  # calibrate: double until one run takes >= 1 s, then size the timed runs from its rate
-        while True:
-            s, wall, _, _ = one(w)
-            if wall >= 1.0 or w >= 1 << 16:
-                break
-            w *= 2
-        count = round16(target * s.items / wall)
-        out["count"] = count
+        def sized(k: int) -> tuple[int, float]:
+            s, wall, _, _ = one(k)
+            return s.items, wall
+
+        count = sized_count(sized, target, out)
         for r in range(reps):
             phase(f"rep{r}")
             s, wall, copied, roles = one(count)
@@ -295,18 +306,7 @@ def child_dataloader(nbytes: int, target: float, reps: int, cap_items: int | Non
         roles["workers (preprocess+collate)"] = roles["total"] - roles["main (model)"]
         return n, wall, roles
 
-    phase("warmup")
-    t = time.perf_counter()
-    one(32)
-    out["startup_and_first_32_s"] = time.perf_counter() - t
-    w = 64
-    while True:
-        n, wall, _ = one(w)
-        if wall >= 1.0 or w >= 1 << 16:
-            break
-        w *= 2
-    count = round16(target * n / wall)
-    out["count"] = count
+    count = sized_count(lambda k: one(k)[:2], target, out)
     for r in range(reps):
         phase(f"rep{r}")
         n, wall, roles = one(count)
@@ -383,18 +383,7 @@ def child_spdl(nbytes: int, target: float, reps: int, cap_items: int | None = No
         roles = {"spdl (one process, all threads)": c1.get(me, 0) - c0.get(me, 0), "total": cpu_delta(c0, c1)}
         return n, wall, roles
 
-    phase("warmup")
-    t = time.perf_counter()
-    one(32)
-    out["startup_and_first_32_s"] = time.perf_counter() - t
-    w = 64
-    while True:
-        n, wall, _ = one(w)
-        if wall >= 1.0 or w >= 1 << 16:
-            break
-        w *= 2
-    count = round16(target * n / wall)
-    out["count"] = count
+    count = sized_count(lambda k: one(k)[:2], target, out)
     for r in range(reps):
         phase(f"rep{r}")
         n, wall, roles = one(count)
@@ -418,7 +407,7 @@ def child_queues(nbytes: int, target: float, reps: int, cap_items: int | None = 
 
     import numpy as np
 
-    from benchmarks._bench_stages import pool, queue_model, queue_preprocess
+    from benchmarks._bench_stages import pool, queue_stage
     from broker import Broker, Client
 
     if device != "cpu":
@@ -434,8 +423,8 @@ def child_queues(nbytes: int, target: float, reps: int, cap_items: int | None = 
         qsize = 64 // BATCH + 2
         q0, q2 = c.queue("q0", maxsize=qsize), c.queue("q2", maxsize=qsize)
         c.queue("q1", maxsize=qsize)
-        procs = [ctx.Process(target=queue_preprocess, args=(b.endpoint, "q0", "q1", qsize)) for _ in range(2)]
-        procs.append(ctx.Process(target=queue_model, args=(b.endpoint, "q1", "q2", qsize, 1)))
+        procs = [ctx.Process(target=queue_stage, args=(b.endpoint, "q0", "q1", qsize, "preprocess")) for _ in range(2)]
+        procs.append(ctx.Process(target=queue_stage, args=(b.endpoint, "q1", "q2", qsize, "model")))
         for p in procs:
             p.start()
 
@@ -462,18 +451,7 @@ def child_queues(nbytes: int, target: float, reps: int, cap_items: int | None = 
                      "model": c1.get(procs[2].pid, 0) - c0.get(procs[2].pid, 0), "total": cpu_delta(c0, c1)}
             return wall, roles
 
-        phase("warmup")
-        t = time.perf_counter()
-        one(32)
-        out["startup_and_first_32_s"] = time.perf_counter() - t
-        w = 64
-        while True:
-            wall, _ = one(w)
-            if wall >= 1.0 or w >= 1 << 16:
-                break
-            w *= 2
-        count = round16(target * w / wall)
-        out["count"] = count
+        count = sized_count(lambda k: (k, one(k)[0]), target, out)
         for r in range(reps):
             phase(f"rep{r}")
             wall, roles = one(count)

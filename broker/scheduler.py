@@ -47,14 +47,15 @@ SINK = "__sink__"
 # calls the stage on each row, reserves their outputs with one request and reports them with one
 # ``done``). How many (``_rows_per_task``): as many as the stage does in about TASK_SECONDS (its
 # measured time per item; TASK_ITEMS_FIRST until it has finished a task), at most TASK_ITEMS, and
-# at most TASK_BYTES and 1/TASK_ARENA_PART of the arena of input or of output (its last reported size). A slow
-# stage gets one item per task, so items spread over its workers; a fast one 16, so the broker's
-# two messages per task are paid once per 16 items. The sink (the driver) gets up to
+# at most TASK_BYTES and 1/TASK_ARENA_PART of the arena of input or of output (its last reported
+# size). A slow stage gets one item per task, so items spread over its workers; a fast one 16, so
+# the broker's two messages per task are paid once per 16 items. The sink (the driver) gets up to
 # SINK_TASK_ITEMS and SINK_TASK_BYTES (and 1/TASK_ARENA_PART of the arena) per task. An eighth of
 # the arena (a sixteenth until 2026-12-04): 1 MiB items in the 128 MiB arena of the benchmark then
-# travel 16 per task instead of 8, and the broker's CPU per item fell by a fifth (A/B, 3 pairs).
-# Sink tasks of up to 16 MiB (4 MiB until then): the 4 MiB results of 16 MiB items go 4 per task,
-# done messages per item 2.26 -> 1.40, the broker's CPU per item 1.30 -> 1.05 ms.
+# travel 16 per task instead of 8, and the broker's CPU per item fell by about a fifth (2 runs each
+# way). Sink tasks of up to 16 MiB (4 MiB until then): the 4 MiB results of 16 MiB items go 4 per
+# task, done messages per item 2.26 -> 1.40 (counted), the broker's CPU per item 1.30 -> 1.05 ms
+# (one run each way).
 TASK_ITEMS, TASK_BYTES, TASK_ITEMS_FIRST, TASK_SECONDS = 16, 16 << 20, 4, 0.02
 SINK_TASK_ITEMS, SINK_TASK_BYTES = 16, 16 << 20
 TASK_ARENA_PART = 8

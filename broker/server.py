@@ -105,9 +105,10 @@ log = logging.getLogger("shmbroker.broker")
 DEFAULT_WAIT = 60.0  # seconds a request may wait for arena space when it names no timeout
 # Released blocks are freed in batches (``ObjectTable.reclaim``: two scans of the hold tables
 # and a membarrier, 17-46 us for one block on the reference VM, more under load; about a fifth
-# of the broker's CPU in a 4 KiB pipeline when it ran at every loop turn): once RECLAIM_BLOCKS of them wait, once the oldest has waited
-# RECLAIM_AFTER s, or at once while a request waits for memory. Soon enough that allocations
-# still land on blocks the processes have touched (a block new to a process costs page faults).
+# of the broker's CPU in a 4 KiB pipeline when it ran at every loop turn): once RECLAIM_BLOCKS
+# of them wait, once the oldest has waited RECLAIM_AFTER s, or at once while a request waits for
+# memory. Soon enough that allocations still land on blocks the processes have touched (a block
+# new to a process costs page faults).
 RECLAIM_BLOCKS, RECLAIM_AFTER = 8, 0.002
 SOURCE_PRIORITY = -1  # a parked reservation of stage 0 (stage s parks at -s - 1; allocations at 0)
 

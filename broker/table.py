@@ -62,6 +62,7 @@ def array_nbytes(dtype: str, shape: list[int] | tuple[int, ...]) -> int:
 
 REUSE_FIRST = 1 << 20  # from this size ``new`` frees the released blocks first, to reuse one
 
+
 @dataclass(slots=True, eq=False)
 class Obj:
     """An array in the arena: a whole block or a view of rows inside one."""
@@ -129,13 +130,14 @@ class ObjectTable:
                 f"whole arena ({format_bytes(self.alloc.capacity)}, of which {format_bytes(room)} "
                 f"can hold one array); raise broker.capacity")
         need = nbytes + self.lead
-        if nbytes >= REUSE_FIRST and self.retiring and any(b.size >= need for b in self.retiring):
-            # a large array goes into a block just released if nobody holds it any more: its pages
-            # are mapped and warm in every process (a block new to a process costs a page fault
-            # per 4 KiB page in each: 16 MiB copied in 10-12 ms instead of 2 ms here)
+        # a large array goes into a block just released if nobody holds it any more: its pages
+        # are mapped and warm in every process (a block new to a process costs a page fault per
+        # 4 KiB page in each: 16 MiB copied in 10-12 ms instead of 2 ms here)
+        first = nbytes >= REUSE_FIRST and any(b.size >= need for b in self.retiring)
+        if first:
             self.reclaim()
         block = self.alloc.alloc(need, lead=self.lead)
-        if block is None and self.retiring and self.reclaim():
+        if block is None and not first and self.retiring and self.reclaim():  # once is enough
             block = self.alloc.alloc(need, lead=self.lead)
         if block is None:
             return None
