@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -75,6 +77,79 @@ def test_handoff_new_peers_run_on_a_tiny_size(tmp_path: Path) -> None:
     else:
         assert "not importable" in data["skipped"]["iceoryx2"]
     assert any("(b)" in line and "copy in + handle" in line for line in data["targets"])
+
+
+@pytest.mark.timeout(200)
+def test_handoff_runs_report_the_median_of_the_per_run_p50s_and_ratios(tmp_path: Path) -> None:
+    """--runs 2: every row keeps both runs' p50s and reports their median, the peers' order is
+    rotated, and goal (a) records the ratio within each run and how many runs met it."""
+    out = tmp_path / "h.json"
+    ran = run(["benchmarks/handoff.py", "--sizes", "4KiB", "--repeat", "3", "--no-plot", "--no-refs",
+               "--runs", "2", "--peers", "shm_handle,shmbroker", "--out", str(out)], timeout=180)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["config"]["runs"] == 2 and len(data["runs"]) == 2
+    assert [r["order"] for r in data["runs"]] == [["shm_handle", "shmbroker"], ["shmbroker", "shm_handle"]]
+    for key in ("shm_handle", "shmbroker"):
+        for mode in ("touch", "read_all"):
+            row = data["handoff"][key]["4096"][mode]
+            per_run = [r["handoff"][key]["4096"][mode]["p50_us"] for r in data["runs"]]
+            assert row["runs_p50"] == per_run and all(p > 0 for p in per_run)
+            assert row["p50_us"] == pytest.approx(statistics.median(per_run), abs=0.006)
+            assert row["n"] == 3
+    goal = next(g for g in data["goals"] if g["tag"] == "(a)")
+    assert (goal["key"], goal["peer"], goal["runs"]) == ("shmbroker", "shm_handle", 2)
+    size = goal["sizes"]["4096"]
+    p50 = [{k: r["handoff"][k]["4096"]["touch"]["p50_us"] for k in ("shmbroker", "shm_handle")}
+           for r in data["runs"]]
+    expected = [p["shmbroker"] / p["shm_handle"] for p in p50]
+    assert size["runs_ratio"] == pytest.approx(expected, abs=1e-4)
+    assert size["runs_met"] == [x <= 1.25 for x in expected] == goal["runs_met"]
+    assert goal["met_runs"] == sum(x <= 1.25 for x in expected)
+    assert size["median_ratio"] == pytest.approx(statistics.median(expected), abs=1e-4)
+    assert goal["met"] == (statistics.median(expected) <= 1.25)
+    line = next(line for line in data["targets"] if line.startswith("  (a)"))
+    assert f"{'met' if goal['met'] else 'MISSED'}, met in {goal['met_runs']} of 2 runs" in line
+    assert line in ran.stdout and "median over the runs of the ratio within each run" in ran.stdout
+
+
+def test_handoff_aggregation_over_runs() -> None:
+    """Fabricated runs: each row is the median of the runs' p50s; the verdict is the median of
+    the per-run ratios (met here, although the ratio of the median p50s, 1.3x, would miss)."""
+    def st(p50: float) -> dict[str, float | int]:
+        return {"p50_us": p50, "p99_us": 2 * p50, "min_us": p50 / 2, "max_us": 3 * p50, "n": 5}
+
+    merged = handoff.merge_runs([{"nbytes": 4096, "touch": st(p)} for p in (10.0, 40.0, 20.0)])
+    assert merged["nbytes"] == 4096
+    assert merged["touch"] == {"p50_us": 20.0, "p99_us": 40.0, "min_us": 10.0, "max_us": 60.0, "n": 5,
+                               "runs_p50": [10.0, 40.0, 20.0]}
+    with pytest.raises(ValueError):
+        handoff.median_stats([st(1.0), {**st(1.0), "n": 4}])
+    assert [handoff.peer_order(["a", "b", "c"], i) for i in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+
+    handle, broker = (100.0, 60.0, 50.0), (100.0, 78.0, 60.0)  # ratios 1.0, 1.3, 1.2 in runs 1-3
+    runs: list[dict[str, Any]] = [
+        {"handoff": {"shm_handle": {"4096": {"nbytes": 4096, "touch": st(a)}},
+                     "shmbroker": {"4096": {"nbytes": 4096, "touch": st(b)}}}}
+        for a, b in zip(handle, broker, strict=True)]
+    result: dict[str, Any] = {
+        "config": {"sizes": [4096]}, "skipped": {}, "runs": runs,
+        "handoff": {k: handoff.merge_runs([r["handoff"][k] for r in runs]) for k in ("shm_handle", "shmbroker")}}
+    goal = handoff.goal_records(result)[0]
+    assert goal["tag"] == "(a)" and goal["runs"] == 3
+    size = goal["sizes"]["4096"]
+    assert size["runs_ratio"] == pytest.approx([1.0, 1.3, 1.2])
+    assert size["runs_met"] == [True, False, True] and goal["met_runs"] == 2
+    assert size["median_ratio"] == pytest.approx(1.2) and goal["met"] is True
+    assert size["ratio_of_median_p50s"] == pytest.approx(1.3)
+    line = handoff.targets(result)[1]
+    assert "<= 1.25x at every size: met, met in 2 of 3 runs (4 KiB: median ratio 1.20x" in line
+    runs[2]["handoff"]["shmbroker"]["4096"]["touch"] = st(65.0)  # run 3: 1.3x, so the median is 1.3x
+    result["handoff"]["shmbroker"] = handoff.merge_runs([r["handoff"]["shmbroker"] for r in runs])
+    goal = handoff.goal_records(result)[0]
+    assert goal["met"] is False and goal["met_runs"] == 1
+    assert "MISSED, met in 1 of 3 runs" in handoff.targets(result)[1]
 
 
 def test_handoff_skips_iceoryx2_with_the_reason_when_it_is_missing(tmp_path: Path) -> None:
