@@ -22,7 +22,7 @@ import math
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import msgspec
 import numpy as np
@@ -72,7 +72,7 @@ from .protocol import (
     c_strides,
     storage_dtype,
 )
-from .queue import HandleQueue
+from .queue import REDELIVER_MAX, HandleQueue
 from .rows import unpack
 
 if TYPE_CHECKING:
@@ -137,6 +137,7 @@ class Client:
         self.endpoint = endpoint
         self.pool = pool
         self._held: dict[int, tuple[Handle, int, Any]] = {}
+        self._acks: dict[int, list[Callable[[], None]]] = {}  # oid -> what its release ends in queues
         self._grants = 0
         self._wait = timeout
         self._specs: dict[tuple[Any, Any], _Spec] = {}
@@ -460,6 +461,9 @@ class Client:
         drops = []
         for h in hs:
             self._check_broker(h)
+            if self._acks:
+                for ack in self._acks.pop(h.oid, ()):
+                    ack()  # a redelivering queue's pending entry: the item was handled
             entry = self._held.get(h.oid)
             if entry is None or entry[0].generation != h.generation:
                 drops.append((h.oid, h.generation))  # not held here: the broker counts it stale
@@ -475,6 +479,10 @@ class Client:
                 drops.append((h.oid, h.generation))
         if drops:
             self._drop(drops)
+
+    def _on_release(self, handle: Handle, ack: Callable[[], None]) -> None:
+        """``ack`` runs when this client releases ``handle`` (a queue's pending entry)."""
+        self._acks.setdefault(handle.oid, []).append(ack)
 
     def publish(self, name: str, handle: Handle) -> None:
         """Make ``handle`` discoverable by ``name``; the broker keeps it alive until replaced."""
@@ -512,9 +520,15 @@ class Client:
         """Ask the broker to stop (it removes its runtime directory)."""
         self._request(Shutdown())
 
-    def queue(self, name: str, maxsize: int = 64, spin: float | None = None) -> HandleQueue:
-        """The named handle queue (made on first use; ``maxsize`` is the first user's): the
-        zero-copy replacement for ``torch.multiprocessing.Queue``, see ``broker.queue``.
+    def queue(self, name: str, maxsize: int = 64, spin: float | None = None,
+              redeliver: int = 0) -> HandleQueue:
+        """The named handle queue (made on first use; ``maxsize`` and ``redeliver`` are the first
+        user's): the zero-copy replacement for ``torch.multiprocessing.Queue``, see ``broker.queue``.
+
+        ``redeliver``: 0 (default): an item whose receiver dies before releasing it is freed.
+        N > 0: at-least-once; the broker gives such an item back to the queue, up to N times,
+        then drops it (``q.stats()["dropped"]``); items got and not yet released count against
+        ``maxsize``.
 
         ``spin``: how long this process's waits spin before they sleep in the kernel. None
         (default): adaptively, at most ``SPIN_MAX`` (200 µs). A number of seconds: that long,
@@ -523,7 +537,9 @@ class Client:
         if spin is not None and (isinstance(spin, bool) or not isinstance(spin, (int, float))
                                  or not (math.isfinite(spin) and 0 <= spin <= 3600)):
             raise BadRequest(f"spin must be None or seconds in [0, 3600], got {spin!r}")
-        info: QueueInfo = self._request(QueueOpen(name=name, maxsize=maxsize))
+        if isinstance(redeliver, bool) or not isinstance(redeliver, int) or not 0 <= redeliver <= REDELIVER_MAX:
+            raise BadRequest(f"redeliver must be an int in [0, {REDELIVER_MAX}], got {redeliver!r}")
+        info: QueueInfo = self._request(QueueOpen(name=name, maxsize=maxsize, redeliver=redeliver))
         return HandleQueue(self, name, info.offset, info.maxsize, info.slot_words, spin)
 
     # -- pipeline operations ------------------------------------------------------------------------

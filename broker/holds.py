@@ -5,7 +5,7 @@ arena starts with a control region the broker lays out; every block has a
 64-byte header just before its data::
 
     arena:  [control region][hdr|block data][hdr|block data] ...
-    control: header | client slots (pid, state, high-water mark) | hold tables | queue registry
+    control: header | client slots (pid, state, high-water mark, epoch) | hold tables | queue registry
     hdr:     generation (8 bytes; 0 while the block is retired or free) | owner | ...
 
 A client that wants to read a block someone else owns takes a *hold*: it
@@ -150,8 +150,12 @@ class ControlRegion:
             return None
         s = int(free[0])
         self.tables[s] = 0
+        self.slots[s, 3] = int(self.slots[s, 3]) + 1  # its epoch: who held this slot before is told apart
         self.slots[s, 0], self.slots[s, 2], self.slots[s, 1] = pid, 0, 1
         return s
+
+    def epoch(self, s: int) -> int:
+        return int(self.slots[s, 3])
 
     def close_slot(self, s: int) -> None:
         """A client is gone: its holds vanish (then its slot may be reused)."""
@@ -161,6 +165,8 @@ class ControlRegion:
 
     # -- queues (the broker registers, everyone scans) -----------------------------------------
     def register_queue(self, offset: int, capacity: int, slot_words: int) -> int:
+        """A queue's block at ``offset``: ``capacity`` slots of ``slot_words`` words (the ring's,
+        then its pending entries') whose first words may name blocks."""
         free = np.flatnonzero(self.queues[:, 0] == 0)
         if not len(free):
             raise MemoryError(f"all {self.layout.queues} queues of this arena are in use")
@@ -215,7 +221,7 @@ class ControlRegion:
         return free
 
 
-QUEUE_HEADER_WORDS = 16  # a queue block's header (queue.py), before its slots
+QUEUE_HEADER_WORDS = 24  # a queue block's header (queue.py), before its slots
 _NO_WORDS = np.zeros(0, dtype=np.uint64)
 _NO_WORDS.flags.writeable = False
 
@@ -234,6 +240,7 @@ class Holds:
         self.hwm_at = lo.slots_at // 8 + slot * 8 + 2
         self.free = list(range(lo.holds - 1, -1, -1))  # lowest index last: popped first
         self.hwm = 0
+        self.epoch = region.epoch(slot)  # set by the broker before it told this client its slot
 
     def take(self, base: int, gen: int) -> int | None:
         """Hold the block at ``base`` if it still has generation ``gen``: the entry's index,

@@ -61,6 +61,7 @@ MAX_MESSAGE = 1 << 20  # bytes; handles are ~100 B, a task a few hundred
 MAX_DIMS = 32
 MAX_REFS = 1024  # handles per acquire_many/drop/release message: the frame stays below MAX_MESSAGE
 MAX_ITEMS = 65536  # item ids per reservation
+REDELIVER_MAX = 1000  # a handle queue's redeliveries of one item
 BFLOAT16 = "bfloat16"  # NumPy has no bfloat16: such arrays are stored, and seen by NumPy, as <u2
 
 __all__ = [
@@ -391,6 +392,7 @@ class QueueOpen(Message, tag="queue_open"):
 
     name: Name
     maxsize: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] = 64
+    redeliver: Annotated[int, msgspec.Meta(ge=0, le=REDELIVER_MAX)] = 0  # deliveries to receivers that died
 
 
 # broker -> client

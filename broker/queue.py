@@ -11,22 +11,41 @@ The zero-copy replacement for ``torch.multiprocessing.Queue``::
 The ring lies in one block of the arena, created by the broker on the first
 ``queue`` call for a name::
 
-    header (16 words): magic | maxsize | slot words | head (puts) | tail (gets) | seq | space |
-                       consumers waiting | producers waiting | mutex (40 bytes) ...
-    slots[maxsize]:    block data offset (0: empty) | encoded length | msgpack of the Handle ...
+    header (24 words): magic | maxsize | slot words | head (puts) | tail (gets) | seq | space |
+                       consumers waiting | producers waiting | redeliver | mutex (40 bytes) |
+                       pending | redelivered | dropped ...
+    slots[maxsize]:    block data offset (0: empty) | length, deliveries << 32 | owner | msgpack
+                       of the Handle ...
+    pending[maxsize]:  the same, for items got but not yet released (``redeliver`` > 0 only)
 
 Every operation holds a process-shared, robust ``pthread`` mutex (glibc, through
 ctypes). A process that dies holding it makes the next locker get
 ``EOWNERDEAD``: it repairs the ring (clears the slots outside the live window
-``[tail, head)``) and goes on; no state is ever half-written where it counts,
-because ``head`` and ``tail`` move only after the slot they count is complete.
+``[tail, head)``, recounts the pending entries) and goes on; no state is ever
+half-written where it counts, because ``head`` and ``tail`` move only after the
+slot they count is complete.
 
 The slots' first words name blocks, and every owner's reuse rule scans them
 (``holds.ControlRegion.named``): an item in the queue keeps its block alive
 though its sender released it. ``get`` takes the receiver's hold before it
-clears the slot, under the mutex: the block is never unprotected. A receiver
-that dies holding an item loses it (its hold vanishes and the block is freed
-by its owner's next scan); it is never read after reuse.
+clears the slot, under the mutex: the block is never unprotected.
+
+What happens to an item whose receiver dies before it releases it:
+
+* ``redeliver=0`` (the default): it is lost; its hold vanishes with the process
+  and the block is freed by its owner's next scan. Never read after reuse.
+* ``redeliver=N``: at-least-once delivery. ``get`` also copies the item into a
+  *pending* entry that names the receiver (its hold-table slot and that slot's
+  epoch) until ``client.release`` (or a ``put`` of the handle into another
+  queue, which is a release) ends it. When the broker notices the receiver's
+  death, or its client closed with the item still held, it moves the item back
+  to the front of the ring, up to ``N`` times per item; an item delivered to
+  ``N + 1`` receivers that all died is dropped (its block freed) and counted in
+  ``dropped``: a poison item does not kill consumers forever. Pending items
+  count against ``maxsize``, so the ring always has room to take them back and
+  memory stays bounded. A receiver that was mid-``get`` when it died may make
+  the item appear twice (at least once, never lost): a consumer that must not
+  see an item twice keeps the ids it has seen.
 
 Waiting: a consumer that finds the ring empty spins on the ``seq`` word for an
 adaptive while (longer after a spin that was rewarded, shorter after one that
@@ -43,27 +62,31 @@ import ctypes
 import errno
 import os
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import msgspec
 import numpy as np
 
 from .errors import BadRequest, BrokerError, BrokerTimeout, StaleHandle
 from .holds import QUEUE_HEADER_WORDS
-from .protocol import Handle, ProtocolError
+from .protocol import REDELIVER_MAX, Handle, ProtocolError
 
-__all__ = ["HandleQueue", "init_queue", "SLOT_WORDS"]
+__all__ = ["HandleQueue", "init_queue", "owner_word", "queue_words", "requeue", "REDELIVER_MAX", "SLOT_WORDS"]
 
-SLOT_WORDS = 40  # 320 bytes a slot: two words of bookkeeping and a msgpack Handle of up to 304 bytes
+SLOT_WORDS = 40  # 320 bytes a slot: three words of bookkeeping and a msgpack Handle of up to 296 bytes
+_DATA = 3  # the first word of a slot's msgpack
 MAGIC = int.from_bytes(b"SHMQUEUE", "little")
-_HEAD, _TAIL, _SEQ, _SPACE, _CWAIT, _PWAIT = 3, 4, 5, 6, 7, 8
+_HEAD, _TAIL, _SEQ, _SPACE, _CWAIT, _PWAIT, _REDELIVER = 3, 4, 5, 6, 7, 8, 9
 _MUTEX = 10 * 8  # byte offset of the mutex in the header (40 bytes on x86-64 and aarch64 glibc)
+_PENDING, _REDELIVERED, _DROPPED = 15, 16, 17
+_START = 1 << 32  # head and tail start here, so a redelivered item can go in front of the first
 SPIN_MAX = 200e-6  # seconds a waiter may spin before it sleeps
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine)
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _lock = _libc.pthread_mutex_lock
+_trylock = _libc.pthread_mutex_trylock
 _unlock = _libc.pthread_mutex_unlock
 
 
@@ -83,12 +106,18 @@ def _futex_wake(addr: int, n: int) -> None:
     _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(addr), _FUTEX_WAKE, n, None, None, 0)
 
 
-def init_queue(words: np.ndarray, address: int, offset: int, maxsize: int) -> None:
+def queue_words(maxsize: int, redeliver: int) -> int:
+    """The size of a queue's block in 8-byte words (pending entries only if it redelivers)."""
+    return QUEUE_HEADER_WORDS + (2 if redeliver else 1) * maxsize * SLOT_WORDS
+
+
+def init_queue(words: np.ndarray, address: int, offset: int, maxsize: int, redeliver: int = 0) -> None:
     """Lay out an empty ring at data offset ``offset`` (the broker, once); ``address`` is where
     byte 0 of the arena is mapped in this process."""
     first = offset // 8
-    words[first: first + QUEUE_HEADER_WORDS + maxsize * SLOT_WORDS] = 0
-    words[first + 1], words[first + 2] = maxsize, SLOT_WORDS
+    words[first: first + queue_words(maxsize, redeliver)] = 0
+    words[first + 1], words[first + 2], words[first + _REDELIVER] = maxsize, SLOT_WORDS, redeliver
+    words[first + _HEAD] = words[first + _TAIL] = _START
     attr = ctypes.create_string_buffer(64)
     _libc.pthread_mutexattr_init(attr)
     _libc.pthread_mutexattr_setpshared(attr, 1)  # PTHREAD_PROCESS_SHARED
@@ -100,11 +129,87 @@ def init_queue(words: np.ndarray, address: int, offset: int, maxsize: int) -> No
     words[first] = MAGIC
 
 
+def owner_word(slot: int, epoch: int) -> int:
+    """How a pending entry names its receiver: its hold-table slot and that slot's epoch
+    (``holds.ControlRegion.open_slot`` counts them), so a slot reused by a new client is not
+    taken for the dead one."""
+    return (slot + 1) << 32 | (epoch & 0xFFFFFFFF)
+
+
+def repair(words: np.ndarray, first: int) -> None:
+    """After ``EOWNERDEAD``: clear the ring slots outside the live window ``[tail, head)`` (a
+    producer died mid-put) and recount the pending entries (a receiver died mid-get)."""
+    w, n, sw = words, int(words[first + 1]), int(words[first + 2])
+    head, tail = int(w[first + _HEAD]), int(w[first + _TAIL])
+    live = {(tail + k) % n for k in range(max(0, min(head - tail, n)))}
+    ring = first + QUEUE_HEADER_WORDS
+    for s in range(n):
+        if s not in live:
+            w[ring + s * sw] = 0
+    if w[first + _REDELIVER]:
+        pend = ring + n * sw
+        w[first + _PENDING] = int(np.count_nonzero(w[pend: pend + n * sw: sw]))
+
+
+def requeue(words: np.ndarray, address: int, offset: int, owner: int) -> tuple[int, int] | None:
+    """The broker, for a receiver that is gone: its pending items back to the front of the ring
+    (up to the queue's ``redeliver`` deliveries each; beyond, dropped). Returns (moved, dropped),
+    or None if another process holds the mutex now (then the broker tries again later: it never
+    blocks on a client)."""
+    mutex = ctypes.c_void_p(address + offset + _MUTEX)
+    rc = _trylock(mutex)
+    if rc == errno.EBUSY:
+        return None
+    w, f = words, offset // 8
+    if rc == errno.EOWNERDEAD:
+        repair(w, f)
+        _libc.pthread_mutex_consistent(mutex)
+    elif rc:
+        raise BrokerError(f"queue at {offset}: pthread_mutex_trylock failed: {os.strerror(rc)}")
+    moved = dropped = 0
+    try:
+        n, sw, limit = int(w[f + 1]), int(w[f + 2]), int(w[f + _REDELIVER])
+        ring = f + QUEUE_HEADER_WORDS
+        pend = ring + n * sw
+        mine = np.flatnonzero((w[pend + 2: pend + n * sw: sw] == owner) & (w[pend: pend + n * sw: sw] != 0))
+        for p in mine[::-1].tolist():  # the last one first: the items keep their order in front
+            e = pend + p * sw
+            deliveries = int(w[e + 1]) >> 32
+            if deliveries > limit:
+                dropped += 1
+            else:
+                tail = int(w[f + _TAIL]) - 1
+                s = ring + (tail % n) * sw
+                w[s + 1: s + sw] = w[e + 1: e + sw]
+                w[s + 2] = 0
+                w[s] = w[e]  # the ring slot names the block before the pending entry stops
+                w[f + _TAIL] = tail
+                moved += 1
+            w[e] = 0
+        if mine.size:
+            w[f + _PENDING] = int(w[f + _PENDING]) - mine.size
+            w[f + _REDELIVERED] = int(w[f + _REDELIVERED]) + moved
+            w[f + _DROPPED] = int(w[f + _DROPPED]) + dropped
+        if moved:
+            w[f + _SEQ] = int(w[f + _SEQ]) + 1
+        if dropped:
+            w[f + _SPACE] = int(w[f + _SPACE]) + 1
+        wake_c, wake_p = moved and int(w[f + _CWAIT]) > 0, dropped and int(w[f + _PWAIT]) > 0
+    finally:
+        _unlock(mutex)
+    if wake_c:
+        _futex_wake(address + offset + _SEQ * 8, moved)
+    if wake_p:
+        _futex_wake(address + offset + _SPACE * 8, dropped)
+    return moved, dropped
+
+
 class Owner(Protocol):
     """What a queue needs of the client it belongs to (``client.Client``; declared here so the
     queue does not import the client that makes queues)."""
 
     conn: Any
+    holds: Any
 
     def _check_broker(self, handle: Handle) -> None: ...
     def _hold(self, handle: Handle) -> np.ndarray | None: ...
@@ -112,6 +217,7 @@ class Owner(Protocol):
     def get(self, handle: Handle) -> np.ndarray: ...
     def put(self, array: Any, timeout: float | None = None) -> Handle: ...
     def release(self, handles: Any) -> None: ...
+    def _on_release(self, handle: Handle, ack: Callable[[], None]) -> None: ...
 
 
 class HandleQueue:
@@ -136,9 +242,21 @@ class HandleQueue:
         self.spin = 50e-6 if spin is None else spin
         if int(self.words[self.first]) != MAGIC:
             raise BrokerError(f"queue {name!r}: no queue at offset {offset} (the broker's answer was wrong)")
+        self.redeliver = int(self.words[self.first + _REDELIVER])
+        self.pending_first = self.first + QUEUE_HEADER_WORDS + maxsize * slot_words
+        holds = client.holds
+        self.owner = owner_word(holds.slot, holds.epoch) if holds is not None else 0
 
     def __repr__(self) -> str:
         return f"HandleQueue({self.name!r}, maxsize={self.maxsize}, size={self.qsize()})"
+
+    def stats(self) -> dict[str, int]:
+        """``size`` (items waiting), ``pending`` (got, not yet released; ``redeliver`` > 0),
+        ``redelivered`` and ``dropped`` (items given back after a receiver died, and items
+        dropped after ``redeliver`` redeliveries), ``maxsize``, ``redeliver``."""
+        w, f = self.words, self.first
+        return {"size": self.qsize(), "pending": int(w[f + _PENDING]), "redelivered": int(w[f + _REDELIVERED]),
+                "dropped": int(w[f + _DROPPED]), "maxsize": self.maxsize, "redeliver": self.redeliver}
 
     # -- the mutex ----------------------------------------------------------------------------------
     def _acquire(self) -> None:
@@ -151,12 +269,7 @@ class HandleQueue:
             raise BrokerError(f"queue {self.name!r}: pthread_mutex_lock failed: {os.strerror(rc)}")
 
     def _repair(self) -> None:
-        w, f, n, sw = self.words, self.first, self.maxsize, self.slot_words
-        head, tail = int(w[f + _HEAD]), int(w[f + _TAIL])
-        live = {(tail + k) % n for k in range(max(0, min(head - tail, n)))}
-        for s in range(n):
-            if s not in live:
-                w[f + QUEUE_HEADER_WORDS + s * sw] = 0
+        repair(self.words, self.first)
 
     def _slot(self, index: int) -> int:
         return self.first + QUEUE_HEADER_WORDS + (index % self.maxsize) * self.slot_words
@@ -180,18 +293,19 @@ class HandleQueue:
             handle = c.put(item, timeout=timeout)
         handle = msgspec.structs.replace(handle, grant=0, expires=0.0)
         data = handle.to_bytes()
-        if len(data) > (self.slot_words - 2) * 8:
+        if len(data) > (self.slot_words - _DATA) * 8:
             raise BrokerError(f"queue {self.name!r}: a handle of {len(data)} bytes does not fit a slot")
         deadline = None if timeout is None else time.monotonic() + timeout
         w, f = self.words, self.first
         while True:
             self._acquire()
             head, tail = int(w[f + _HEAD]), int(w[f + _TAIL])
-            if head - tail < self.maxsize:
+            if head - tail + int(w[f + _PENDING]) < self.maxsize:
                 s = self._slot(head)
-                start = s * 8 + 16
+                start = (s + _DATA) * 8
                 self.bytes[start: start + len(data)] = np.frombuffer(data, np.uint8)
                 w[s + 1] = len(data)
+                w[s + 2] = 0
                 w[s] = handle.block  # from here the slot keeps the block alive
                 w[f + _HEAD] = head + 1
                 w[f + _SEQ] = int(w[f + _SEQ]) + 1
@@ -214,12 +328,15 @@ class HandleQueue:
             self._acquire()
             head, tail = int(w[f + _HEAD]), int(w[f + _TAIL])
             if head > tail:
+                handle = None
                 try:
                     handle = self._take(tail)
                 finally:
                     w[f + _TAIL] = tail + 1
-                    w[f + _SPACE] = int(w[f + _SPACE]) + 1
-                    wake = int(w[f + _PWAIT]) > 0
+                    wake = False
+                    if handle is None or not self.redeliver:  # else its room stays taken until the ack
+                        w[f + _SPACE] = int(w[f + _SPACE]) + 1
+                        wake = int(w[f + _PWAIT]) > 0
                     _unlock(self.mutex)
                 if wake:
                     _futex_wake(self.space_addr, 1)
@@ -231,12 +348,13 @@ class HandleQueue:
             self._wait(self.seq_addr, _SEQ, _CWAIT, seq, deadline, "get: the queue stayed empty")
 
     def _take(self, index: int) -> Handle | None:
-        """Under the mutex: the hold of the item at ``index``, then its slot cleared."""
+        """Under the mutex: the hold of the item at ``index`` (and its pending entry, if the
+        queue redelivers), then its slot cleared."""
         w, s = self.words, self._slot(index)
         if not w[s]:
             return None
-        n = int(w[s + 1])
-        start = s * 8 + 16
+        n = int(w[s + 1]) & 0xFFFFFFFF
+        start = (s + _DATA) * 8
         try:
             handle = Handle.from_bytes(self.bytes[start: start + n].tobytes())
             c = self.client
@@ -244,11 +362,46 @@ class HandleQueue:
             # stays held by that one reference (one per array and process, as for get)
             if not c.holds_handle(handle) and c._hold(handle) is None:
                 c.get(handle)  # no free hold: a lease, taken while the slot protects it
+            if self.redeliver:
+                self._pend(s, handle)
         except (ProtocolError, StaleHandle, BadRequest):
             handle = None
         finally:
             w[s] = 0  # whatever happened, the slot names the block no more
         return handle
+
+    def _pend(self, s: int, handle: Handle) -> None:
+        """Under the mutex: copy ring slot ``s`` into a free pending entry that names this
+        receiver, until ``client.release`` of the handle acks it. There is always one free:
+        pending entries and ring items together are at most ``maxsize``."""
+        w, sw, pf = self.words, self.slot_words, self.pending_first
+        p = int(np.flatnonzero(w[pf: pf + self.maxsize * sw: sw] == 0)[0])
+        e = pf + p * sw
+        w[e + 1: e + sw] = w[s + 1: s + sw]
+        w[e + 1] = int(w[e + 1]) + (1 << 32)  # one more delivery
+        w[e + 2] = self.owner
+        block = int(w[s])
+        w[e] = block  # named by the entry before the ring slot is cleared
+        w[self.first + _PENDING] = int(w[self.first + _PENDING]) + 1
+        self.client._on_release(handle, lambda: self._ack(e, block))
+
+    def _ack(self, e: int, block: int) -> None:
+        """The receiver released the item of pending entry ``e``: the entry ends and its room
+        goes back to the producers. Nothing if the broker gave the item back meanwhile (it took
+        this client for gone)."""
+        w, f = self.words, self.first
+        self._acquire()
+        try:
+            if int(w[e]) != block or int(w[e + 2]) != self.owner:
+                return
+            w[e] = 0
+            w[f + _PENDING] = int(w[f + _PENDING]) - 1
+            w[f + _SPACE] = int(w[f + _SPACE]) + 1
+            wake = int(w[f + _PWAIT]) > 0
+        finally:
+            _unlock(self.mutex)
+        if wake:
+            _futex_wake(self.space_addr, 1)
 
     def _wait(self, addr: int, word: int, waiting: int, seen: int, deadline: float | None,
               what: str) -> None:

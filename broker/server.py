@@ -41,14 +41,14 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import msgspec
 import numpy as np
 
 from .arena import SharedRegion, check_capacity
 from .errors import ArenaFull, BadRequest, BrokerError, format_bytes
-from .holds import QUEUE_HEADER_WORDS, fence_available
+from .holds import fence_available
 from .protocol import (
     MAX_MESSAGE,
     Acquire,
@@ -91,7 +91,7 @@ from .protocol import (
     decode,
     encode,
 )
-from .queue import SLOT_WORDS, init_queue
+from .queue import SLOT_WORDS, init_queue, owner_word, queue_words, requeue
 from .rundir import RunDir, cleanup
 from .scheduler import Scheduler
 from .table import ObjectTable
@@ -146,7 +146,10 @@ class BrokerServer:
                                  buffer=self.region.buffer if fence_available() else None)
         self.scheduler = Scheduler(self.table, waiting=lambda: self.waiting.downstream())
         self.sessions: dict[int, Session] = {}
-        self.queues: dict[str, tuple[int, int]] = {}  # name -> (offset, maxsize); kept while the broker lives
+        self.queues: dict[str, tuple[int, int, int]] = {}  # name -> (offset, maxsize, redeliver); kept while the broker lives
+        # pending items of receivers that are gone, to give back once their queue's mutex is free:
+        # (queue name, owner word)
+        self.give_back_later: list[tuple[str, int]] = []
         self.address = np.frombuffer(self.region.buffer, dtype=np.uint8).ctypes.data
         self.waiting = Waiting()
         self._next_cid = 1
@@ -259,6 +262,9 @@ class BrokerServer:
         self.transport.forget(link, why)
         if session is None:
             return
+        slot = self.table.slots.get(session.cid)
+        if slot is not None and self.table.region is not None and self.queues:
+            self.give_back_pending(owner_word(slot, self.table.region.epoch(slot)))
         leases = self.table.drop_client(session.cid)
         tasks = self.scheduler.drop(session.cid)
         self.waiting.forget(session)
@@ -397,17 +403,42 @@ class BrokerServer:
             if self.table.region is None:
                 raise BadRequest("queue: this broker keeps no holds in shared memory (no membarrier "
                                  "on this host); queues need them")
-            words = SLOT_WORDS * msg.maxsize + QUEUE_HEADER_WORDS
-            obj = self.table.new(words * 8, "|u1", (words * 8,))
+            nbytes = queue_words(msg.maxsize, msg.redeliver) * 8
+            obj = self.table.new(nbytes, "|u1", (nbytes,))
             if obj is None and self.table.reclaim():
-                obj = self.table.new(words * 8, "|u1", (words * 8,))
+                obj = self.table.new(nbytes, "|u1", (nbytes,))
             if obj is None:
                 raise self._alloc_full(f"queue {msg.name!r} of {msg.maxsize} slots")
-            init_queue(self.table.region.words, self.address, obj.offset, msg.maxsize)
-            self.table.region.register_queue(obj.offset, msg.maxsize, SLOT_WORDS)
-            found = self.queues[msg.name] = (obj.offset, msg.maxsize)
-        offset, maxsize = found
+            init_queue(self.table.region.words, self.address, obj.offset, msg.maxsize, msg.redeliver)
+            slots = msg.maxsize * (2 if msg.redeliver else 1)  # the pending entries name blocks too
+            self.table.region.register_queue(obj.offset, slots, SLOT_WORDS)
+            found = self.queues[msg.name] = (obj.offset, msg.maxsize, msg.redeliver)
+        offset, maxsize, redeliver = found
+        if msg.redeliver and msg.redeliver != redeliver:
+            raise BadRequest(f"queue {msg.name!r} was made with redeliver={redeliver} by its first "
+                             f"user; open it with that (or without redeliver=)")
         return QueueInfo(rid=msg.rid, offset=offset, maxsize=maxsize, slot_words=SLOT_WORDS)
+
+    def give_back_pending(self, owner: int, names: Iterable[str] | None = None) -> None:
+        """The items a receiver that is gone got from redelivering queues and did not release:
+        back to their queues (``queue.requeue``). A queue whose mutex another process holds
+        right now is tried again at the next tick: the broker never waits on a client."""
+        region = self.table.region
+        assert region is not None  # queues exist only with holds
+        for name in (self.queues if names is None else names):
+            offset, _maxsize, redeliver = self.queues[name]
+            if not redeliver:
+                continue
+            done = requeue(region.words, self.address, offset, owner)
+            if done is None:
+                self.give_back_later.append((name, owner))
+                continue
+            moved, dropped = done
+            if moved:
+                log.info("queue %r: %d item(s) of a receiver that is gone given back", name, moved)
+            if dropped:
+                log.warning("queue %r: %d item(s) dropped after %d redeliveries (every receiver died "
+                            "holding them)", name, dropped, redeliver)
 
     def shutdown(self, s: Session, msg: Shutdown) -> Message:
         self.stopping = True
@@ -459,7 +490,8 @@ class BrokerServer:
             if self.parent_pid and os.getppid() != self.parent_pid:
                 log.error("parent process %d is gone; stopping", self.parent_pid)
                 break
-            busy = self.waiting.count or self.scheduler.batches_open or self.table.retiring
+            busy = self.waiting.count or self.scheduler.batches_open or self.table.retiring or \
+                self.give_back_later
             self.transport.poll(10 if busy else 500)
             self.tick()
 
@@ -477,6 +509,10 @@ class BrokerServer:
             self.retry_waiting()
         if self.scheduler.batches_open:
             self.scheduler.tick(now)
+        if self.give_back_later:
+            later, self.give_back_later = self.give_back_later, []
+            for name, owner in later:
+                self.give_back_pending(owner, (name,))
         self.flush_outbox()
 
     def stats(self) -> dict[str, Any]:
