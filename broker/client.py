@@ -34,6 +34,8 @@ from .holds import Layout as ControlLayout
 from .pool import POOL_MAX, REFILL_BYTES, Pool, size_class
 from .protocol import (
     BFLOAT16,
+    LARGE_KEEP_MAX,
+    LARGE_KEEP_PART,
     MAX_REFS,
     Acquire,
     AcquireMany,
@@ -133,6 +135,8 @@ class Client:
         holds them (``pool.py``), so a steady ``put``/``release`` loop needs no
         message. The blocks stay this client's (about as many as it used at
         once, at most 4 MiB of free ones per size class) until it closes.
+        Larger arrays, up to 1/8 of the arena (64 MiB at most), are pooled one
+        block at a time within that same budget of 1/8 of the arena.
         """
         self.endpoint = endpoint
         self.pool = pool
@@ -153,7 +157,8 @@ class Client:
         if holds and self.conn.slot >= 0 and register_reader():
             control = ControlRegion(self.conn.region.buffer, ControlLayout.for_capacity(self.conn.capacity))
             self.holds = Holds(control, self.conn.slot)
-        self._pool = Pool(self._refill, self.holds.region if self.holds else None, self._give_back)
+        self._pool = Pool(self._refill, self.holds.region if self.holds else None, self._give_back,
+                          large_keep=min(LARGE_KEEP_MAX, self._capacity // LARGE_KEEP_PART))
 
     @property
     def timeout(self) -> float:
@@ -230,7 +235,7 @@ class Client:
         dt = storage_dtype(wire)
         nbytes = dt.itemsize * math.prod(shape)
         spec = (wire, dt, shape, nbytes, c_strides(shape, dt.itemsize),
-                size_class(nbytes) if 0 < nbytes <= POOL_MAX else 0)
+                size_class(nbytes) if 0 < nbytes <= self._pool.max_size else 0)
         if len(self._specs) > 1024:
             self._specs.clear()
         self._specs[key] = spec

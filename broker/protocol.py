@@ -62,6 +62,9 @@ MAX_DIMS = 32
 MAX_REFS = 1024  # handles per acquire_many/drop/release message: the frame stays below MAX_MESSAGE
 MAX_ITEMS = 65536  # item ids per reservation
 REDELIVER_MAX = 1000  # a handle queue's redeliveries of one item
+# A client's pool may own blocks above 1 MiB, one per ``alloc_many`` of count 1, up to 1/8 of the
+# arena (64 MiB at most) in total; the broker refuses larger pool blocks.
+LARGE_KEEP_PART, LARGE_KEEP_MAX = 8, 64 << 20
 BFLOAT16 = "bfloat16"  # NumPy has no bfloat16: such arrays are stored, and seen by NumPy, as <u2
 
 __all__ = [
@@ -249,7 +252,7 @@ class Alloc(Message, tag="alloc"):
 
 
 class AllocMany(Message, tag="alloc_many"):
-    """Up to ``count`` blocks of ``nbytes`` for a client's pool of small arrays."""
+    """Up to ``count`` blocks of ``nbytes`` for a client's pool (above 1 MiB: one, see LARGE_KEEP_PART)."""
 
     nbytes: NonNeg
     count: Annotated[int, msgspec.Meta(ge=1, le=256)]

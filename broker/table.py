@@ -36,7 +36,7 @@ from .allocator import Allocator, Block
 from .errors import BadRequest, ItemTooLarge, StaleHandle, format_bytes
 from .holds import GEN_BITS, HEADER, ControlRegion
 from .holds import Layout as ControlLayout
-from .protocol import Handle, Layout, c_strides, storage_dtype
+from .protocol import LARGE_KEEP_MAX, LARGE_KEEP_PART, Handle, Layout, c_strides, storage_dtype
 
 __all__ = ["Obj", "ObjectTable", "array_nbytes", "POOL_BLOCK_MAX", "MAX_GRANTS"]
 
@@ -265,9 +265,12 @@ class ObjectTable:
         return self.handle(obj)
 
     def alloc_many(self, cid: int, nbytes: int, count: int) -> list[Handle]:
-        """Up to ``count`` byte blocks of ``nbytes`` for a client's pool (empty while full)."""
-        if not 0 < nbytes <= POOL_BLOCK_MAX:
-            raise BadRequest(f"alloc_many: blocks of 1..{POOL_BLOCK_MAX} bytes, not {nbytes}")
+        """Up to ``count`` byte blocks of ``nbytes`` for a client's pool (empty while full):
+        any number up to POOL_BLOCK_MAX, one at a time up to 1/LARGE_KEEP_PART of the arena."""
+        large = max(POOL_BLOCK_MAX, min(LARGE_KEEP_MAX, self.alloc.capacity // LARGE_KEEP_PART))
+        if not 0 < nbytes <= (POOL_BLOCK_MAX if count > 1 else large):
+            raise BadRequest(f"alloc_many: blocks of 1..{POOL_BLOCK_MAX} bytes, or one of up to {large}, "
+                             f"not {count} of {nbytes}")
         out = []
         for _ in range(count):
             obj = self.new(nbytes, "|u1", (nbytes,))

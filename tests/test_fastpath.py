@@ -12,7 +12,7 @@ import pytest
 
 from broker import Client
 from broker.arena import recv_fd
-from broker.client import POOL_MAX, POOL_REFILL_BYTES
+from broker.client import POOL_REFILL_BYTES
 from broker.errors import BadRequest, StaleHandle
 from broker.protocol import (
     MAX_MESSAGE,
@@ -39,7 +39,7 @@ def _requests(c: Client) -> dict[str, int]:
 @pytest.mark.parametrize("transport", ["unix", "zmq"])
 def test_both_transports_serve_every_kind_of_request(fresh_broker, transport):
     with Client(fresh_broker.endpoint, transport=transport) as c, Client(fresh_broker.endpoint) as other:
-        a = np.arange(300_000, dtype=np.float32)  # not pooled: a broker allocation
+        a = np.arange(3_000_000, dtype=np.float32)  # 12 MB, above 1/8 of the arena: a broker allocation
         h = c.put(a)
         small = c.put(np.arange(12, dtype=np.int16).reshape(3, 4))  # pooled
         c.publish("big", h)
@@ -106,10 +106,64 @@ def test_pool_off_and_large_arrays_use_plain_allocations(fresh_broker):
     with Client(fresh_broker.endpoint, pool=False) as c, Client(fresh_broker.endpoint) as p:
         before = _requests(c)
         c.put(np.zeros(10, np.float32))
-        p.put(np.zeros(POOL_MAX // 8 + 1, np.float64))  # just over the pooled size
+        assert p._pool.max_size == c.region.capacity // 8
+        p.put(np.zeros(p._pool.max_size // 8 + 1, np.float64))  # just over the pooled size
         after = _requests(c)
         assert after["alloc"] - before.get("alloc", 0) == 2
         assert after.get("alloc_many", 0) == before.get("alloc_many", 0)
+
+
+def test_a_put_release_loop_of_large_arrays_sends_nothing_after_the_first(fresh_broker):
+    with Client(fresh_broker.endpoint) as c:
+        a = np.arange(1 << 19, dtype=np.float64)  # 4 MiB: above POOL_MAX, within 1/8 of 64 MiB
+        before = _requests(c)
+        offsets = set()
+        for i in range(20):
+            h = c.put(a + i)
+            offsets.add(h.offset)
+            assert c.get(h)[7] == 7 + i
+            c.release(h)
+        after = _requests(c)
+        assert after.get("alloc_many", 0) - before.get("alloc_many", 0) == 1  # the first put only
+        assert after.get("alloc", 0) == before.get("alloc", 0) and after.get("drop", 0) == before.get("drop", 0)
+        assert len(offsets) == 1  # one warm block
+
+
+def test_large_pool_blocks_stay_within_the_clients_budget_and_go_back_on_close(fresh_broker, poll):
+    ep = fresh_broker.endpoint
+    four = 4 << 20
+    with Client(ep) as watcher:
+        base = watcher.stats()["used"]
+        c = Client(ep)
+        keep = c._pool.large_keep
+        assert keep == 8 << 20  # 1/8 of the 64 MiB arena
+        hs = [c.put(np.full(four // 8, float(i))) for i in range(3)]  # 12 MiB in use at once
+        assert watcher.stats()["used"] >= base + 3 * four
+        c.release(hs)  # one goes back at once, two stay the pool's (8 MiB: the budget)
+        assert c._pool.large == keep
+        poll(lambda: watcher.stats()["used"] < base + 3 * four, what="the block beyond the budget to be freed")
+        h = c.put(np.zeros((2 << 20) // 8))  # 2 MiB, another class: the 4 MiB blocks go back first
+        assert c._pool.large == 2 << 20
+        poll(lambda: watcher.stats()["used"] < base + four, what="the other class's blocks to be freed")
+        c.release(h)
+        c.close()
+        poll(lambda: watcher.stats()["used"] == base, what="the closed client's blocks to be freed")
+
+
+def test_a_large_pool_block_is_not_reused_while_another_client_holds_it(fresh_broker):
+    ep = fresh_broker.endpoint
+    with Client(ep) as producer, Client(ep) as reader:
+        a = np.full((2 << 20) // 8, 1.0)
+        h = producer.put(a)
+        view = reader.get(h)  # a hold in shared memory
+        producer.release(h)
+        h2 = producer.put(a * 2)  # the first block is held: a new one
+        assert h2.offset != h.offset and (view == 1.0).all()
+        reader.release(h)
+        producer.release(h2)
+        h3 = producer.put(a * 3)  # free again: reused
+        assert h3.offset in (h.offset, h2.offset) and (producer.get(h3) == 3.0).all()
+        producer.release(h3)
 
 
 def test_closing_a_client_returns_its_unused_pool_blocks(fresh_broker):
@@ -327,6 +381,7 @@ def test_grant_for_two_receivers_and_bad_grants(fresh_broker):
         r1.ping()  # each receiver's claim is in once its next request is answered
         assert r2.stats()["grants"] == 0
         r1.release(g)
+        r1.ping()  # its drop is in (a drop is not answered; r2's next request could overtake it)
         r2.release(g)
         assert r2.stats()["objects"] == 0 and r1.stats()["objects"] == 0
         with pytest.raises(ValueError):

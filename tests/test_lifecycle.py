@@ -72,7 +72,7 @@ def _child_scribble(endpoint: str, wire: bytes, conn) -> None:
 def test_sigkilled_client_does_not_take_the_region(fresh_broker, poll):
     rng = np.random.default_rng(5)
     data = rng.integers(0, 2**31, 2 * MiB // 4, dtype=np.int32)
-    with Client(fresh_broker.endpoint) as c:
+    with Client(fresh_broker.endpoint, pool=False) as c:  # the broker's block, so "used" ends at 0
         h = c.put(data)
         parent, child = SPAWN.Pipe()
         p = SPAWN.Process(target=_child_scribble, args=(fresh_broker.endpoint, pickle.dumps(h), child))
