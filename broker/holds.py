@@ -178,31 +178,49 @@ class ControlRegion:
     # -- scanning -------------------------------------------------------------------------------
     def named(self, bases: np.ndarray) -> np.ndarray:
         """For each block data offset in ``bases``: does a hold or a queue slot name it?"""
+        if len(bases) <= 4:  # the common case: a few blocks; np.isin sorts, this only compares
+            parts = self._parts()
+            return np.array([any((p == b).any() for p in parts) for b in bases.tolist()], dtype=bool)
         words = self.naming_words()
         if not len(words):
             return np.zeros(len(bases), dtype=bool)
-        if len(bases) <= 4:  # the common case: a few blocks; np.isin sorts, this only compares
-            return np.array([bool((words == b).any()) for b in bases.tolist()], dtype=bool)
         return np.isin(bases, words)
 
-    def naming_words(self) -> np.ndarray:
-        """Every word that may name a block (the used part of each hold table, each queue's slots),
-        copied out of the shared tables (part by part: the fence and the second scan of
-        ``retire`` cover what changes meanwhile)."""
+    def names(self, base: int) -> bool:
+        """``named`` of one block."""
+        return any((p == base).any() for p in self._parts())
+
+    def _parts(self) -> list[np.ndarray]:
+        """Views of every word that may name a block: the used part of each hold table, each
+        queue's slots. Each comparison reads a part once, so views will do (an aligned 8-byte
+        word is never read half-written; the fence and the second scan of ``retire`` cover what
+        changes meanwhile)."""
         tables, parts = self.tables, []
-        for s, hwm in enumerate(self.slots[:, 2].tolist()):
-            if hwm:
-                parts.append(tables[s, :hwm])
-        for q, offset in enumerate(self.queues[:, 0].tolist()):
-            if offset:
-                capacity, slot_words = int(self.queues[q, 1]), int(self.queues[q, 2])
-                first = offset // 8 + QUEUE_HEADER_WORDS
-                parts.append(self.words[first: first + capacity * slot_words: slot_words])
+        hwms = self.slots[:, 2]
+        for s in np.flatnonzero(hwms).tolist():  # the clients that hold something (a few)
+            parts.append(tables[s, :int(hwms[s])])
+        queues = self.queues
+        for q in np.flatnonzero(queues[:, 0]).tolist():
+            offset, capacity, slot_words = queues[q, :3].tolist()
+            first = offset // 8 + QUEUE_HEADER_WORDS
+            parts.append(self.words[first: first + capacity * slot_words: slot_words])
+        return parts
+
+    def naming_words(self) -> np.ndarray:
+        """The words of ``_parts``, copied out of the shared tables: np.isin reads its input more
+        than once (its min and max bound a lookup table), so it must not change meanwhile."""
+        parts = self._parts()
         if not parts:
             return _NO_WORDS
-        # a copy, never a view: other processes write the tables while the caller reads, and
-        # np.isin reads its input more than once (its min and max bound a lookup table)
         return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+
+    def retire_one(self, base: int) -> bool:
+        """``retire`` of one block without the arrays: whether it may be reused now."""
+        if self.names(base):
+            return False  # named: skipped, generation kept
+        self.words[(base - HEADER) >> 3] = 0
+        heavy_fence()
+        return not self.names(base)
 
     def retire(self, bases: np.ndarray) -> np.ndarray:
         """The four steps above for a batch of released blocks (their data offsets); returns

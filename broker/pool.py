@@ -120,8 +120,11 @@ class Pool:
         retired = self.retired.get(size)
         if not retired or self.region is None:
             return
-        bases = np.fromiter((b.offset for b, _ in retired), dtype=np.uint64, count=len(retired))
-        ok = self.region.retire(bases)
+        if len(retired) == 1:  # a large block's usual case: no arrays to build
+            ok = [self.region.retire_one(retired[0][0].offset)]
+        else:
+            bases = np.fromiter((b.offset for b, _ in retired), dtype=np.uint64, count=len(retired))
+            ok = self.region.retire(bases).tolist()
         keep, spent = [], []
         for (block, gen), reusable in zip(retired, ok, strict=True):
             if not reusable:
