@@ -309,6 +309,7 @@ class Client:
         pool (its release becomes a drop); a hold becomes a lease (the broker must know it)."""
         handle, kind, extra = entry
         if kind == POOLED:
+            self._pool.forget(extra)
             self._held[handle.oid] = (handle, LEASE, None)
         elif kind == HOLD:
             self._request(Acquire(oid=handle.oid, gen=handle.generation))

@@ -103,6 +103,12 @@ class Pool:
             return
         self.retired.setdefault(block.nbytes, []).append((block, gen))
 
+    def forget(self, block: Handle) -> None:
+        """``block`` is the broker's to keep alive now (published or granted): no longer this
+        pool's, nor counted in its budget."""
+        if block.nbytes > POOL_MAX:
+            self.large -= block.nbytes
+
     def give_back(self, blocks: list[Handle]) -> None:
         self.large -= sum(b.nbytes for b in blocks if b.nbytes > POOL_MAX)
         self._give_back(blocks)

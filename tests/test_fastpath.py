@@ -150,6 +150,22 @@ def test_large_pool_blocks_stay_within_the_clients_budget_and_go_back_on_close(f
         poll(lambda: watcher.stats()["used"] == base, what="the closed client's blocks to be freed")
 
 
+def test_a_published_large_block_leaves_the_pool_and_its_budget(fresh_broker):
+    with Client(fresh_broker.endpoint) as c:
+        h = c.put(np.full((4 << 20) // 8, 2.0))
+        assert c._pool.large == 4 << 20
+        c.publish("kept", h)  # the broker keeps it alive now: not the pool's any more
+        c.release(h)
+        assert c._pool.large == 0
+        before = _requests(c)
+        for _ in range(5):  # the budget is whole: the next 4 MiB block is pooled and reused
+            c.release(c.put(np.zeros((4 << 20) // 8)))
+        after = _requests(c)
+        assert after.get("alloc_many", 0) - before.get("alloc_many", 0) == 1
+        assert after.get("drop", 0) == before.get("drop", 0)
+        assert (c.get(c.lookup("kept")) == 2.0).all()
+
+
 def test_a_large_pool_block_is_not_reused_while_another_client_holds_it(fresh_broker):
     ep = fresh_broker.endpoint
     with Client(ep) as producer, Client(ep) as reader:
