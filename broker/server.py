@@ -41,7 +41,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import msgspec
 import numpy as np
@@ -91,7 +91,8 @@ from .protocol import (
     decode,
     encode,
 )
-from .queue import SLOT_WORDS, init_queue, owner_word, queue_words, requeue
+from .queue import SLOT_WORDS
+from .queues import Queues
 from .rundir import RunDir, cleanup
 from .scheduler import Scheduler
 from .table import ObjectTable
@@ -146,11 +147,8 @@ class BrokerServer:
                                  buffer=self.region.buffer if fence_available() else None)
         self.scheduler = Scheduler(self.table, waiting=lambda: self.waiting.downstream())
         self.sessions: dict[int, Session] = {}
-        self.queues: dict[str, tuple[int, int, int]] = {}  # name -> (offset, maxsize, redeliver); kept while the broker lives
-        # pending items of receivers that are gone, to give back once their queue's mutex is free:
-        # (queue name, owner word)
-        self.give_back_later: list[tuple[str, int]] = []
         self.address = np.frombuffer(self.region.buffer, dtype=np.uint8).ctypes.data
+        self.queues = Queues(self.table.region, self.address)
         self.waiting = Waiting()
         self._next_cid = 1
         self.stopping = False
@@ -263,8 +261,8 @@ class BrokerServer:
         if session is None:
             return
         slot = self.table.slots.get(session.cid)
-        if slot is not None and self.table.region is not None and self.queues:
-            self.give_back_pending(owner_word(slot, self.table.region.epoch(slot)))
+        if slot is not None:
+            self.queues.gone(slot)  # before its slot is closed (and may be reused)
         leases = self.table.drop_client(session.cid)
         tasks = self.scheduler.drop(session.cid)
         self.waiting.forget(session)
@@ -398,47 +396,16 @@ class BrokerServer:
 
     def queue_open(self, s: Session, msg: QueueOpen) -> Message:
         """The named queue's ring, made on first use (it lives as long as the broker)."""
-        found = self.queues.get(msg.name)
-        if found is None:
-            if self.table.region is None:
-                raise BadRequest("queue: this broker keeps no holds in shared memory (no membarrier "
-                                 "on this host); queues need them")
-            nbytes = queue_words(msg.maxsize, msg.redeliver) * 8
+        def new_block(nbytes: int) -> int:
             obj = self.table.new(nbytes, "|u1", (nbytes,))
             if obj is None and self.table.reclaim():
                 obj = self.table.new(nbytes, "|u1", (nbytes,))
             if obj is None:
                 raise self._alloc_full(f"queue {msg.name!r} of {msg.maxsize} slots")
-            init_queue(self.table.region.words, self.address, obj.offset, msg.maxsize, msg.redeliver)
-            slots = msg.maxsize * (2 if msg.redeliver else 1)  # the pending entries name blocks too
-            self.table.region.register_queue(obj.offset, slots, SLOT_WORDS)
-            found = self.queues[msg.name] = (obj.offset, msg.maxsize, msg.redeliver)
-        offset, maxsize, redeliver = found
-        if msg.redeliver and msg.redeliver != redeliver:
-            raise BadRequest(f"queue {msg.name!r} was made with redeliver={redeliver} by its first "
-                             f"user; open it with that (or without redeliver=)")
-        return QueueInfo(rid=msg.rid, offset=offset, maxsize=maxsize, slot_words=SLOT_WORDS)
+            return obj.offset
 
-    def give_back_pending(self, owner: int, names: Iterable[str] | None = None) -> None:
-        """The items a receiver that is gone got from redelivering queues and did not release:
-        back to their queues (``queue.requeue``). A queue whose mutex another process holds
-        right now is tried again at the next tick: the broker never waits on a client."""
-        region = self.table.region
-        assert region is not None  # queues exist only with holds
-        for name in (self.queues if names is None else names):
-            offset, _maxsize, redeliver = self.queues[name]
-            if not redeliver:
-                continue
-            done = requeue(region.words, self.address, offset, owner)
-            if done is None:
-                self.give_back_later.append((name, owner))
-                continue
-            moved, dropped = done
-            if moved:
-                log.info("queue %r: %d item(s) of a receiver that is gone given back", name, moved)
-            if dropped:
-                log.warning("queue %r: %d item(s) dropped after %d redeliveries (every receiver died "
-                            "holding them)", name, dropped, redeliver)
+        q = self.queues.open(msg.name, msg.maxsize, msg.redeliver, new_block)
+        return QueueInfo(rid=msg.rid, offset=q.offset, maxsize=q.maxsize, slot_words=SLOT_WORDS)
 
     def shutdown(self, s: Session, msg: Shutdown) -> Message:
         self.stopping = True
@@ -491,7 +458,7 @@ class BrokerServer:
                 log.error("parent process %d is gone; stopping", self.parent_pid)
                 break
             busy = self.waiting.count or self.scheduler.batches_open or self.table.retiring or \
-                self.give_back_later
+                self.queues.later
             self.transport.poll(10 if busy else 500)
             self.tick()
 
@@ -509,10 +476,8 @@ class BrokerServer:
             self.retry_waiting()
         if self.scheduler.batches_open:
             self.scheduler.tick(now)
-        if self.give_back_later:
-            later, self.give_back_later = self.give_back_later, []
-            for name, owner in later:
-                self.give_back_pending(owner, (name,))
+        if self.queues.later:
+            self.queues.retry()
         self.flush_outbox()
 
     def stats(self) -> dict[str, Any]:

@@ -1,0 +1,88 @@
+"""The broker's side of the handle queues (``queue.py``): which exist, making one, giving back a dead receiver's items.
+
+A queue is made on its first ``queue_open`` and lives as long as the broker.
+When a client is dropped, the items it got from a redelivering queue and did
+not release go back to that queue (``queue.requeue``). A queue whose mutex a
+live process holds at that moment is tried again at the next tick
+(``retry``): the broker never waits on a client.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import BadRequest
+from .holds import ControlRegion
+from .queue import SLOT_WORDS, init_queue, owner_word, queue_words, requeue
+
+__all__ = ["Queues", "QueueEntry"]
+
+log = logging.getLogger("shmbroker.broker")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """One queue: where its block lies and what its first user asked for."""
+
+    offset: int  # data offset of its block
+    maxsize: int
+    redeliver: int
+
+
+class Queues:
+    """The broker's queues by name, and the give-backs still to do."""
+
+    def __init__(self, region: ControlRegion | None, address: int) -> None:
+        self.region = region  # None: the broker keeps no holds, so no queues
+        self.address = address  # where byte 0 of the arena is mapped in the broker
+        self.by_name: dict[str, QueueEntry] = {}
+        self.later: list[tuple[str, int]] = []  # (queue name, owner word) whose mutex was busy
+
+    def open(self, name: str, maxsize: int, redeliver: int,
+             new_block: Callable[[int], int]) -> QueueEntry:
+        """The queue ``name``, made on first use in a block of ``new_block(nbytes)`` (its data
+        offset; it raises when the arena has no room)."""
+        found = self.by_name.get(name)
+        if found is None:
+            if self.region is None:
+                raise BadRequest("queue: this broker keeps no holds in shared memory (no membarrier "
+                                 "on this host); queues need them")
+            offset = new_block(queue_words(maxsize, redeliver) * 8)
+            init_queue(self.region.words, self.address, offset, maxsize, redeliver)
+            slots = maxsize * (2 if redeliver else 1)  # the pending entries name blocks too
+            self.region.register_queue(offset, slots, SLOT_WORDS)
+            found = self.by_name[name] = QueueEntry(offset, maxsize, redeliver)
+        if redeliver and redeliver != found.redeliver:
+            raise BadRequest(f"queue {name!r} was made with redeliver={found.redeliver} by its first "
+                             f"user; open it with that (or without redeliver=)")
+        return found
+
+    def gone(self, slot: int) -> None:
+        """The client of hold-table slot ``slot`` is gone: its pending items go back."""
+        if self.region is not None and self.by_name:
+            self._give_back(owner_word(slot, self.region.epoch(slot)), list(self.by_name))
+
+    def retry(self) -> None:
+        """Again for the queues whose mutex was busy."""
+        later, self.later = self.later, []
+        for name, owner in later:
+            self._give_back(owner, [name])
+
+    def _give_back(self, owner: int, names: list[str]) -> None:
+        assert self.region is not None
+        for name in names:
+            q = self.by_name[name]
+            if not q.redeliver:
+                continue
+            done = requeue(self.region.words, self.address, q.offset, owner)
+            if done is None:
+                self.later.append((name, owner))
+                continue
+            moved, dropped = done
+            if moved:
+                log.info("queue %r: %d item(s) of a receiver that is gone given back", name, moved)
+            if dropped:
+                log.warning("queue %r: %d item(s) dropped after %d redeliveries (every receiver died "
+                            "holding them)", name, dropped, q.redeliver)
