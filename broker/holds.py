@@ -258,7 +258,6 @@ class Holds:
         self.hwm_at = lo.slots_at // 8 + slot * 8 + 2
         self.free = list(range(lo.holds - 1, -1, -1))  # lowest index last: popped first
         self.hwm = 0
-        self.epoch = region.epoch(slot)  # set by the broker before it told this client its slot
 
     def take(self, base: int, gen: int) -> int | None:
         """Hold the block at ``base`` if it still has generation ``gen``: the entry's index,

@@ -68,7 +68,7 @@ import msgspec
 import numpy as np
 
 from .errors import BadRequest, BrokerError, BrokerTimeout, StaleHandle
-from .holds import QUEUE_HEADER_WORDS
+from .holds import QUEUE_HEADER_WORDS, Layout
 from .protocol import REDELIVER_MAX, Handle, ProtocolError
 
 __all__ = ["HandleQueue", "init_queue", "owner_word", "queue_words", "requeue", "REDELIVER_MAX", "SLOT_WORDS"]
@@ -209,7 +209,6 @@ class Owner(Protocol):
     queue does not import the client that makes queues)."""
 
     conn: Any
-    holds: Any
 
     def _check_broker(self, handle: Handle) -> None: ...
     def _hold(self, handle: Handle) -> np.ndarray | None: ...
@@ -244,8 +243,11 @@ class HandleQueue:
             raise BrokerError(f"queue {name!r}: no queue at offset {offset} (the broker's answer was wrong)")
         self.redeliver = int(self.words[self.first + _REDELIVER])
         self.pending_first = self.first + QUEUE_HEADER_WORDS + maxsize * slot_words
-        holds = client.holds
-        self.owner = owner_word(holds.slot, holds.epoch) if holds is not None else 0
+        # a pending entry names this client by its slot of the control region (a client without
+        # a hold table, holds=False, has one too; -1: every slot was taken when it connected)
+        slot = client.conn.slot
+        epoch_at = Layout.for_capacity(client.conn.capacity).slots_at // 8 + slot * 8 + 3
+        self.owner = owner_word(slot, int(self.words[epoch_at])) if slot >= 0 else 0
 
     def __repr__(self) -> str:
         return f"HandleQueue({self.name!r}, maxsize={self.maxsize}, size={self.qsize()})"
@@ -322,6 +324,10 @@ class HandleQueue:
     def get(self, timeout: float | None = None) -> Handle:
         """The oldest item; its hold is this process's (``client.release`` ends it). Blocks
         while the queue is empty (``BrokerTimeout`` after ``timeout`` s)."""
+        if self.redeliver and not self.owner:
+            raise BadRequest(f"queue {self.name!r} redelivers, and this client has no slot in the "
+                             f"arena's control region to be named by (all were taken when it "
+                             f"connected): it cannot take items from it")
         deadline = None if timeout is None else time.monotonic() + timeout
         w, f = self.words, self.first
         while True:

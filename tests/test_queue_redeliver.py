@@ -19,17 +19,17 @@ SPAWN = multiprocessing.get_context("spawn")
 pytestmark = pytest.mark.skipif(not fence_available(), reason="membarrier is not available on this host")
 
 
-def _take_and_die(endpoint: str, name: str, redeliver: int, conn) -> None:
-    with Client(endpoint) as c:
+def _take_and_die(endpoint: str, name: str, redeliver: int, conn, holds: bool = True) -> None:
+    with Client(endpoint, holds=holds) as c:
         h = c.queue(name, redeliver=redeliver).get(timeout=20)
         conn.send(int(c.get(h)[0]))
         time.sleep(60)  # killed here, the item still held
 
 
-def _kill_a_receiver(endpoint: str, name: str, redeliver: int, before_kill=None) -> int:
+def _kill_a_receiver(endpoint: str, name: str, redeliver: int, before_kill=None, holds: bool = True) -> int:
     """A process gets one item of ``name``, reports its value, and is killed with SIGKILL."""
     r, w = SPAWN.Pipe(duplex=False)
-    proc = SPAWN.Process(target=_take_and_die, args=(endpoint, name, redeliver, w))
+    proc = SPAWN.Process(target=_take_and_die, args=(endpoint, name, redeliver, w, holds))
     proc.start()
     assert r.poll(30), "the receiver never got the item"
     value = r.recv()
@@ -58,6 +58,20 @@ def test_an_item_held_by_a_receiver_killed_with_sigkill_comes_back_and_is_freed_
             assert q.stats()["pending"] == 0
         poll(lambda: c.stats()["used"] == base and c.stats()["sizes"]["retiring"] == 0,
              what="both items' blocks to be freed")
+
+
+def test_a_receiver_without_a_hold_table_is_redelivered_to_as_well(fresh_broker, poll):
+    """``holds=False`` takes leases by message, but its slot still names its pending items."""
+    ep = fresh_broker.endpoint
+    with Client(ep) as c:
+        q = c.queue("leases", maxsize=2, redeliver=1)
+        q.put(np.full(64, 4.0))
+        assert _kill_a_receiver(ep, "leases", 1, holds=False) == 4.0
+        poll(lambda: q.qsize() == 1, what="the item of the receiver without holds to come back")
+        assert q.stats()["pending"] == 0  # its room is back too: nothing leaked
+        h = q.get(timeout=5)
+        assert (c.get(h) == 4.0).all()
+        c.release(h)
 
 
 def test_an_item_is_dropped_after_its_redeliveries_and_its_block_freed(fresh_broker, poll):
