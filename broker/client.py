@@ -136,7 +136,8 @@ class Client:
         message. The blocks stay this client's (about as many as it used at
         once, at most 4 MiB of free ones per size class) until it closes.
         Larger arrays, up to 1/8 of the arena (64 MiB at most), are pooled one
-        block at a time within that same budget of 1/8 of the arena.
+        block at a time within that same budget of 1/8 of the arena per client,
+        and a quarter of it for all clients' pools together.
         """
         self.endpoint = endpoint
         self.pool = pool
@@ -158,7 +159,8 @@ class Client:
             control = ControlRegion(self.conn.region.buffer, ControlLayout.for_capacity(self.conn.capacity))
             self.holds = Holds(control, self.conn.slot)
         self._pool = Pool(self._refill, self.holds.region if self.holds else None, self._give_back,
-                          large_keep=min(LARGE_KEEP_MAX, self._capacity // LARGE_KEEP_PART))
+                          large_keep=min(LARGE_KEEP_MAX, self._capacity // LARGE_KEEP_PART),
+                          slot=self.conn.slot, capacity=self._capacity)
 
     @property
     def timeout(self) -> float:

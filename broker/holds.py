@@ -5,7 +5,8 @@ arena starts with a control region the broker lays out; every block has a
 64-byte header just before its data::
 
     arena:  [control region][hdr|block data][hdr|block data] ...
-    control: header | client slots (pid, state, high-water mark, epoch) | hold tables | queue registry
+    control: header | client slots (pid, state, high-water mark, epoch, large pool bytes) | hold tables |
+             queue registry
     hdr:     generation (8 bytes; 0 while the block is retired or free) | owner | ...
 
 A client that wants to read a block someone else owns takes a *hold*: it
@@ -151,17 +152,25 @@ class ControlRegion:
         s = int(free[0])
         self.tables[s] = 0
         self.slots[s, 3] = int(self.slots[s, 3]) + 1  # its epoch: who held this slot before is told apart
+        self.slots[s, 4] = 0
         self.slots[s, 0], self.slots[s, 2], self.slots[s, 1] = pid, 0, 1
         return s
 
     def epoch(self, s: int) -> int:
         return int(self.slots[s, 3])
 
+    # -- what the clients' pools own above 1 MiB (each writes its own, everyone reads the sum) --
+    def set_pooled_large(self, s: int, nbytes: int) -> None:
+        self.slots[s, 4] = nbytes
+
+    def pooled_large(self) -> int:
+        return int(self.slots[:, 4].sum())
+
     def close_slot(self, s: int) -> None:
         """A client is gone: its holds vanish (then its slot may be reused)."""
         self.slots[s, 1] = 0
         self.tables[s] = 0
-        self.slots[s, 2] = 0
+        self.slots[s, 2] = self.slots[s, 4] = 0
 
     # -- queues (the broker registers, everyone scans) -----------------------------------------
     def register_queue(self, offset: int, capacity: int, slot_words: int) -> int:

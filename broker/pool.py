@@ -19,9 +19,12 @@ this client's to reuse by the same rule, so a put/release loop of 16 MiB
 arrays sends nothing after the first (a round trip of 150-320 µs on the
 reference VM, a fifth of the put's time). Memory stays bounded: the large
 blocks a client owns (in use, free or retired) are at most ``large_keep``
-bytes; one released beyond that goes back to the broker at once, and a new
-size class first gives back the free and retired large blocks of the others.
-Until the client closes it keeps at most that much of the arena unused.
+bytes, and all clients' together at most 1/LARGE_TOTAL_PART of the arena
+(each writes what it owns into its slot of the control region; a release
+reads the sum): a block released beyond either goes back to the broker at
+once, and a new size class first gives back the free and retired large
+blocks of the others. So many clients that put large arrays cannot keep the
+arena from each other: at most a quarter of it sits in their pools.
 
 A block whose array was published or granted is the broker's to keep alive
 from then on: the pool forgets it (its release becomes a ``drop`` message).
@@ -44,6 +47,7 @@ __all__ = ["Pool", "POOL_MAX", "LARGE_KEEP_MAX", "LARGE_KEEP_PART", "size_class"
 POOL_MAX = 1 << 20  # arrays up to this size are placed in pooled blocks
 REFILL_BYTES = 256 << 10  # one refill asks for about this many bytes of one size class (4 blocks at least)
 KEEP_BYTES = 4 << 20  # free blocks of one class kept after a recycle beyond this go back to the broker
+LARGE_TOTAL_PART = 4  # all clients' pools together keep at most this part of the arena in large blocks
 _REUSES = (1 << GEN_BITS) - 1
 
 
@@ -60,14 +64,28 @@ class Pool:
     """Pooled blocks by size class: free ones, and released ones waiting to be reused."""
 
     def __init__(self, refill: Callable[[int, int], list[Handle]], region: ControlRegion | None,
-                 give_back: Callable[[list[Handle]], None], large_keep: int = 0) -> None:
+                 give_back: Callable[[list[Handle]], None], large_keep: int = 0, slot: int = -1,
+                 capacity: int = 0) -> None:
         self.refill = refill  # (block size, count) -> handles of new blocks (a round trip)
         self.region = region
         self._give_back = give_back  # blocks this client lets go of (a drop message)
         self.free: dict[int, collections.deque[tuple[Handle, int]]] = {}
         self.retired: dict[int, list[tuple[Handle, int]]] = {}
-        self.large_keep = large_keep  # bytes of blocks above POOL_MAX this client may own
-        self.large = 0  # bytes of them it owns now: in use, free or retired
+        # blocks above POOL_MAX: this client's budget, and all clients' (reported in its slot)
+        self.large_keep = large_keep if slot >= 0 else 0
+        self.large_total = capacity // LARGE_TOTAL_PART
+        self.slot = slot
+        self._large = 0  # bytes of them it owns now: in use, free or retired
+
+    @property
+    def large(self) -> int:
+        return self._large
+
+    @large.setter
+    def large(self, nbytes: int) -> None:
+        self._large = nbytes
+        if self.region is not None and self.slot >= 0:
+            self.region.set_pooled_large(self.slot, nbytes)
 
     @property
     def max_size(self) -> int:
@@ -98,7 +116,8 @@ class Pool:
 
     def retire(self, block: Handle, gen: int) -> None:
         """The array in ``block`` (generation ``gen``) was released by this client."""
-        if self.region is None or (block.nbytes > POOL_MAX and self.large > self.large_keep):
+        if self.region is None or (block.nbytes > POOL_MAX and (
+                self.large > self.large_keep or self.region.pooled_large() > self.large_total)):
             self.give_back([block])
             return
         self.retired.setdefault(block.nbytes, []).append((block, gen))

@@ -150,6 +150,23 @@ def test_large_pool_blocks_stay_within_the_clients_budget_and_go_back_on_close(f
         poll(lambda: watcher.stats()["used"] == base, what="the closed client's blocks to be freed")
 
 
+def test_all_clients_large_pools_together_keep_at_most_a_quarter_of_the_arena(fresh_broker, poll):
+    ep = fresh_broker.endpoint
+    four = 4 << 20
+    with Client(ep) as a, Client(ep) as b, Client(ep) as c:
+        region = a.holds.region
+        for k in (a, b):  # each keeps two 4 MiB blocks: its 8 MiB, a quarter of 64 MiB together
+            hs = [k.put(np.zeros(four // 8)) for _ in range(2)]
+            k.release(hs)
+            assert k._pool.large == 2 * four
+        assert region.pooled_large() == 4 * four == a.region.capacity // 4
+        h = c.put(np.zeros(four // 8))
+        assert region.pooled_large() == 5 * four  # in use counts as well
+        c.release(h)  # over the quarter: back to the broker, not kept
+        assert c._pool.large == 0 and region.pooled_large() == 4 * four
+        b.close()  # a closed client's report is cleared by the broker
+        poll(lambda: region.pooled_large() == 2 * four, what="the closed client's report to be cleared")
+
 def test_a_published_large_block_leaves_the_pool_and_its_budget(fresh_broker):
     with Client(fresh_broker.endpoint) as c:
         h = c.put(np.full((4 << 20) // 8, 2.0))
