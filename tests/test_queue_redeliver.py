@@ -40,6 +40,14 @@ def _kill_a_receiver(endpoint: str, name: str, redeliver: int, before_kill=None,
     return value
 
 
+def _comes_back(c: Client, q, value: float, poll, what: str) -> None:
+    """The item of ``value`` is back in ``q``: got again, whole, and released."""
+    poll(lambda: q.qsize() == 1, what=what)
+    h = q.get(timeout=5)
+    assert (c.get(h) == value).all()
+    c.release(h)
+
+
 def test_an_item_held_by_a_receiver_killed_with_sigkill_comes_back_and_is_freed_after(fresh_broker, poll):
     ep = fresh_broker.endpoint
     with Client(ep, pool=False) as c:
@@ -67,11 +75,9 @@ def test_a_receiver_without_a_hold_table_is_redelivered_to_as_well(fresh_broker,
         q = c.queue("leases", maxsize=2, redeliver=1)
         q.put(np.full(64, 4.0))
         assert _kill_a_receiver(ep, "leases", 1, holds=False) == 4.0
-        poll(lambda: q.qsize() == 1, what="the item of the receiver without holds to come back")
-        assert q.stats()["pending"] == 0  # its room is back too: nothing leaked
-        h = q.get(timeout=5)
-        assert (c.get(h) == 4.0).all()
-        c.release(h)
+        poll(lambda: q.qsize() == 1 and q.stats()["pending"] == 0,  # its room is back too: no leak
+             what="the item of the receiver without holds to come back")
+        _comes_back(c, q, 4.0, poll, "the item to be taken again")
 
 
 def test_an_item_is_dropped_after_its_redeliveries_and_its_block_freed(fresh_broker, poll):
@@ -115,10 +121,7 @@ def test_a_client_closed_with_an_item_unreleased_gives_it_back(fresh_broker, pol
         h = other.queue("closing").get(timeout=5)  # no redeliver= given: the queue's own holds
         assert (other.get(h) == 5.0).all()
         other.close()  # without release: not handled, so it is delivered again
-        poll(lambda: q.qsize() == 1, what="the closed client's item to come back")
-        h = q.get(timeout=5)
-        assert (c.get(h) == 5.0).all()
-        c.release(h)
+        _comes_back(c, q, 5.0, poll, "the closed client's item to come back")
 
 
 def test_putting_a_got_handle_into_another_queue_releases_it_from_the_first(fresh_broker):
@@ -149,10 +152,7 @@ def test_the_broker_does_not_wait_for_a_queue_lock_another_process_holds(fresh_b
             from broker.queue import _unlock
 
             _unlock(q.mutex)
-        poll(lambda: q.qsize() == 1, what="the broker's second try once the lock is free")
-        h = q.get(timeout=5)
-        assert (c.get(h) == 9.0).all()
-        c.release(h)
+        _comes_back(c, q, 9.0, poll, "the broker's second try once the lock is free")
 
 
 def test_redeliver_is_checked_and_the_first_users_setting_is_kept(fresh_broker):
