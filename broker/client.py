@@ -236,8 +236,9 @@ class Client:
         shape = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
         dt = storage_dtype(wire)
         nbytes = dt.itemsize * math.prod(shape)
+        size = size_class(nbytes) if nbytes > 0 else 0  # the block's size: up to a fifth more
         spec = (wire, dt, shape, nbytes, c_strides(shape, dt.itemsize),
-                size_class(nbytes) if 0 < nbytes <= self._pool.max_size else 0)
+                size if size <= self._pool.max_size else 0)
         if len(self._specs) > 1024:
             self._specs.clear()
         self._specs[key] = spec

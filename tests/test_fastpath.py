@@ -10,10 +10,11 @@ import msgpack
 import numpy as np
 import pytest
 
-from broker import Client
+from broker import Broker, Client
 from broker.arena import recv_fd
 from broker.client import POOL_REFILL_BYTES
 from broker.errors import BadRequest, StaleHandle
+from broker.pool import size_class
 from broker.protocol import (
     MAX_MESSAGE,
     MAX_REFS,
@@ -166,6 +167,23 @@ def test_all_clients_large_pools_together_keep_at_most_a_quarter_of_the_arena(fr
         assert c._pool.large == 0 and region.pooled_large() == 4 * four
         b.close()  # a closed client's report is cleared by the broker
         poll(lambda: region.pooled_large() == 2 * four, what="the closed client's report to be cleared")
+
+def test_an_array_whose_block_would_pass_the_pool_limit_is_allocated_by_the_broker():
+    """The pool limit is on the block (its size class, up to a fifth larger than the array)."""
+    with Broker(capacity=100 << 20) as b, Client(b.endpoint) as c:
+        keep = c._pool.max_size  # 1/8 of 100 MiB: 12.5 MiB
+        under = (keep - (1 << 20)) // 8  # float64s: 11.5 MiB, whose size class is 12 MiB
+        over = (keep - 4096) // 8  # just under the limit, but its size class is 14 MiB
+        assert size_class(under * 8) <= keep < size_class(over * 8)
+        before = _requests(c)
+        for n in (under, over):
+            h = c.put(np.full(n, 1.0))
+            assert c.get(h)[-1] == 1.0
+            c.release(h)
+        after = _requests(c)
+        assert after.get("alloc_many", 0) - before.get("alloc_many", 0) == 1  # the one that fits
+        assert after.get("alloc", 0) - before.get("alloc", 0) == 1  # the other, by message
+
 
 def test_a_published_large_block_leaves_the_pool_and_its_budget(fresh_broker):
     with Client(fresh_broker.endpoint) as c:
