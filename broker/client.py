@@ -367,6 +367,7 @@ class Client:
             self.holds.drop(extra)
             self._held[handle.oid] = (handle, LEASE, None)
         elif kind == POOLED:  # the broker keeps the block alive for the lease: it leaves the pool
+            self._pool.forget(extra)
             self._held[handle.oid] = (handle, LEASE, None)
         else:  # a lease already: the claim did not add one (the broker counts one lease per client)
             pass

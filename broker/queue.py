@@ -43,9 +43,12 @@ What happens to an item whose receiver dies before it releases it:
   ``N + 1`` receivers that all died is dropped (its block freed) and counted in
   ``dropped``: a poison item does not kill consumers forever. Pending items
   count against ``maxsize``, so the ring always has room to take them back and
-  memory stays bounded. A receiver that was mid-``get`` when it died may make
-  the item appear twice (at least once, never lost): a consumer that must not
-  see an item twice keeps the ids it has seen.
+  memory stays bounded. A receiver that died mid-``get`` leaves the item in the
+  ring (``repair`` drops the pending copy it had written); one that died after
+  handling an item but before releasing it makes the item arrive twice (at
+  least once, never lost): a consumer that must not see an item twice keeps
+  the ids it has seen. A ``put`` of a got handle back into the same queue uses
+  its pending entry's room (no wait for itself) and ends that entry.
 
 Waiting: a consumer that finds the ring empty spins on the ``seq`` word for an
 adaptive while (longer after a spin that was rewarded, shorter after one that
@@ -138,7 +141,9 @@ def owner_word(slot: int, epoch: int) -> int:
 
 def repair(words: np.ndarray, first: int) -> None:
     """After ``EOWNERDEAD``: clear the ring slots outside the live window ``[tail, head)`` (a
-    producer died mid-put) and recount the pending entries (a receiver died mid-get)."""
+    producer died mid-put), drop a pending entry that is still the item at ``tail`` (a receiver
+    died mid-get, after its pending entry was written and before the ring let go: the item is
+    delivered again from the ring, not twice), and recount the pending entries."""
     w, n, sw = words, int(words[first + 1]), int(words[first + 2])
     head, tail = int(w[first + _HEAD]), int(w[first + _TAIL])
     live = {(tail + k) % n for k in range(max(0, min(head - tail, n)))}
@@ -148,6 +153,13 @@ def repair(words: np.ndarray, first: int) -> None:
             w[ring + s * sw] = 0
     if w[first + _REDELIVER]:
         pend = ring + n * sw
+        at_tail = ring + (tail % n) * sw
+        if head > tail and w[at_tail]:
+            for p in np.flatnonzero(w[pend: pend + n * sw: sw] == w[at_tail]).tolist():
+                e = pend + p * sw
+                if (w[e + _DATA: e + sw] == w[at_tail + _DATA: at_tail + sw]).all() and \
+                        int(w[e + 1]) & 0xFFFFFFFF == int(w[at_tail + 1]) & 0xFFFFFFFF:
+                    w[e] = 0  # the same handle: the get did not finish
         w[first + _PENDING] = int(np.count_nonzero(w[pend: pend + n * sw: sw]))
 
 
@@ -209,6 +221,7 @@ class Owner(Protocol):
     queue does not import the client that makes queues)."""
 
     conn: Any
+    holds: Any
 
     def _check_broker(self, handle: Handle) -> None: ...
     def _hold(self, handle: Handle) -> np.ndarray | None: ...
@@ -217,6 +230,10 @@ class Owner(Protocol):
     def put(self, array: Any, timeout: float | None = None) -> Handle: ...
     def release(self, handles: Any) -> None: ...
     def _on_release(self, handle: Handle, ack: Callable[[], None]) -> None: ...
+
+
+class _TableFull(Exception):
+    """No free entry in this process's hold table (``_take``)."""
 
 
 class HandleQueue:
@@ -242,6 +259,7 @@ class HandleQueue:
         if int(self.words[self.first]) != MAGIC:
             raise BrokerError(f"queue {name!r}: no queue at offset {offset} (the broker's answer was wrong)")
         self.redeliver = int(self.words[self.first + _REDELIVER])
+        self._mine: dict[int, list[int]] = {}  # oid -> this process's pending entries (their first words)
         self.pending_first = self.first + QUEUE_HEADER_WORDS + maxsize * slot_words
         # a pending entry names this client by its slot of the control region (a client without
         # a hold table, holds=False, has one too; -1: every slot was taken when it connected)
@@ -299,16 +317,23 @@ class HandleQueue:
             raise BrokerError(f"queue {self.name!r}: a handle of {len(data)} bytes does not fit a slot")
         deadline = None if timeout is None else time.monotonic() + timeout
         w, f = self.words, self.first
+        # an item got from this very queue and put back: its pending entry's room is its own
+        mine = [e for e in self._mine.get(handle.oid, ()) if int(w[e]) == handle.block]
         while True:
             self._acquire()
             head, tail = int(w[f + _HEAD]), int(w[f + _TAIL])
-            if head - tail + int(w[f + _PENDING]) < self.maxsize:
+            own = 1 if mine and int(w[mine[0]]) == handle.block else 0
+            if head - tail + int(w[f + _PENDING]) - own < self.maxsize:
                 s = self._slot(head)
                 start = (s + _DATA) * 8
                 self.bytes[start: start + len(data)] = np.frombuffer(data, np.uint8)
                 w[s + 1] = len(data)
                 w[s + 2] = 0
                 w[s] = handle.block  # from here the slot keeps the block alive
+                if own:  # the item is back in the ring: its pending entry ends (after, not before)
+                    w[mine[0]] = 0
+                    w[f + _PENDING] = int(w[f + _PENDING]) - 1
+                    self._forget_pending(handle.oid, mine[0])
                 w[f + _HEAD] = head + 1
                 w[f + _SEQ] = int(w[f + _SEQ]) + 1
                 wake = int(w[f + _CWAIT]) > 0
@@ -324,6 +349,10 @@ class HandleQueue:
     def get(self, timeout: float | None = None) -> Handle:
         """The oldest item; its hold is this process's (``client.release`` ends it). Blocks
         while the queue is empty (``BrokerTimeout`` after ``timeout`` s)."""
+        if self.client.holds is None:
+            raise BadRequest(f"queue {self.name!r}: get needs this client's hold table in shared "
+                             f"memory (Client(..., holds=True), the default): an item's block is "
+                             f"kept alive by the queue alone, which a lease by message cannot see")
         if self.redeliver and not self.owner:
             raise BadRequest(f"queue {self.name!r} redelivers, and this client has no slot in the "
                              f"arena's control region to be named by (all were taken when it "
@@ -334,15 +363,17 @@ class HandleQueue:
             self._acquire()
             head, tail = int(w[f + _HEAD]), int(w[f + _TAIL])
             if head > tail:
-                handle = None
+                handle, taken = None, False
                 try:
                     handle = self._take(tail)
+                    taken = True
                 finally:
-                    w[f + _TAIL] = tail + 1
                     wake = False
-                    if handle is None or not self.redeliver:  # else its room stays taken until the ack
-                        w[f + _SPACE] = int(w[f + _SPACE]) + 1
-                        wake = int(w[f + _PWAIT]) > 0
+                    if taken:  # else the item stays where it is, for a later get
+                        w[f + _TAIL] = tail + 1
+                        if handle is None or not self.redeliver:  # else its room stays taken until the ack
+                            w[f + _SPACE] = int(w[f + _SPACE]) + 1
+                            wake = int(w[f + _PWAIT]) > 0
                     _unlock(self.mutex)
                 if wake:
                     _futex_wake(self.space_addr, 1)
@@ -355,25 +386,30 @@ class HandleQueue:
 
     def _take(self, index: int) -> Handle | None:
         """Under the mutex: the hold of the item at ``index`` (and its pending entry, if the
-        queue redelivers), then its slot cleared."""
+        queue redelivers), then its slot cleared; None for an empty or stale slot. If this
+        process has no free hold the item is left in its slot and ``BrokerError`` raised."""
         w, s = self.words, self._slot(index)
         if not w[s]:
             return None
         n = int(w[s + 1]) & 0xFFFFFFFF
         start = (s + _DATA) * 8
+        c = self.client
         try:
             handle = Handle.from_bytes(self.bytes[start: start + n].tobytes())
-            c = self.client
             # before the slot stops protecting the block; a block this process holds already
             # stays held by that one reference (one per array and process, as for get)
             if not c.holds_handle(handle) and c._hold(handle) is None:
-                c.get(handle)  # no free hold: a lease, taken while the slot protects it
-            if self.redeliver:
-                self._pend(s, handle)
+                raise _TableFull()
+        except _TableFull:
+            raise BrokerError(f"queue {self.name!r}: this process's hold table is full (it holds "
+                              f"{len(c.holds.table)} arrays): release some before get; the item "
+                              f"stays in the queue") from None
         except (ProtocolError, StaleHandle, BadRequest):
-            handle = None
-        finally:
-            w[s] = 0  # whatever happened, the slot names the block no more
+            w[s] = 0  # an unreadable or stale item: the slot names its block no more
+            return None
+        if self.redeliver:
+            self._pend(s, handle)
+        w[s] = 0  # the hold (and the pending entry) protect the block from here
         return handle
 
     def _pend(self, s: int, handle: Handle) -> None:
@@ -389,12 +425,14 @@ class HandleQueue:
         block = int(w[s])
         w[e] = block  # named by the entry before the ring slot is cleared
         w[self.first + _PENDING] = int(w[self.first + _PENDING]) + 1
-        self.client._on_release(handle, lambda: self._ack(e, block))
+        self._mine.setdefault(handle.oid, []).append(e)
+        self.client._on_release(handle, lambda: self._ack(e, block, handle.oid))
 
-    def _ack(self, e: int, block: int) -> None:
+    def _ack(self, e: int, block: int, oid: int) -> None:
         """The receiver released the item of pending entry ``e``: the entry ends and its room
         goes back to the producers. Nothing if the broker gave the item back meanwhile (it took
-        this client for gone)."""
+        this client for gone), or a ``put`` into this queue ended it already."""
+        self._forget_pending(oid, e)
         w, f = self.words, self.first
         self._acquire()
         try:
@@ -408,6 +446,13 @@ class HandleQueue:
             _unlock(self.mutex)
         if wake:
             _futex_wake(self.space_addr, 1)
+
+    def _forget_pending(self, oid: int, e: int) -> None:
+        mine = self._mine.get(oid)
+        if mine and e in mine:
+            mine.remove(e)
+            if not mine:
+                del self._mine[oid]
 
     def _wait(self, addr: int, word: int, waiting: int, seen: int, deadline: float | None,
               what: str) -> None:

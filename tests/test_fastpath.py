@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import time
@@ -199,6 +200,34 @@ def test_a_published_large_block_leaves_the_pool_and_its_budget(fresh_broker):
         assert after.get("alloc_many", 0) - before.get("alloc_many", 0) == 1
         assert after.get("drop", 0) == before.get("drop", 0)
         assert (c.get(c.lookup("kept")) == 2.0).all()
+
+
+def _regrant(endpoint: str, conn) -> None:
+    with Client(endpoint) as c:
+        while (h := conn.recv()) != "done":
+            c.get(h)
+            conn.send(c.grant(h))
+            c.release(h)
+
+
+def test_a_large_block_granted_back_to_its_owner_leaves_the_pools_budget(fresh_broker):
+    """A claims a grant of its own pooled block while holding it (``_held_twice``)."""
+    ctx = multiprocessing.get_context("spawn")
+    with Client(fresh_broker.endpoint) as a:
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=_regrant, args=(fresh_broker.endpoint, there))
+        proc.start()
+        try:
+            for _ in range(3):
+                h = a.put(np.zeros(2 << 20, np.uint8))  # 2 MiB: a large pooled block
+                here.send(h)
+                g = here.recv()
+                a.get(g)  # still holding h: the block leaves the pool for the lease
+                a.release(g)
+                assert a._pool.large == 0 and a.holds.region.pooled_large() == 0
+        finally:
+            here.send("done")
+            proc.join(30)
 
 
 def test_a_large_pool_block_is_not_reused_while_another_client_holds_it(fresh_broker):

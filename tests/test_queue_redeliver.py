@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from broker import BadRequest, BrokerTimeout, Client
+from broker import BadRequest, BrokerError, BrokerTimeout, Client
 from broker.holds import fence_available
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -68,16 +68,87 @@ def test_an_item_held_by_a_receiver_killed_with_sigkill_comes_back_and_is_freed_
              what="both items' blocks to be freed")
 
 
-def test_a_receiver_without_a_hold_table_is_redelivered_to_as_well(fresh_broker, poll):
-    """``holds=False`` takes leases by message, but its slot still names its pending items."""
+def test_a_receiver_without_a_hold_table_is_refused_and_the_item_stays(fresh_broker):
+    """``holds=False`` takes leases by message, which cannot see a block kept alive by a queue
+    alone (its sender released it): refused with the reason, nothing taken."""
     ep = fresh_broker.endpoint
-    with Client(ep) as c:
+    with Client(ep, pool=False) as c, Client(ep, holds=False) as leases:
         q = c.queue("leases", maxsize=2, redeliver=1)
         q.put(np.full(64, 4.0))
-        assert _kill_a_receiver(ep, "leases", 1, holds=False) == 4.0
-        poll(lambda: q.qsize() == 1 and q.stats()["pending"] == 0,  # its room is back too: no leak
-             what="the item of the receiver without holds to come back")
-        _comes_back(c, q, 4.0, poll, "the item to be taken again")
+        with pytest.raises(BadRequest, match="hold table"):
+            leases.queue("leases").get(timeout=1)
+        assert q.qsize() == 1
+        h = q.get(timeout=5)
+        assert (c.get(h) == 4.0).all()
+        c.release(h)
+
+
+def test_a_full_hold_table_makes_get_fail_and_keeps_the_item(fresh_broker):
+    ep = fresh_broker.endpoint
+    with Client(ep) as c, Client(ep) as sender:
+        q = c.queue("crowded", maxsize=2)
+        q.put(np.full(8, 7.0))
+        n = len(c.holds.table)
+        hs = [sender.put(np.full(8, float(i))) for i in range(n)]
+        for h in hs:
+            c.get(h)  # every hold of c taken
+        with pytest.raises(BrokerError, match="hold table is full"):
+            q.get(timeout=1)
+        assert q.qsize() == 1  # not lost
+        c.release(hs[0])
+        h = q.get(timeout=1)
+        assert (c.get(h) == 7.0).all()
+        c.release([h, *hs[1:]])
+
+
+def _pend_and_die(endpoint: str, name: str) -> None:
+    import broker.queue as bq
+
+    pend = bq.HandleQueue._pend
+
+    def pend_then_die(self, s, handle):
+        pend(self, s, handle)  # the pending entry is written, the ring slot not yet cleared
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    bq.HandleQueue._pend = pend_then_die
+    with Client(endpoint) as c:
+        c.queue(name).get(timeout=10)
+
+
+def test_a_receiver_killed_in_the_middle_of_get_loses_nothing_and_doubles_nothing(fresh_broker, poll):
+    ep = fresh_broker.endpoint
+    with Client(ep) as c:
+        q = c.queue("midget", maxsize=4, redeliver=3)
+        for i in range(4):  # full: the ring has no spare slot for a second copy
+            q.put(np.full(16, float(i)))
+        proc = SPAWN.Process(target=_pend_and_die, args=(ep, "midget"))
+        proc.start()
+        proc.join(30)
+        assert proc.exitcode == -signal.SIGKILL
+        poll(lambda: c.stats()["clients"] == 1, what="the broker to drop the killed receiver")
+        got = []
+        for _ in range(4):
+            h = q.get(timeout=5)
+            got.append(float(c.get(h)[0]))
+            c.release(h)
+        assert got == [0.0, 1.0, 2.0, 3.0]
+        assert q.stats() | {"redeliver": 3} == {"size": 0, "pending": 0, "redelivered": 0, "dropped": 0,
+                                                "maxsize": 4, "redeliver": 3}
+
+
+def test_an_item_got_and_put_back_into_the_same_queue_does_not_wait_for_its_own_room(fresh_broker):
+    with Client(fresh_broker.endpoint) as c:
+        q = c.queue("retry", maxsize=2, redeliver=1)
+        q.put(np.full(8, 1.0))
+        q.put(np.full(8, 2.0))
+        h = q.get(timeout=1)  # one waiting + this one pending: the queue is full
+        q.put(h, timeout=1)  # back in: its own pending entry is the room it needs
+        assert q.stats()["size"] == 2 and q.stats()["pending"] == 0
+        for expected in (2.0, 1.0):
+            h = q.get(timeout=1)
+            assert (c.get(h) == expected).all()
+            c.release(h)
+        assert q.stats()["pending"] == 0
 
 
 def test_an_item_is_dropped_after_its_redeliveries_and_its_block_freed(fresh_broker, poll):
