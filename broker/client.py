@@ -22,7 +22,7 @@ import math
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import msgspec
 import numpy as np
@@ -142,7 +142,8 @@ class Client:
         self.endpoint = endpoint
         self.pool = pool
         self._held: dict[int, tuple[Handle, int, Any]] = {}
-        self._acks: dict[int, list[Callable[[], None]]] = {}  # oid -> what its release ends in queues
+        # oid -> the pending entries of redelivering queues its release ends: (queue, entry, block)
+        self._pending: dict[int, list[tuple[HandleQueue, int, int]]] = {}
         self._grants = 0
         self._wait = timeout
         self._specs: dict[tuple[Any, Any], _Spec] = {}
@@ -471,9 +472,9 @@ class Client:
         drops = []
         for h in hs:
             self._check_broker(h)
-            if self._acks:
-                for ack in self._acks.pop(h.oid, ()):
-                    ack()  # a redelivering queue's pending entry: the item was handled
+            if self._pending:
+                for q, at, block in self._pending.pop(h.oid, ()):
+                    q._ack(at, block)  # a redelivering queue's pending entry: the item was handled
             entry = self._held.get(h.oid)
             if entry is None or entry[0].generation != h.generation:
                 drops.append((h.oid, h.generation))  # not held here: the broker counts it stale
@@ -489,10 +490,6 @@ class Client:
                 drops.append((h.oid, h.generation))
         if drops:
             self._drop(drops)
-
-    def _on_release(self, handle: Handle, ack: Callable[[], None]) -> None:
-        """``ack`` runs when this client releases ``handle`` (a queue's pending entry)."""
-        self._acks.setdefault(handle.oid, []).append(ack)
 
     def publish(self, name: str, handle: Handle) -> None:
         """Make ``handle`` discoverable by ``name``; the broker keeps it alive until replaced."""

@@ -65,13 +65,13 @@ import ctypes
 import errno
 import os
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import msgspec
 import numpy as np
 
 from .errors import BadRequest, BrokerError, BrokerTimeout, StaleHandle
-from .holds import QUEUE_HEADER_WORDS, Layout
+from .holds import QUEUE_HEADER_WORDS
 from .protocol import REDELIVER_MAX, Handle, ProtocolError
 
 __all__ = ["HandleQueue", "init_queue", "owner_word", "queue_words", "requeue", "REDELIVER_MAX", "SLOT_WORDS"]
@@ -229,11 +229,7 @@ class Owner(Protocol):
     def get(self, handle: Handle) -> np.ndarray: ...
     def put(self, array: Any, timeout: float | None = None) -> Handle: ...
     def release(self, handles: Any) -> None: ...
-    def _on_release(self, handle: Handle, ack: Callable[[], None]) -> None: ...
-
-
-class _TableFull(Exception):
-    """No free entry in this process's hold table (``_take``)."""
+    _pending: dict[int, list[tuple[Any, int, int]]]  # oid -> (queue, entry, block) its release ends
 
 
 class HandleQueue:
@@ -259,13 +255,9 @@ class HandleQueue:
         if int(self.words[self.first]) != MAGIC:
             raise BrokerError(f"queue {name!r}: no queue at offset {offset} (the broker's answer was wrong)")
         self.redeliver = int(self.words[self.first + _REDELIVER])
-        self._mine: dict[int, list[int]] = {}  # oid -> this process's pending entries (their first words)
         self.pending_first = self.first + QUEUE_HEADER_WORDS + maxsize * slot_words
-        # a pending entry names this client by its slot of the control region (a client without
-        # a hold table, holds=False, has one too; -1: every slot was taken when it connected)
-        slot = client.conn.slot
-        epoch_at = Layout.for_capacity(client.conn.capacity).slots_at // 8 + slot * 8 + 3
-        self.owner = owner_word(slot, int(self.words[epoch_at])) if slot >= 0 else 0
+        holds = client.holds  # a pending entry names this client by its slot (get needs one)
+        self.owner = owner_word(holds.slot, holds.region.epoch(holds.slot)) if holds is not None else 0
 
     def __repr__(self) -> str:
         return f"HandleQueue({self.name!r}, maxsize={self.maxsize}, size={self.qsize()})"
@@ -318,11 +310,11 @@ class HandleQueue:
         deadline = None if timeout is None else time.monotonic() + timeout
         w, f = self.words, self.first
         # an item got from this very queue and put back: its pending entry's room is its own
-        mine = [e for e in self._mine.get(handle.oid, ()) if int(w[e]) == handle.block]
+        mine = [p for p in c._pending.get(handle.oid, ()) if p[0] is self and int(w[p[1]]) == p[2]]
         while True:
             self._acquire()
             head, tail = int(w[f + _HEAD]), int(w[f + _TAIL])
-            own = 1 if mine and int(w[mine[0]]) == handle.block else 0
+            own = 1 if mine and int(w[mine[0][1]]) == mine[0][2] else 0
             if head - tail + int(w[f + _PENDING]) - own < self.maxsize:
                 s = self._slot(head)
                 start = (s + _DATA) * 8
@@ -331,9 +323,9 @@ class HandleQueue:
                 w[s + 2] = 0
                 w[s] = handle.block  # from here the slot keeps the block alive
                 if own:  # the item is back in the ring: its pending entry ends (after, not before)
-                    w[mine[0]] = 0
+                    w[mine[0][1]] = 0
                     w[f + _PENDING] = int(w[f + _PENDING]) - 1
-                    self._forget_pending(handle.oid, mine[0])
+                    c._pending[handle.oid].remove(mine[0])
                 w[f + _HEAD] = head + 1
                 w[f + _SEQ] = int(w[f + _SEQ]) + 1
                 wake = int(w[f + _CWAIT]) > 0
@@ -353,10 +345,6 @@ class HandleQueue:
             raise BadRequest(f"queue {self.name!r}: get needs this client's hold table in shared "
                              f"memory (Client(..., holds=True), the default): an item's block is "
                              f"kept alive by the queue alone, which a lease by message cannot see")
-        if self.redeliver and not self.owner:
-            raise BadRequest(f"queue {self.name!r} redelivers, and this client has no slot in the "
-                             f"arena's control region to be named by (all were taken when it "
-                             f"connected): it cannot take items from it")
         deadline = None if timeout is None else time.monotonic() + timeout
         w, f = self.words, self.first
         while True:
@@ -398,15 +386,14 @@ class HandleQueue:
             handle = Handle.from_bytes(self.bytes[start: start + n].tobytes())
             # before the slot stops protecting the block; a block this process holds already
             # stays held by that one reference (one per array and process, as for get)
-            if not c.holds_handle(handle) and c._hold(handle) is None:
-                raise _TableFull()
-        except _TableFull:
-            raise BrokerError(f"queue {self.name!r}: this process's hold table is full (it holds "
-                              f"{len(c.holds.table)} arrays): release some before get; the item "
-                              f"stays in the queue") from None
+            held = c.holds_handle(handle) or c._hold(handle) is not None
         except (ProtocolError, StaleHandle, BadRequest):
             w[s] = 0  # an unreadable or stale item: the slot names its block no more
             return None
+        if not held:
+            raise BrokerError(f"queue {self.name!r}: this process's hold table is full (it holds "
+                              f"{len(c.holds.table)} arrays): release some before get; the item "
+                              f"stays in the queue")
         if self.redeliver:
             self._pend(s, handle)
         w[s] = 0  # the hold (and the pending entry) protect the block from here
@@ -425,14 +412,12 @@ class HandleQueue:
         block = int(w[s])
         w[e] = block  # named by the entry before the ring slot is cleared
         w[self.first + _PENDING] = int(w[self.first + _PENDING]) + 1
-        self._mine.setdefault(handle.oid, []).append(e)
-        self.client._on_release(handle, lambda: self._ack(e, block, handle.oid))
+        self.client._pending.setdefault(handle.oid, []).append((self, e, block))  # its release acks
 
-    def _ack(self, e: int, block: int, oid: int) -> None:
+    def _ack(self, e: int, block: int) -> None:
         """The receiver released the item of pending entry ``e``: the entry ends and its room
         goes back to the producers. Nothing if the broker gave the item back meanwhile (it took
-        this client for gone), or a ``put`` into this queue ended it already."""
-        self._forget_pending(oid, e)
+        this client for gone)."""
         w, f = self.words, self.first
         self._acquire()
         try:
@@ -446,13 +431,6 @@ class HandleQueue:
             _unlock(self.mutex)
         if wake:
             _futex_wake(self.space_addr, 1)
-
-    def _forget_pending(self, oid: int, e: int) -> None:
-        mine = self._mine.get(oid)
-        if mine and e in mine:
-            mine.remove(e)
-            if not mine:
-                del self._mine[oid]
 
     def _wait(self, addr: int, word: int, waiting: int, seen: int, deadline: float | None,
               what: str) -> None:
