@@ -50,6 +50,7 @@ from .protocol import (
     Drop,
     Eof,
     Fail,
+    Failure,
     Grant,
     Handle,
     HandleReply,
@@ -72,9 +73,10 @@ from .protocol import (
     StatsReply,
     Task,
     c_strides,
+    ring_name,
     storage_dtype,
 )
-from .queue import REDELIVER_MAX, HandleQueue
+from .queue import REDELIVER_MAX, HandleQueue, TaskQueue
 from .rows import unpack
 
 if TYPE_CHECKING:
@@ -144,6 +146,7 @@ class Client:
         self._held: dict[int, tuple[Handle, int, Any]] = {}
         # oid -> the pending entries of redelivering queues its release ends: (queue, entry, block)
         self._pending: dict[int, list[tuple[HandleQueue, int, int]]] = {}
+        self.rings = False  # set by register: this pipeline's tasks travel in rings (task_queue)
         self._grants = 0
         self._wait = timeout
         self._specs: dict[tuple[Any, Any], _Spec] = {}
@@ -565,7 +568,15 @@ class Client:
         ``pipeline``: the pipeline this client belongs to; refused if the broker runs another."""
         reply: Registered = self._request(Register(stage=stage, credits=credits, device=device,
                                                    pinned=pinned, pipeline=pipeline))
+        self.rings = reply.rings  # tasks travel in the stages' queues: take them with task_queue
         return reply.stage
+
+    def task_queue(self, stage: int, spin: float | None = None) -> TaskQueue:
+        """Stage ``stage``'s queue of tasks (the sink's is the last) in a pipeline whose tasks
+        travel in rings (``Registered.rings``; the broker made the queues when it was configured)."""
+        name = ring_name(stage)
+        info: QueueInfo = self._request(QueueOpen(name=name, maxsize=1))
+        return TaskQueue(self, name, info.offset, info.maxsize, info.slot_words, spin)
 
     def reserve(self, stage: int, items: Sequence[int], shape: Sequence[int], dtype: Any, *,
                 timeout: float | None = None, layout: Layout | None = None) -> Reserved:
@@ -638,6 +649,11 @@ class Client:
         output found no arena space in time (``arena``)."""
         tid = task if isinstance(task, int) else task.task
         self._request(Fail(task=tid, error=error, trace=trace, credit=credit, item=item, arena=arena))
+
+    def report(self, failure: Failure) -> None:
+        """Items a worker gave up on, when tasks travel in rings (the broker tells the driver;
+        not answered, as ``done``)."""
+        self._notify(failure, False)
 
     def eof(self, items: int) -> None:
         """The source is exhausted after ``items`` items: partial batches may go now."""

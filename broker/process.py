@@ -38,9 +38,11 @@ class Broker:
                  stages: Sequence[StageSettings | dict[str, Any]] | None = None, max_inflight: int = 0,
                  wait_timeout: float = 60.0, log_level: str = "WARNING",
                  metrics_port: int | None = None, curve: dict[str, str] | None = None,
-                 hwm: int = 10_000, startup_timeout: float = 60.0, pipeline: str = "") -> None:
+                 hwm: int = 10_000, startup_timeout: float = 60.0, pipeline: str = "",
+                 rings: bool = False) -> None:
         """``stages``: run a pipeline of these stages (``StageSettings`` or maps of its fields),
-        ``pipeline`` its id (clients that give another are refused);
+        ``pipeline`` its id (clients that give another are refused), ``rings``: its tasks travel
+        in queues in the arena (no broker message per task);
         ``wait_timeout``: seconds a request waits for arena space when it names no timeout."""
         cmd = [sys.executable, "-m", "broker.server", "--capacity", str(int(capacity)),
                "--log-level", log_level, "--parent-pid", str(os.getpid()),
@@ -50,6 +52,8 @@ class Broker:
             cmd += ["--endpoint", endpoint]
         if pipeline:
             cmd += ["--pipeline", pipeline]
+        if rings:
+            cmd += ["--rings"]
         if stages:
             settings = [s if isinstance(s, StageSettings) else msgspec.convert(s, StageSettings)
                         for s in stages]

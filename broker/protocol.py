@@ -214,6 +214,14 @@ class Layout(msgspec.Struct, frozen=True):
     fields: Annotated[list[FieldSpec], msgspec.Meta(min_length=1, max_length=64)]
 
 
+RING_PREFIX = "__stage__/"  # a stage's queue of tasks (``broker.rings``): its index follows
+
+
+def ring_name(stage: int) -> str:
+    """The name of stage ``stage``'s queue when tasks travel in rings (the sink's is the last)."""
+    return f"{RING_PREFIX}{stage}"
+
+
 class StageSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What the broker needs to know of a pipeline stage (the rest stays with its workers)."""
 
@@ -316,6 +324,7 @@ class ConfigurePipeline(Message, tag="pipeline"):
     stages: Annotated[list[StageSettings], msgspec.Meta(min_length=1, max_length=256)]
     max_inflight: NonNeg = 0
     pipeline: Name = ""  # which pipeline this is (e.g. "name@config-hash"); "" says nothing
+    rings: bool = False  # tasks travel in queues in the arena, not as messages (``broker.rings``)
 
 
 class Register(Message, tag="register"):
@@ -439,6 +448,7 @@ class StatsReply(Message, tag="stats_reply"):
 
 class Registered(Message, tag="registered"):
     stage: NonNeg
+    rings: bool = False  # take tasks from the stage's queue in the arena (``Client.task_queue``)
 
 
 class Configured(Message, tag="configured"):

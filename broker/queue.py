@@ -72,16 +72,20 @@ import numpy as np
 
 from .errors import BadRequest, BrokerError, BrokerTimeout, StaleHandle
 from .holds import QUEUE_HEADER_WORDS
-from .protocol import REDELIVER_MAX, Handle, ProtocolError
+from .protocol import REDELIVER_MAX, Handle, ProtocolError, Task
 
-__all__ = ["HandleQueue", "init_queue", "owner_word", "queue_words", "requeue", "REDELIVER_MAX", "SLOT_WORDS"]
+__all__ = ["HandleQueue", "TaskQueue", "init_queue", "owner_word", "queue_words", "requeue", "REDELIVER_MAX",
+           "SLOT_WORDS", "TASK_SLOT_WORDS", "counters"]
 
 SLOT_WORDS = 40  # 320 bytes a slot: three words of bookkeeping and a msgpack Handle of up to 296 bytes
+TASK_SLOT_WORDS = 160  # a pipeline stage's queue: a msgpack Task (a Handle and the items' ids) of up to 1,256 bytes
 _DATA = 3  # the first word of a slot's msgpack
 MAGIC = int.from_bytes(b"SHMQUEUE", "little")
 _HEAD, _TAIL, _SEQ, _SPACE, _CWAIT, _PWAIT, _REDELIVER = 3, 4, 5, 6, 7, 8, 9
 _MUTEX = 10 * 8  # byte offset of the mutex in the header (40 bytes on x86-64 and aarch64 glibc)
 _PENDING, _REDELIVERED, _DROPPED = 15, 16, 17
+# a pipeline stage's counters, kept in its queue by the workers that take from it (``count``)
+_DONE, _FAILED, _BUSY, _COPIED, _FIRST, _LAST = 18, 19, 20, 21, 22, 23
 _START = 1 << 32  # head and tail start here, so a redelivered item can go in front of the first
 SPIN_MAX = 200e-6  # seconds a waiter may spin before it sleeps
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine)
@@ -109,17 +113,18 @@ def _futex_wake(addr: int, n: int) -> None:
     _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(addr), _FUTEX_WAKE, n, None, None, 0)
 
 
-def queue_words(maxsize: int, redeliver: int) -> int:
+def queue_words(maxsize: int, redeliver: int, slot_words: int = SLOT_WORDS) -> int:
     """The size of a queue's block in 8-byte words (pending entries only if it redelivers)."""
-    return QUEUE_HEADER_WORDS + (2 if redeliver else 1) * maxsize * SLOT_WORDS
+    return QUEUE_HEADER_WORDS + (2 if redeliver else 1) * maxsize * slot_words
 
 
-def init_queue(words: np.ndarray, address: int, offset: int, maxsize: int, redeliver: int = 0) -> None:
+def init_queue(words: np.ndarray, address: int, offset: int, maxsize: int, redeliver: int = 0,
+               slot_words: int = SLOT_WORDS) -> None:
     """Lay out an empty ring at data offset ``offset`` (the broker, once); ``address`` is where
     byte 0 of the arena is mapped in this process."""
     first = offset // 8
-    words[first: first + queue_words(maxsize, redeliver)] = 0
-    words[first + 1], words[first + 2], words[first + _REDELIVER] = maxsize, SLOT_WORDS, redeliver
+    words[first: first + queue_words(maxsize, redeliver, slot_words)] = 0
+    words[first + 1], words[first + 2], words[first + _REDELIVER] = maxsize, slot_words, redeliver
     words[first + _HEAD] = words[first + _TAIL] = _START
     attr = ctypes.create_string_buffer(64)
     _libc.pthread_mutexattr_init(attr)
@@ -163,11 +168,11 @@ def repair(words: np.ndarray, first: int) -> None:
         w[first + _PENDING] = int(np.count_nonzero(w[pend: pend + n * sw: sw]))
 
 
-def requeue(words: np.ndarray, address: int, offset: int, owner: int) -> tuple[int, int] | None:
+def requeue(words: np.ndarray, address: int, offset: int, owner: int) -> tuple[int, list[bytes]] | None:
     """The broker, for a receiver that is gone: its pending items back to the front of the ring
-    (up to the queue's ``redeliver`` deliveries each; beyond, dropped). Returns (moved, dropped),
-    or None if another process holds the mutex now (then the broker tries again later: it never
-    blocks on a client)."""
+    (up to the queue's ``redeliver`` deliveries each; beyond, dropped). Returns (moved, the
+    dropped items' msgpack), or None if another process holds the mutex now (then the broker
+    tries again later: it never blocks on a client)."""
     mutex = ctypes.c_void_p(address + offset + _MUTEX)
     rc = _trylock(mutex)
     if rc == errno.EBUSY:
@@ -178,7 +183,7 @@ def requeue(words: np.ndarray, address: int, offset: int, owner: int) -> tuple[i
         _libc.pthread_mutex_consistent(mutex)
     elif rc:
         raise BrokerError(f"queue at {offset}: pthread_mutex_trylock failed: {os.strerror(rc)}")
-    moved = dropped = 0
+    moved, dropped = 0, []
     try:
         n, sw, limit = int(w[f + 1]), int(w[f + 2]), int(w[f + _REDELIVER])
         ring = f + QUEUE_HEADER_WORDS
@@ -188,7 +193,8 @@ def requeue(words: np.ndarray, address: int, offset: int, owner: int) -> tuple[i
             e = pend + p * sw
             deliveries = int(w[e + 1]) >> 32
             if deliveries > limit:
-                dropped += 1
+                length = int(w[e + 1]) & 0xFFFFFFFF
+                dropped.append(w[e + _DATA: e + sw].tobytes()[:length])
             else:
                 tail = int(w[f + _TAIL]) - 1
                 s = ring + (tail % n) * sw
@@ -201,18 +207,18 @@ def requeue(words: np.ndarray, address: int, offset: int, owner: int) -> tuple[i
         if mine.size:
             w[f + _PENDING] = int(w[f + _PENDING]) - mine.size
             w[f + _REDELIVERED] = int(w[f + _REDELIVERED]) + moved
-            w[f + _DROPPED] = int(w[f + _DROPPED]) + dropped
+            w[f + _DROPPED] = int(w[f + _DROPPED]) + len(dropped)
         if moved:
             w[f + _SEQ] = int(w[f + _SEQ]) + 1
         if dropped:
             w[f + _SPACE] = int(w[f + _SPACE]) + 1
-        wake_c, wake_p = moved and int(w[f + _CWAIT]) > 0, dropped and int(w[f + _PWAIT]) > 0
+        wake_c, wake_p = moved and int(w[f + _CWAIT]) > 0, bool(dropped) and int(w[f + _PWAIT]) > 0
     finally:
         _unlock(mutex)
     if wake_c:
         _futex_wake(address + offset + _SEQ * 8, moved)
     if wake_p:
-        _futex_wake(address + offset + _SPACE * 8, dropped)
+        _futex_wake(address + offset + _SPACE * 8, len(dropped))
     return moved, dropped
 
 
@@ -304,7 +310,12 @@ class HandleQueue:
         else:
             handle = c.put(item, timeout=timeout)
         handle = msgspec.structs.replace(handle, grant=0, expires=0.0)
-        data = handle.to_bytes()
+        self._put(handle, handle.to_bytes(), timeout)
+
+    def _put(self, handle: Handle, data: bytes, timeout: float | None) -> None:
+        """Add the item ``data`` (msgpack) whose block ``handle`` names; this process's reference
+        to it passes to the queue."""
+        c = self.client
         if len(data) > (self.slot_words - _DATA) * 8:
             raise BrokerError(f"queue {self.name!r}: a handle of {len(data)} bytes does not fit a slot")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -341,6 +352,11 @@ class HandleQueue:
     def get(self, timeout: float | None = None) -> Handle:
         """The oldest item; its hold is this process's (``client.release`` ends it). Blocks
         while the queue is empty (``BrokerTimeout`` after ``timeout`` s)."""
+        handle, _ = self._get(timeout)
+        return handle
+
+    def _get(self, timeout: float | None) -> tuple[Handle, Any]:
+        """The oldest item's handle (held by this process) and what ``_decode`` made of it."""
         if self.client.holds is None:
             raise BadRequest(f"queue {self.name!r}: get needs this client's hold table in shared "
                              f"memory (Client(..., holds=True), the default): an item's block is "
@@ -351,28 +367,28 @@ class HandleQueue:
             self._acquire()
             head, tail = int(w[f + _HEAD]), int(w[f + _TAIL])
             if head > tail:
-                handle, taken = None, False
+                got, taken = None, False
                 try:
-                    handle = self._take(tail)
+                    got = self._take(tail)
                     taken = True
                 finally:
                     wake = False
                     if taken:  # else the item stays where it is, for a later get
                         w[f + _TAIL] = tail + 1
-                        if handle is None or not self.redeliver:  # else its room stays taken until the ack
+                        if got is None or not self.redeliver:  # else its room stays taken until the ack
                             w[f + _SPACE] = int(w[f + _SPACE]) + 1
                             wake = int(w[f + _PWAIT]) > 0
                     _unlock(self.mutex)
                 if wake:
                     _futex_wake(self.space_addr, 1)
-                if handle is not None:
-                    return handle
+                if got is not None:
+                    return got
                 continue  # an empty or stale slot (a producer died mid-put): the next one
             seq = int(w[f + _SEQ]) & 0xFFFFFFFF
             _unlock(self.mutex)
             self._wait(self.seq_addr, _SEQ, _CWAIT, seq, deadline, "get: the queue stayed empty")
 
-    def _take(self, index: int) -> Handle | None:
+    def _take(self, index: int) -> tuple[Handle, Any] | None:
         """Under the mutex: the hold of the item at ``index`` (and its pending entry, if the
         queue redelivers), then its slot cleared; None for an empty or stale slot. If this
         process has no free hold the item is left in its slot and ``BrokerError`` raised."""
@@ -383,7 +399,7 @@ class HandleQueue:
         start = (s + _DATA) * 8
         c = self.client
         try:
-            handle = Handle.from_bytes(self.bytes[start: start + n].tobytes())
+            handle, value = self._decode(self.bytes[start: start + n].tobytes(), int(w[s + 1]) >> 32)
             # before the slot stops protecting the block; a block this process holds already
             # stays held by that one reference (one per array and process, as for get)
             held = c.holds_handle(handle) or c._hold(handle) is not None
@@ -397,7 +413,13 @@ class HandleQueue:
         if self.redeliver:
             self._pend(s, handle)
         w[s] = 0  # the hold (and the pending entry) protect the block from here
-        return handle
+        return handle, value
+
+    def _decode(self, data: bytes, deliveries: int) -> tuple[Handle, Any]:
+        """An item's msgpack as (the handle of its block, what ``get`` returns); ``deliveries``:
+        how often it was given to receivers that died holding it."""
+        handle = Handle.from_bytes(data)
+        return handle, handle
 
     def _pend(self, s: int, handle: Handle) -> None:
         """Under the mutex: copy ring slot ``s`` into a free pending entry that names this
@@ -470,3 +492,66 @@ class HandleQueue:
         if self.fixed_spin is None:
             waited = time.perf_counter() - started
             self.spin = min(SPIN_MAX, waited * 1.25) if waited < SPIN_MAX else self.spin * 0.5
+
+    # -- a pipeline stage's counters ------------------------------------------------------------------
+    def count(self, done: int = 0, failed: int = 0, busy: float = 0.0, copied: int = 0) -> None:
+        """Add to the counters of the stage that takes from this queue (its workers call this
+        once per task; the broker reads them for ``stats``)."""
+        w, f = self.words, self.first
+        now = time.monotonic_ns()
+        self._acquire()
+        try:
+            w[f + _DONE] = int(w[f + _DONE]) + done
+            w[f + _FAILED] = int(w[f + _FAILED]) + failed
+            w[f + _BUSY] = int(w[f + _BUSY]) + int(busy * 1e9)
+            w[f + _COPIED] = int(w[f + _COPIED]) + copied
+            if done and not w[f + _FIRST]:
+                w[f + _FIRST] = now
+            if done:
+                w[f + _LAST] = now
+        finally:
+            _unlock(self.mutex)
+
+
+def counters(words: np.ndarray, offset: int) -> dict[str, Any]:
+    """What ``HandleQueue.count`` added up in the queue at ``offset``, and its size and pending
+    items (read without the mutex: each word is written whole, and only ever grows or moves on)."""
+    f = offset // 8
+    span = (int(words[f + _LAST]) - int(words[f + _FIRST])) / 1e9
+    return {"queue": max(0, int(words[f + _HEAD]) - int(words[f + _TAIL])), "pending": int(words[f + _PENDING]),
+            "done": int(words[f + _DONE]), "failed": int(words[f + _FAILED]),
+            "busy": int(words[f + _BUSY]) / 1e9, "copied": int(words[f + _COPIED]), "span": max(0.0, span)}
+
+
+class TaskQueue(HandleQueue):
+    """A pipeline stage's queue (``tasks: rings``): each item a ``Task``, a group of items in one
+    block and their ids, layout and attempts; get it from ``Client.task_queue``. ``put`` takes
+    a Task whose handle this process holds (the hold passes to the queue, as for a Handle);
+    ``get`` returns one with ``attempts`` raised to the deliveries to receivers that died."""
+
+    def put(self, item: Any, timeout: float | None = None) -> None:
+        if not isinstance(item, Task):
+            raise TypeError(f"queue {self.name!r} takes pipeline Tasks, not {type(item).__name__}")
+        c = self.client
+        c._check_broker(item.handle)
+        if not c.holds_handle(item.handle):
+            raise StaleHandle(f"queue {self.name!r}: the task's block is not held by this process")
+        handle = msgspec.structs.replace(item.handle, grant=0, expires=0.0)
+        self._put(handle, _TASK_ENCODER.encode(msgspec.structs.replace(item, handle=handle)), timeout)
+
+    def get(self, timeout: float | None = None) -> Task:  # type: ignore[override]
+        _, task = self._get(timeout)
+        return task
+
+    def _decode(self, data: bytes, deliveries: int) -> tuple[Handle, Any]:
+        try:
+            task = _TASK_DECODER.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise ProtocolError(f"queue {self.name!r}: not a task: {e}") from e
+        if deliveries > task.attempts:
+            task = msgspec.structs.replace(task, attempts=deliveries)
+        return task.handle, task
+
+
+_TASK_ENCODER = msgspec.msgpack.Encoder()
+_TASK_DECODER = msgspec.msgpack.Decoder(Task)

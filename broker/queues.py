@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import BadRequest
 from .holds import ControlRegion
-from .queue import SLOT_WORDS, init_queue, owner_word, queue_words, requeue
+from .queue import SLOT_WORDS, counters, init_queue, owner_word, queue_words, requeue
 
 __all__ = ["Queues", "QueueEntry"]
 
@@ -29,6 +29,7 @@ class QueueEntry:
     offset: int  # data offset of its block
     maxsize: int
     redeliver: int
+    slot_words: int = SLOT_WORDS
 
 
 class Queues:
@@ -40,8 +41,8 @@ class Queues:
         self.by_name: dict[str, QueueEntry] = {}
         self.later: list[tuple[str, int]] = []  # (queue name, owner word) whose mutex was busy
 
-    def open(self, name: str, maxsize: int, redeliver: int,
-             new_block: Callable[[int], int]) -> QueueEntry:
+    def open(self, name: str, maxsize: int, redeliver: int, new_block: Callable[[int], int],
+             slot_words: int = SLOT_WORDS) -> QueueEntry:
         """The queue ``name``, made on first use in a block of ``new_block(nbytes)`` (its data
         offset; it raises when the arena has no room)."""
         found = self.by_name.get(name)
@@ -49,29 +50,39 @@ class Queues:
             if self.region is None:
                 raise BadRequest("queue: this broker keeps no holds in shared memory (no membarrier "
                                  "on this host); queues need them")
-            offset = new_block(queue_words(maxsize, redeliver) * 8)
-            init_queue(self.region.words, self.address, offset, maxsize, redeliver)
+            offset = new_block(queue_words(maxsize, redeliver, slot_words) * 8)
+            init_queue(self.region.words, self.address, offset, maxsize, redeliver, slot_words)
             slots = maxsize * (2 if redeliver else 1)  # the pending entries name blocks too
-            self.region.register_queue(offset, slots, SLOT_WORDS)
-            found = self.by_name[name] = QueueEntry(offset, maxsize, redeliver)
+            self.region.register_queue(offset, slots, slot_words)
+            found = self.by_name[name] = QueueEntry(offset, maxsize, redeliver, slot_words)
         if redeliver and redeliver != found.redeliver:
             raise BadRequest(f"queue {name!r} was made with redeliver={found.redeliver} by its first "
                              f"user; open it with that (or without redeliver=)")
         return found
 
-    def gone(self, slot: int) -> None:
-        """The client of hold-table slot ``slot`` is gone: its pending items go back."""
-        if self.region is not None and self.by_name:
-            self._give_back(owner_word(slot, self.region.epoch(slot)), list(self.by_name))
-
-    def retry(self) -> None:
-        """Again for the queues whose mutex was busy."""
-        later, self.later = self.later, []
-        for name, owner in later:
-            self._give_back(owner, [name])
-
-    def _give_back(self, owner: int, names: list[str]) -> None:
+    def counters(self, name: str) -> dict[str, Any]:
+        """The size, pending items and stage counters of queue ``name`` (``queue.counters``)."""
         assert self.region is not None
+        return counters(self.region.words, self.by_name[name].offset)
+
+    def gone(self, slot: int) -> list[tuple[str, bytes]]:
+        """The client of hold-table slot ``slot`` is gone: its pending items go back. Returns
+        the items dropped instead (delivered ``redeliver`` times already): (queue, msgpack)."""
+        if self.region is not None and self.by_name:
+            return self._give_back(owner_word(slot, self.region.epoch(slot)), list(self.by_name))
+        return []
+
+    def retry(self) -> list[tuple[str, bytes]]:
+        """Again for the queues whose mutex was busy; returns the items dropped, as ``gone``."""
+        later, self.later = self.later, []
+        out = []
+        for name, owner in later:
+            out += self._give_back(owner, [name])
+        return out
+
+    def _give_back(self, owner: int, names: list[str]) -> list[tuple[str, bytes]]:
+        assert self.region is not None
+        out: list[tuple[str, bytes]] = []
         for name in names:
             q = self.by_name[name]
             if not q.redeliver:
@@ -85,4 +96,6 @@ class Queues:
                 log.info("queue %r: %d item(s) of a receiver that is gone given back", name, moved)
             if dropped:
                 log.warning("queue %r: %d item(s) dropped after %d redeliveries (every receiver died "
-                            "holding them)", name, dropped, q.redeliver)
+                            "holding them)", name, len(dropped), q.redeliver)
+                out += [(name, d) for d in dropped]
+        return out

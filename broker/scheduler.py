@@ -34,15 +34,29 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import ArenaFull, BadRequest, BrokerError, format_bytes
-from .protocol import Done, Fail, Failure, Layout, Message, OutSpec, Reserve, Reserved, StageSettings, Task
+from .protocol import (
+    RING_PREFIX,
+    Done,
+    Fail,
+    Failure,
+    Layout,
+    Message,
+    OutSpec,
+    Reserve,
+    Reserved,
+    StageSettings,
+    Task,
+    ring_name,
+)
 from .table import Obj, ObjectTable, array_nbytes
 
-__all__ = ["Scheduler", "SINK"]
+__all__ = ["Scheduler", "SINK", "ring_name"]
 
 SINK = "__sink__"
+
 # Small items of a stage that takes one item at a time travel several per task message (the worker
 # calls the stage on each row, reserves their outputs with one request and reports them with one
 # ``done``). How many (``_rows_per_task``): as many as the stage does in about TASK_SECONDS (its
@@ -158,6 +172,7 @@ class Scheduler:
         self.members: dict[int, _Member] = {}
         self.max_inflight = 0
         self.pipeline = ""  # which pipeline this is, if the one who configured it said
+        self.rings = False  # tasks travel in the stages' queues in the arena (see ``reported``)
         self.inflight_items = 0
         self.eof = False
         self.outbox: list[tuple[int, Message]] = []
@@ -176,9 +191,15 @@ class Scheduler:
         return m
 
     # -- set-up ---------------------------------------------------------------------------------
-    def configure(self, stages: list[StageSettings], max_inflight: int, pipeline: str = "") -> list[str]:
+    def configure(self, stages: list[StageSettings], max_inflight: int, pipeline: str = "",
+                  rings: bool = False) -> list[str]:
         """Set the stages (once; a broker runs one pipeline), or check a driver's list matches."""
         self._check_pipeline("pipeline", pipeline)
+        if self.stages and rings != self.rings:
+            raise BadRequest(f"pipeline: this broker's tasks travel {'in rings' if self.rings else 'as messages'}"
+                             f", not {'in rings' if rings else 'as messages'} (broker.rings of its config)")
+        if rings and not max_inflight:
+            raise BadRequest("pipeline: tasks in rings need max_inflight (the rings' size follows it)")
         self.pipeline = self.pipeline or pipeline
         if self.stages:
             names = [s.name for s in self.stages[:-1]]
@@ -193,6 +214,7 @@ class Scheduler:
                                   s.batch_timeout) for s in stages]
             self.stages.append(_Stage(SINK))
             self.max_inflight = max_inflight
+            self.rings = rings
         self.eof = False
         return [s.name for s in self.stages]
 
@@ -589,6 +611,46 @@ class Scheduler:
         for cid in sinks:
             self.outbox.append((cid, failure))
 
+    # -- tasks in rings -----------------------------------------------------------------------------
+    # With ``rings`` the tasks never pass through here: the driver puts groups into stage 0's
+    # queue in the arena, each worker takes from its stage's queue and puts its results into the
+    # next one, the driver takes the sink's. What is left to the broker is to referee: a worker's
+    # failure reports go to the driver (``reported``), and a task whose workers died holding it
+    # ``retries + 1`` times is dropped by its queue and failed here (``ring_dropped``).
+    def ring_size(self) -> int:
+        """Slots of each stage's queue: every task holds at least one of the at most
+        ``max_inflight`` items in flight, so a put never waits for room a task in flight holds."""
+        return self.max_inflight + 1
+
+    def ring_stage(self, name: str) -> int | None:
+        """The stage whose queue is ``name`` (None: not a stage's)."""
+        if not (self.rings and name.startswith(RING_PREFIX)):
+            return None
+        s = int(name[len(RING_PREFIX):])
+        return s if 0 <= s < len(self.stages) - 1 else None
+
+    def reported(self, cid: int, failure: Failure) -> None:
+        """A worker's report of items it gave up on (``tasks: rings``), passed to the driver."""
+        names = [st.name for st in self.stages[:-1]]
+        if failure.stage not in names:
+            raise BadRequest(f"failure: no stage {failure.stage!r}; this pipeline has {names}")
+        st = self.stages[names.index(failure.stage)]
+        st.failed += len(failure.items)
+        self.counters["failed" if failure.fatal else "skipped"] += len(failure.items)
+        if failure.code == "ArenaFull":
+            self.counters["arena_waits"] += 1
+        self._report(failure)
+
+    def ring_dropped(self, s: int, items: list[int], pid: int) -> None:
+        """Items whose workers all died holding them (``retries + 1`` deliveries): failed."""
+        st = self.stages[s]
+        fatal = st.on_error != "skip"
+        st.failed += len(items)
+        self.counters["failed" if fatal else "skipped"] += len(items)
+        self._report(Failure(stage=st.name, items=items, fatal=fatal, code="WorkerDied", worker_pid=pid,
+                             error=f"the worker processing it died (attempt {st.retries + 1} of "
+                                   f"{st.retries + 1}; its task's other items failed with it)"))
+
     # -- clients that leave -------------------------------------------------------------------------
     def drop(self, cid: int) -> int:
         """A client is gone: cancel its reservations, re-queue its tasks. Returns tasks re-queued.
@@ -630,10 +692,20 @@ class Scheduler:
                 "reservations": sum(len(m.reservations) for m in self.members.values()),
                 "members": len(self.members), "kept_failures": len(self.kept_failures)}
 
-    def stats(self) -> list[dict[str, object]]:
+    def stats(self, rings: Callable[[str], dict[str, Any]] | None = None) -> list[dict[str, object]]:
+        """Each stage's counters; ``rings``: a stage queue's counters by name, for a pipeline
+        whose tasks travel in rings (the workers count there)."""
         now = self.clock()
-        out = []
+        out: list[dict[str, object]] = []
         for i, st in enumerate(self.stages):
+            if rings is not None:
+                c = rings(ring_name(i))
+                workers = [{"pid": m.pid, "name": m.name, "device": m.device, "pinned": m.pinned,
+                            "done": 0, "busy": 0.0} for m in self.members.values() if m.stage == i]
+                out.append({"name": st.name, "batch": st.batch, "queue": c["queue"], "inflight": c["pending"],
+                            "done": c["done"], "failed": st.failed, "busy": c["busy"], "copied": c["copied"],
+                            "rate": c["done"] / c["span"] if c["span"] else 0.0, "workers": workers})
+                continue
             workers = [{"pid": m.pid, "name": m.name, "device": m.device, "pinned": m.pinned,
                         "done": m.done, "busy": m.busy / max(1e-9, now - m.started)}
                        for m in self.members.values() if m.stage == i]

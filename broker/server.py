@@ -51,6 +51,8 @@ from .errors import ArenaFull, BadRequest, BrokerError, format_bytes
 from .holds import fence_available
 from .protocol import (
     MAX_MESSAGE,
+    REDELIVER_MAX,
+    RING_PREFIX,
     Acquire,
     AcquireMany,
     Alloc,
@@ -65,6 +67,7 @@ from .protocol import (
     Eof,
     Error,
     Fail,
+    Failure,
     Grant,
     HandleReply,
     HandlesReply,
@@ -87,11 +90,13 @@ from .protocol import (
     StageSettings,
     Stats,
     StatsReply,
+    Task,
     Welcome,
     decode,
     encode,
+    ring_name,
 )
-from .queue import SLOT_WORDS
+from .queue import TASK_SLOT_WORDS
 from .queues import Queues
 from .rundir import RunDir, cleanup
 from .scheduler import Scheduler
@@ -172,7 +177,7 @@ class BrokerServer:
         # no reply unless refused (a ``late`` error)
         self.stream_handlers: dict[type[Message], Callable[[Session, Any], None]] = {
             Drop: self.drop, Grant: self.grant, Claim: self.claim, Commit: self.commit,
-            Cancel: self.cancel, Done: self.done}
+            Cancel: self.cancel, Done: self.done, Failure: self.failure}
 
     @property
     def endpoint(self) -> str:
@@ -261,8 +266,8 @@ class BrokerServer:
         if session is None:
             return
         slot = self.table.slots.get(session.cid)
-        if slot is not None:
-            self.queues.gone(slot)  # before its slot is closed (and may be reused)
+        if slot is not None:  # before its slot is closed (and may be reused)
+            self._ring_dropped(self.queues.gone(slot), session.pid)
         leases = self.table.drop_client(session.cid)
         tasks = self.scheduler.drop(session.cid)
         self.waiting.forget(session)
@@ -396,32 +401,67 @@ class BrokerServer:
 
     def queue_open(self, s: Session, msg: QueueOpen) -> Message:
         """The named queue's ring, made on first use (it lives as long as the broker)."""
-        def new_block(nbytes: int) -> int:
-            obj = self.table.new(nbytes, "|u1", (nbytes,))
-            if obj is None and self.table.reclaim():
-                obj = self.table.new(nbytes, "|u1", (nbytes,))
-            if obj is None:
-                raise self._alloc_full(f"queue {msg.name!r} of {msg.maxsize} slots")
-            return obj.offset
+        if msg.name.startswith(RING_PREFIX) and msg.name not in self.queues.by_name:
+            raise BadRequest(f"queue: names that start with {RING_PREFIX!r} are a pipeline's stage queues "
+                             f"(this broker's tasks {'travel in rings' if self.scheduler.rings else 'are messages'})")
+        q = self.queues.open(msg.name, msg.maxsize, msg.redeliver,
+                             lambda n: self._new_block(n, f"queue {msg.name!r} of {msg.maxsize} slots"))
+        return QueueInfo(rid=msg.rid, offset=q.offset, maxsize=q.maxsize, slot_words=q.slot_words)
 
-        q = self.queues.open(msg.name, msg.maxsize, msg.redeliver, new_block)
-        return QueueInfo(rid=msg.rid, offset=q.offset, maxsize=q.maxsize, slot_words=SLOT_WORDS)
+    def _new_block(self, nbytes: int, what: str) -> int:
+        """The data offset of a new block of ``nbytes`` that lives as long as the broker."""
+        obj = self.table.new(nbytes, "|u1", (nbytes,))
+        if obj is None and self.table.reclaim():
+            obj = self.table.new(nbytes, "|u1", (nbytes,))
+        if obj is None:
+            raise self._alloc_full(what)
+        return obj.offset
 
     def shutdown(self, s: Session, msg: Shutdown) -> Message:
         self.stopping = True
         return Ok(rid=msg.rid)
 
     # -- the pipeline -------------------------------------------------------------------------------
-    def configure(self, stages: list[StageSettings], max_inflight: int, pipeline: str = "") -> list[str]:
-        return self.scheduler.configure(stages, max_inflight, pipeline)
+    def configure(self, stages: list[StageSettings], max_inflight: int, pipeline: str = "",
+                  rings: bool = False) -> list[str]:
+        names = self.scheduler.configure(stages, max_inflight, pipeline, rings)
+        if self.scheduler.rings:  # the stages' queues (and the sink's), made once
+            for s, st in enumerate(self.scheduler.stages):
+                # a task whose workers died comes back; the one that gets it after retries + 1
+                # deaths reports its items failed (``workers.rings``), the queue drops it only if
+                # that one dies too
+                redeliver = min(REDELIVER_MAX, st.retries + 1) if s < len(stages) else 0
+                self.queues.open(ring_name(s), self.scheduler.ring_size(), redeliver,
+                                 lambda n: self._new_block(n, "a stage's queue"), TASK_SLOT_WORDS)
+        return names
 
     def configure_pipeline(self, s: Session, msg: ConfigurePipeline) -> Message:
-        return Configured(rid=msg.rid, stages=self.configure(msg.stages, msg.max_inflight, msg.pipeline))
+        return Configured(rid=msg.rid, stages=self.configure(msg.stages, msg.max_inflight, msg.pipeline,
+                                                             msg.rings))
 
     def register(self, s: Session, msg: Register) -> Message:
         stage = self.scheduler.register(s.cid, s.pid, s.name, msg.stage, msg.credits, msg.device,
                                         msg.pinned, msg.pipeline)
-        return Registered(rid=msg.rid, stage=stage)
+        return Registered(rid=msg.rid, stage=stage, rings=self.scheduler.rings)
+
+    def failure(self, s: Session, msg: Failure) -> None:
+        """A worker of a pipeline whose tasks travel in rings gave up on items (it says whether
+        the run must stop); the driver is told."""
+        self.scheduler.reported(s.cid, msg)
+
+    def _ring_dropped(self, dropped: list[tuple[str, bytes]], pid: int) -> None:
+        """Tasks a stage's queue dropped after its workers died holding them ``retries + 1``
+        times: their items failed (reported to the driver; never lost without a word)."""
+        for name, data in dropped:
+            stage = self.scheduler.ring_stage(name)
+            if stage is None:
+                continue
+            try:
+                task = msgspec.msgpack.decode(data, type=Task)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                log.error("queue %r: a dropped task that does not decode: %s", name, e)
+                continue
+            self.scheduler.ring_dropped(stage, task.items, pid)
 
     def reserve(self, s: Session, msg: Reserve) -> Message | None:
         self.scheduler.check_reserve(msg)
@@ -477,7 +517,7 @@ class BrokerServer:
         if self.scheduler.batches_open:
             self.scheduler.tick(now)
         if self.queues.later:
-            self.queues.retry()
+            self._ring_dropped(self.queues.retry(), 0)
         self.flush_outbox()
 
     def stats(self) -> dict[str, Any]:
@@ -485,7 +525,8 @@ class BrokerServer:
         counters = self.table.counters + self.scheduler.counters + self.counters
         counters["bad_messages"] += self.transport.bad_frames
         return {**self.table.stats(), "clients": len(self.sessions), "pending": self.waiting.count,
-                "inflight_items": self.scheduler.inflight_items, "stages": self.scheduler.stats(),
+                "inflight_items": self.scheduler.inflight_items,
+                "stages": self.scheduler.stats(self.queues.counters if self.scheduler.rings else None),
                 "counters": dict(counters), "requests": dict(self.requests), "pid": os.getpid(),
                 "sizes": {**self.table.sizes(), **self.scheduler.sizes(), "pending": self.waiting.count,
                           "sessions": len(self.sessions)},
@@ -508,7 +549,7 @@ def run_broker(capacity: int, endpoint: str | None = None, events: str | None = 
                stages: list[StageSettings] | None = None, max_inflight: int = 0,
                announce: Any = None, parent_pid: int = 0, metrics_port: int | None = None,
                curve: dict[str, str] | None = None, hwm: int = 10_000,
-               wait_timeout: float = DEFAULT_WAIT, pipeline: str = "") -> int:
+               wait_timeout: float = DEFAULT_WAIT, pipeline: str = "", rings: bool = False) -> int:
     """Run a broker in this process until SIGTERM/SIGINT or a shutdown request."""
     swept = cleanup()
     if swept:
@@ -532,7 +573,7 @@ def run_broker(capacity: int, endpoint: str | None = None, events: str | None = 
     previous = _stop_on_signals(server)
     try:
         if stages:
-            server.configure(stages, max_inflight, pipeline)
+            server.configure(stages, max_inflight, pipeline, rings)
         rundir.write_info(server.info())
         if announce:
             announce(server.info())
@@ -556,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", help="JSON list of stage settings (name, batch, on_error, ...)")
     ap.add_argument("--max-inflight", type=int, default=0)
     ap.add_argument("--pipeline", default="", help="which pipeline the stages are (name@config-hash)")
+    ap.add_argument("--rings", action="store_true", help="the stages' tasks travel in queues in the arena")
     ap.add_argument("--wait-timeout", type=float, default=DEFAULT_WAIT,
                     help="seconds a request waits for arena space when it names no timeout")
     ap.add_argument("--log-level", default="WARNING")
@@ -579,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_broker(args.capacity, args.endpoint, args.events, stages, args.max_inflight,
                           announce, args.parent_pid, args.metrics_port,
                           {"secret": args.curve_secret, "authorized": args.curve_authorized}
-                          if args.curve_secret else None, args.hwm, args.wait_timeout, args.pipeline)
+                          if args.curve_secret else None, args.hwm, args.wait_timeout, args.pipeline,
+                          args.rings)
     except (MemoryError, OSError, BrokerError, msgspec.ValidationError) as e:
         log.error("%s", e)
         return 2

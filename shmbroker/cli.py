@@ -209,6 +209,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from .config import load_config, parse_size
 
     stages, inflight, metrics, curve, hwm, wait, pipeline = None, 0, None, None, 10_000, DEFAULT_WAIT, ""
+    rings = False
     capacity = parse_size(args.capacity or "256MiB")
     endpoint = args.endpoint
     if args.config:
@@ -222,13 +223,14 @@ def cmd_broker(args: argparse.Namespace) -> int:
         wait = cfg.broker.wait_timeout
         curve = cfg.broker.curve.broker_args() if cfg.broker.curve else None
         pipeline = cfg.pipeline_id()
+        rings = cfg.broker.rings
 
     def announce(info: dict[str, Any]) -> None:
         print(f"broker pid {info['pid']} ready at {info['endpoint']} "
               f"(arena {format_bytes(info['capacity'])})", flush=True)
 
     return run_broker(capacity, endpoint, None, stages, inflight, announce, metrics_port=metrics,
-                      curve=curve, hwm=hwm, wait_timeout=wait, pipeline=pipeline)
+                      curve=curve, hwm=hwm, wait_timeout=wait, pipeline=pipeline, rings=rings)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

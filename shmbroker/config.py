@@ -86,6 +86,8 @@ class BrokerConfig(_Strict):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     hwm: int = Field(default=10_000, ge=100, description="ZeroMQ high-water mark: messages queued per peer")
     curve: CurveConfig | None = None
+    rings: bool = Field(default=False, description="tasks travel in queues in the arena, no broker "
+                        "message per task (docs/pipelines.md, 'Tasks in rings')")
 
     @field_validator("endpoint")
     @classmethod
@@ -203,7 +205,8 @@ class StageConfig(_Strict):
         return StageSpec(name=self.name, index=index, fn=self.fn, factory=self.factory,
                          args=dict(self.args), batch=self.batch, dtype=self.dtype,
                          credits=self.credits, threads=self.threads, search_path=search_path,
-                         next_batch=after.batch if after else 1, next_name=after.name if after else "")
+                         next_batch=after.batch if after else 1, next_name=after.name if after else "",
+                         on_error=self.on_error, retries=self.retries)
 
 
 class ClusterConfig(_Strict):

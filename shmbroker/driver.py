@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Iterator
 
+import msgspec
 import numpy as np
 
 from broker.client import SINK, Client
@@ -42,7 +43,8 @@ from broker.errors import (
     format_bytes,
 )
 from broker.process import Broker
-from broker.protocol import Error, Failure, Reserved, Task
+from broker.protocol import Error, Failure, Handle, Reserved, Task
+from broker.queue import TaskQueue
 from broker.scheduler import TASK_ARENA_PART
 
 from .config import NpySink, PipelineConfig, load_config
@@ -162,6 +164,9 @@ class Pipeline:
         self.warnings: list[str] = []
         self._unfinished = False
         self._rows_left: dict[int, int] = {}  # sink task -> rows not yet finished with
+        self._rings: tuple[TaskQueue, TaskQueue] | None = None  # stage 0's and the sink's (broker.rings)
+        self._ring_held: dict[int, Handle] = {}  # a sink group's id (below 0) -> its block
+        self._ring_ids = 0
         self.state: _DriveState | None = None
         self.stop_signal = 0  # set by request_stop (a signal handler)
 
@@ -195,7 +200,7 @@ class Pipeline:
                              max_inflight=cfg.broker.max_inflight, wait_timeout=cfg.broker.wait_timeout,
                              log_level=self.log_level, metrics_port=cfg.broker.metrics_port,
                              hwm=cfg.broker.hwm, curve=curve.broker_args() if curve else None,
-                             pipeline=cfg.pipeline_id())
+                             pipeline=cfg.pipeline_id(), rings=cfg.broker.rings)
         self.supervisor = Supervisor(self.broker.endpoint, self.workers, self.log_level, self.log_json,
                                      curve.client_args() if curve else None)
         self.supervisor.start()
@@ -237,6 +242,11 @@ class Pipeline:
         inflight = self.cfg.broker.max_inflight
         group_max = max(1, min(FEED_ITEMS, inflight // 4)) if inflight else FEED_ITEMS
         group_bytes = min(FEED_BYTES, cap // TASK_ARENA_PART)
+        batch = max(s.batch for s in self.cfg.stages)
+        if self.client is not None and self.client.rings and batch > 1:
+            # a group travels whole through the rings: it is the largest stage's batch (a stage
+            # with a smaller batch takes it in parts), as far as an eighth of the arena allows
+            group_max, group_bytes = min(batch, inflight), cap // TASK_ARENA_PART
         group: list[tuple[int, np.ndarray]] = []
         nbytes, started = 0, time.monotonic()
         for idx, arr in items:
@@ -297,6 +307,9 @@ class Pipeline:
         self._unfinished = True  # cleared only when this run drains completely
         self.state = state  # the last run's bookkeeping (tests check it stays bounded)
         groups = self._groups(items)
+        if c.rings:
+            yield from self._drive_rings(groups, state)
+            return
         outstanding: dict[int, Any] = {}  # request id -> the group reserved, or None
         reserving = 0
         exhausted = eof_sent = False
@@ -353,6 +366,84 @@ class Pipeline:
                     c.commit(msg, defer=True)  # with the next reserve, or before the next wait
             elif isinstance(msg, Error):
                 raise error_from_wire(msg.code, msg.message)
+
+    def _drive_rings(self, groups: Iterator[list[tuple[int, np.ndarray]]],
+                     state: _DriveState) -> Iterator[tuple[int, Any, int]]:
+        """``_drive`` when tasks travel in rings: each group is copied into a block of this
+        process's own and put into stage 0's queue, while at most ``max_inflight`` items (and
+        half the arena of them) are in flight; finished groups come from the sink's queue.
+        Failures still come from the broker, as messages."""
+        c = self.client
+        assert c is not None
+        if self._rings is None:
+            self._rings = (c.task_queue(0), c.task_queue(len(self.cfg.stages)))
+        first, sink = self._rings
+        batched = self.cfg.stages[0].batch > 1
+        cap, most = int(self.cfg.broker.capacity), self.cfg.broker.max_inflight
+        stall = max(self.cfg.broker.wait_timeout, 60.0) * 2
+        last_progress = time.monotonic()
+        group: list[tuple[int, np.ndarray]] | None = None
+        item_bytes = 0
+        exhausted = False
+        while True:
+            if self.stop_signal:
+                raise Interrupted(self.stop_signal)
+            while not exhausted:
+                if group is None:
+                    group = next(groups, None)
+                    if group is None:
+                        exhausted = True
+                        break
+                    item_bytes = group[0][1].nbytes
+                flying = state.submitted - state.seen.count
+                if flying and (flying + len(group) > most or (flying + len(group)) * item_bytes * 2 > cap):
+                    break
+                self._put_group(first, group, batched, state)
+                group = None
+            if exhausted and state.seen.count >= state.submitted:
+                self._unfinished = False
+                return
+            msg = c.next_message(0)
+            while msg is not None:  # failure reports (and a refusal of something this process sent)
+                if isinstance(msg, Failure):
+                    self._on_failure(msg, state)
+                elif isinstance(msg, Error):
+                    raise error_from_wire(msg.code, msg.message)
+                msg = c.next_message(0)
+            now = time.monotonic()
+            if now - state.supervised_at > 0.1:
+                state.supervised_at = now
+                assert self.supervisor is not None
+                self.supervisor.supervise()
+            if self.progress and now - state.stats_at > 1.0:
+                state.stats_at = now
+                state.queues = " ".join(f"{st['name']}:{st['queue'] + st['inflight']}"
+                                        for st in c.stats()["stages"][:-1])
+            try:
+                task = sink.get(timeout=0.05)
+            except BrokerTimeout:
+                if time.monotonic() - last_progress > stall:
+                    raise BrokerTimeout(f"no progress for {stall:.0f} s; stage state: {self._stage_state()}") \
+                        from None
+                continue
+            last_progress = time.monotonic()
+            self._ring_ids -= 1  # ids of their own (below 0), so _done knows it is a block to release
+            self._ring_held[self._ring_ids] = task.handle
+            yield from self._received(msgspec.structs.replace(task, task=self._ring_ids), state)
+
+    def _put_group(self, queue: TaskQueue, group: list[tuple[int, np.ndarray]], batched: bool,
+                   state: _DriveState) -> None:
+        """Copy a group into a new block and put it into stage 0's queue (tasks in rings)."""
+        assert self.client is not None
+        arr = group[0][1]
+        handle, block = self.client.alloc((len(group), *arr.shape), arr.dtype,
+                                          timeout=self.cfg.broker.wait_timeout)
+        for row, (_, a) in zip(block, group, strict=True):
+            np.copyto(row, a, casting="no" if a.dtype.isnative else "equiv")
+        state.bytes_in += block.nbytes
+        queue.put(Task(task=0, stage=0, items=[i for i, _ in group], handle=handle, rows=len(group),
+                       batched=batched, each=not batched))
+        state.submitted += len(group)
 
     def _received(self, task: Task, state: _DriveState) -> Iterator[tuple[int, Any, int]]:
         assert self.client is not None
@@ -417,6 +508,10 @@ class Pipeline:
         left = self._rows_left.pop(task, 1) - 1
         if left > 0:
             self._rows_left[task] = left
+            return
+        held = self._ring_held.pop(task, None)
+        if held is not None:  # a group from the sink's queue (tasks in rings): its block goes
+            self.client.release(held)
             return
         self.client.done(task, defer=True)  # with the next reserve, or before the next wait
 
@@ -552,7 +647,11 @@ class Pipeline:
         if self._rows_left:
             assert self.client is not None
             for t in list(self._rows_left):
-                self.client.done(t)
+                held = self._ring_held.pop(t, None)
+                if held is not None:
+                    self.client.release(held)
+                else:
+                    self.client.done(t)
             self._rows_left.clear()
 
     def _baseline(self) -> dict[str, dict[str, float]]:

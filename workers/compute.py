@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -50,6 +50,16 @@ class OutSpec(NamedTuple):
     layout: Layout | None = None
 
 
+class Slots(Protocol):
+    """Where a task's output slots come from: reservations of the broker (the ``Client``), or
+    blocks the worker allocates itself when tasks travel in rings (``rings.RingSlots``)."""
+
+    def reserve(self, stage: int, items: Sequence[int], shape: Sequence[int], dtype: Any, *,
+                timeout: float | None = None, layout: Layout | None = None) -> Reserved: ...
+
+    def cancel(self, reserved: Reserved | int, *, wait: bool = False) -> None: ...
+
+
 class Compute:
     """Runs tasks of one stage on one device and writes their results into the next stage."""
 
@@ -59,6 +69,7 @@ class Compute:
 
         self.torch = torch
         self.client = client
+        self.slots: Slots = client
         self.spec = spec
         self.device = device
         self.fn = fn
@@ -150,7 +161,7 @@ class Compute:
                 return ahead
             self.client.cancel(ahead)
         self._check_room(len(items), spec)
-        return self.client.reserve(self.spec.index + 1, items, spec.shape, spec.dtype, layout=spec.layout)
+        return self.slots.reserve(self.spec.index + 1, items, spec.shape, spec.dtype, layout=spec.layout)
 
     def _check_room(self, n: int, spec: OutSpec) -> None:
         """``ArenaFull`` at once (it stops the run) for a result that can never be placed: its
@@ -294,7 +305,7 @@ class Compute:
         fields = self._outputs(out, len(items) if batched else None)
         if len(fields) != 1 or fields[0][0] is not None or self._spec(out, fields, batched) != spec:
             out = _own(out)  # it may be a view of the slot, which the cancel gives back to the arena
-            self.client.cancel(reserved)
+            self.slots.cancel(reserved)
             self.direct = False  # the output's shape is not a function of the input's
             return None, out
         return ([reserved.rsv], self._write(reserved, fields, batched, spec)), None
@@ -351,7 +362,7 @@ class Compute:
                     continue
                 fields = self._outputs(out, None)
                 if self._spec(out, fields, False) != spec:
-                    self.client.cancel(reserved)
+                    self.slots.cancel(reserved)
                     self.direct = False  # the output's shape is not a function of the input's
                     return None
                 copied += write_into(d, fields[0][1], wire=spec.dtype)

@@ -5,6 +5,7 @@ One worker process serves one stage on one device::
     Device.select()  ──▶  Client(endpoint)  ──▶  load the stage (fn, or factory(**args))
         ──▶ pin the arena (CUDA) ──▶ register(stage, credits, device, pinned)
     loop: task ──▶ Compute.run (compute.py) ──▶ done(task, reservations)   (not waited for)
+          (with ``broker.rings``: tasks from the stage's queue in the arena instead, rings.py)
           a stage that raises ──▶ fail(task, error, traceback)   (the broker retries, skips or fails)
           no arena space for the result within wait_timeout ──▶ fail(task, arena): backpressure,
           the task goes back to its queue and is never the stage's error
@@ -33,6 +34,7 @@ from broker.protocol import Task
 
 from .compute import Compute
 from .devices import Device
+from .rings import RingLoop
 from .spec import StageSpec, resolve
 
 __all__ = ["load_stage", "takes_out", "Worker", "worker_main", "worker_process"]
@@ -86,11 +88,17 @@ class Worker:
             self.stopping = False
             self.client.register(spec.name, credits=spec.credits, device=str(self.device), pinned=pinned,
                                  pipeline=spec.pipeline)
+            # tasks in the arena's queues (broker.rings): the loop of rings.py, no message per task
+            self.rings = RingLoop(self.client, spec, self.compute) if self.client.rings else None
         except BaseException:
             self.close()
             raise
 
     def run(self) -> int:
+        if self.rings is not None:
+            self.rings.run(lambda: self.stopping)
+            self._flush()
+            return 0
         while not self.stopping:
             msg = self.client.next_message(0.5)
             if msg is None:

@@ -37,6 +37,8 @@ class StageSpec:
     next_batch: int = 1  # the next stage's batch: results are collated in blocks of this many rows
     next_name: str = ""  # the next stage's name ("" for the sink)
     pipeline: str = ""  # which pipeline (name@config hash): the broker refuses a worker of another
+    on_error: str = "fail"  # what a failure does (with tasks in rings the workers decide it)
+    retries: int = 2
 
     @property
     def target(self) -> str:
