@@ -168,6 +168,7 @@ name: bench-{rows}
 broker:
   capacity: {capacity}
   max_inflight: 64
+  rings: {rings}
 source:
   type: python
   fn: benchmarks._bench_stages:pool_source
@@ -190,7 +191,7 @@ sink:
 
 
 def child_shmbroker(nbytes: int, target: float, reps: int, cap_items: int | None = None,
-                    device: str = "cpu") -> dict[str, Any]:
+                    device: str = "cpu", rings: bool = False) -> dict[str, Any]:
     # The driver computes nothing, so it does not import torch (the stages set their own threads)
     from benchmarks._bench_stages import pool
     from broker import Pipeline
@@ -200,8 +201,9 @@ def child_shmbroker(nbytes: int, target: float, reps: int, cap_items: int | None
     tmp = tempfile.mkdtemp(prefix="shmb-pipe-")
     path = Path(tmp) / "bench.yaml"
     cap = capacity_for(nbytes, cap_items)
-    path.write_text(PIPELINE_YAML.format(rows=rows, capacity=cap, batch=BATCH, device=device))
-    out: dict[str, Any] = {"system": "shmbroker", "capacity": cap, "runs": []}
+    path.write_text(PIPELINE_YAML.format(rows=rows, capacity=cap, batch=BATCH, device=device,
+                                         rings="true" if rings else "false"))
+    out: dict[str, Any] = {"system": "rings" if rings else "shmbroker", "capacity": cap, "runs": []}
     me = os.getpid()
     with Pipeline.from_yaml(path) as p:
         src = p.cfg.source
@@ -473,8 +475,14 @@ def child_queues(nbytes: int, target: float, reps: int, cap_items: int | None = 
     return out
 
 
-CHILDREN = {"shmbroker": child_shmbroker, "dataloader": child_dataloader, "spdl": child_spdl,
-            "queues": child_queues}
+def child_rings(nbytes: int, target: float, reps: int, cap_items: int | None = None,
+                device: str = "cpu") -> dict[str, Any]:
+    """System ``rings``: the same Pipeline with ``broker.rings: true`` (tasks in the arena's queues)."""
+    return child_shmbroker(nbytes, target, reps, cap_items, device, rings=True)
+
+
+CHILDREN = {"shmbroker": child_shmbroker, "rings": child_rings, "dataloader": child_dataloader,
+            "spdl": child_spdl, "queues": child_queues}
 
 
 def child_main(system: str, nbytes: int, target: float, reps: int, cap_items: int | None,
@@ -519,7 +527,7 @@ def run_child(system: str, nbytes: int, target: float, reps: int, cap_items: int
         run["peak_pss"] = sampler.peaks.get(f"rep{r}", 0)
         run.update(foreign.get(str(r), {}))
         run["procs"] = sampler.procs.get(f"rep{r}", 0)
-        if system in ("shmbroker", "queues"):
+        if system in ("shmbroker", "rings", "queues"):
             run["footprint"] = run["peak_pss"] - run["arena_pss_end"] + result["capacity"]
         else:
             run["footprint"] = run["peak_pss"]
@@ -537,10 +545,24 @@ def ratio_lines(results: dict[str, Any], sizes: list[int]) -> tuple[list[list[st
     rows: list[list[str]] = []
     out: dict[str, Any] = {}
     for nbytes in sizes:
-        a = results.get(f"shmbroker/{nbytes}")
-        if not a:
-            continue
-        ours = out[str(nbytes)] = {}
+        for system in ("shmbroker", "rings"):
+            _ratios_of(system, results, nbytes, rows, out)
+        q = results.get(f"queues/{nbytes}")
+        if q:
+            qs = summarize([r["cpu_s"]["broker"] / r["cpu_s"]["total"] for r in q["runs"] if r["cpu_s"]["total"] > 0])
+            out.setdefault("queues", {})[str(nbytes)] = qs["median"]
+            rows.append(["hand-wired queues: broker's share of all CPU", fmt_bytes(nbytes), "",
+                         f"{100 * qs['median']:.1f}% ({q['stats']['cpu_ms_per_item']['broker']['median']:.3f} ms/item)"])
+    return rows, out
+
+
+def _ratios_of(system: str, results: dict[str, Any], nbytes: int, rows: list[list[str]],
+               out: dict[str, Any]) -> None:
+    """``ratio_lines`` for one of our systems (``shmbroker``: tasks as messages; ``rings``)."""
+    label = "shmbroker" if system == "shmbroker" else "shmbroker rings"
+    a = results.get(f"{system}/{nbytes}")
+    if a:
+        ours = out.setdefault(system, {})[str(nbytes)] = {}
         runs = a["runs"]
         share = summarize([r["cpu_s"]["broker"] / r["cpu_s"]["total"] for r in runs if r["cpu_s"]["total"] > 0])
         ours["broker_share_of_cpu"] = share["median"]
@@ -553,27 +575,23 @@ def ratio_lines(results: dict[str, Any], sizes: list[int]) -> tuple[list[list[st
             cpu = (a["stats"]["cpu_ms_per_item"]["total"]["median"]
                    / b["stats"]["cpu_ms_per_item"]["total"]["median"])
             ours[peer] = {"items_s_ratio": rate, "cpu_per_item_ratio": cpu}
-            rows.append([f"shmbroker/{name}", fmt_bytes(nbytes), f"{rate:.2f}x", f"{cpu:.2f}x"])
-        rows.append(["shmbroker: broker's share of all CPU", fmt_bytes(nbytes), "",
+            rows.append([f"{label}/{name}", fmt_bytes(nbytes), f"{rate:.2f}x", f"{cpu:.2f}x"])
+        rows.append([f"{label}: broker's share of all CPU", fmt_bytes(nbytes), "",
                      f"{100 * share['median']:.1f}% ({ours['broker_cpu_ms_per_item']:.3f} ms/item)"])
-        q = results.get(f"queues/{nbytes}")
-        if q:
-            qs = summarize([r["cpu_s"]["broker"] / r["cpu_s"]["total"] for r in q["runs"] if r["cpu_s"]["total"] > 0])
-            ours["queues_broker_share_of_cpu"] = qs["median"]
-            rows.append(["hand-wired queues: broker's share of all CPU", fmt_bytes(nbytes), "",
-                         f"{100 * qs['median']:.1f}% ({q['stats']['cpu_ms_per_item']['broker']['median']:.3f} ms/item)"])
-    return rows, out
 
 
-def goal_lines(ratios: dict[str, Any], sizes: list[int], skipped: dict[str, str]) -> list[str]:
-    """Issue 13's pipeline goals, met/MISSED with this run's numbers."""
+def goal_lines(ratios: dict[str, Any], sizes: list[int], skipped: dict[str, str],
+               system: str = "shmbroker") -> list[str]:
+    """Issue 13's pipeline goals for one of our systems (``ratio_lines``' numbers of it), met/MISSED."""
     def missing(peer: str) -> str:
         return f"{peer} skipped: {skipped[peer]}" if peer in skipped else f"{peer} not run (--systems)"
 
-    out = ["pipeline goals of issue 13 (medians of this run; the machine is noisy: one run is indicative):"]
+    how = "tasks as messages" if system == "shmbroker" else "broker.rings: true"
+    out = [f"pipeline goals of issue 13, {system} ({how}; medians of this run; the machine is noisy: "
+           f"one run is indicative):"]
     have = [n for n in sizes if str(n) in ratios]
     if not have:
-        return out + ["  not checked: shmbroker not run (--systems)"]
+        return out + [f"  not checked: {system} not run (--systems)"]
     shares = [(n, ratios[str(n)]["broker_share_of_cpu"]) for n in have]
     ok = all(s <= 0.05 for _, s in shares)
     out.append(f"  broker CPU <= 5 % of the pipeline's total at every size: {'met' if ok else 'MISSED'} ("
@@ -709,7 +727,8 @@ def main() -> int:
     if r_rows:
         print()
         print(ratio_text)
-    goals = goal_lines(ratios, sizes, skipped)
+    goals = [line for system in ("shmbroker", "rings") if system in systems
+             for line in goal_lines(ratios.get(system, {}), sizes, skipped, system)]
     print()
     print("\n".join(goals))
     data = {"machine": machine,

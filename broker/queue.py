@@ -75,7 +75,7 @@ from .holds import QUEUE_HEADER_WORDS
 from .protocol import REDELIVER_MAX, Handle, ProtocolError, Task
 
 __all__ = ["HandleQueue", "TaskQueue", "init_queue", "owner_word", "queue_words", "requeue", "REDELIVER_MAX",
-           "SLOT_WORDS", "TASK_SLOT_WORDS", "counters"]
+           "SLOT_WORDS", "TASK_SLOT_WORDS", "counters", "task_rows"]
 
 SLOT_WORDS = 40  # 320 bytes a slot: three words of bookkeeping and a msgpack Handle of up to 296 bytes
 TASK_SLOT_WORDS = 160  # a pipeline stage's queue: a msgpack Task (a Handle and the items' ids) of up to 1,256 bytes
@@ -312,16 +312,18 @@ class HandleQueue:
         handle = msgspec.structs.replace(handle, grant=0, expires=0.0)
         self._put(handle, handle.to_bytes(), timeout)
 
-    def _put(self, handle: Handle, data: bytes, timeout: float | None) -> None:
+    def _put(self, handle: Handle, data: bytes, timeout: float | None, keep: bool = False) -> None:
         """Add the item ``data`` (msgpack) whose block ``handle`` names; this process's reference
-        to it passes to the queue."""
+        to it passes to the queue (``keep``: this process keeps it too, and the room of a pending
+        entry of it stays that entry's)."""
         c = self.client
         if len(data) > (self.slot_words - _DATA) * 8:
             raise BrokerError(f"queue {self.name!r}: a handle of {len(data)} bytes does not fit a slot")
         deadline = None if timeout is None else time.monotonic() + timeout
         w, f = self.words, self.first
         # an item got from this very queue and put back: its pending entry's room is its own
-        mine = [p for p in c._pending.get(handle.oid, ()) if p[0] is self and int(w[p[1]]) == p[2]]
+        mine = [] if keep else \
+            [p for p in c._pending.get(handle.oid, ()) if p[0] is self and int(w[p[1]]) == p[2]]
         while True:
             self._acquire()
             head, tail = int(w[f + _HEAD]), int(w[f + _TAIL])
@@ -347,7 +349,8 @@ class HandleQueue:
             self._wait(self.space_addr, _SPACE, _PWAIT, space, deadline, "put: the queue stayed full")
         if wake:
             _futex_wake(self.seq_addr, 1)
-        c.release(handle)  # the queue's slot holds the block now
+        if not keep:
+            c.release(handle)  # the queue's slot holds the block now
 
     def get(self, timeout: float | None = None) -> Handle:
         """The oldest item; its hold is this process's (``client.release`` ends it). Blocks
@@ -539,6 +542,16 @@ class TaskQueue(HandleQueue):
         handle = msgspec.structs.replace(item.handle, grant=0, expires=0.0)
         self._put(handle, _TASK_ENCODER.encode(msgspec.structs.replace(item, handle=handle)), timeout)
 
+    def split(self, task: Task) -> None:
+        """Put each row of a got ``task`` back into this queue as a task of its own (views of the
+        same block, its attempts kept), then release ``task``: until all are in, its pending
+        entry stands, so a death midway loses nothing (rows then arrive twice, at least once).
+        The room is there when at most ``maxsize - 1`` items are in flight (a pipeline's rings)."""
+        for j in range(task.rows):
+            part = task_rows(task, j, j + 1)
+            self._put(part.handle, _TASK_ENCODER.encode(part), None, keep=True)
+        self.client.release(task.handle)
+
     def get(self, timeout: float | None = None) -> Task:  # type: ignore[override]
         _, task = self._get(timeout)
         return task
@@ -548,9 +561,19 @@ class TaskQueue(HandleQueue):
             task = _TASK_DECODER.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise ProtocolError(f"queue {self.name!r}: not a task: {e}") from e
-        if deliveries > task.attempts:
-            task = msgspec.structs.replace(task, attempts=deliveries)
+        if deliveries:  # the attempts of the task it was split from, and the deaths since
+            task = msgspec.structs.replace(task, attempts=task.attempts + deliveries)
         return task.handle, task
+
+
+def task_rows(task: Task, start: int, end: int) -> Task:
+    """Rows ``[start, end)`` of a group's task: a view of the same block (no copy)."""
+    h = task.handle
+    rowbytes = h.nbytes // max(1, task.rows)
+    handle = msgspec.structs.replace(h, offset=h.offset + start * rowbytes, nbytes=(end - start) * rowbytes,
+                                     shape=(end - start, *h.shape[1:]), base=h.block, grant=0, expires=0.0)
+    return msgspec.structs.replace(task, items=task.items[start:end], handle=handle, rows=end - start,
+                                   valid=None)
 
 
 _TASK_ENCODER = msgspec.msgpack.Encoder()

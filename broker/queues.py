@@ -65,24 +65,25 @@ class Queues:
         assert self.region is not None
         return counters(self.region.words, self.by_name[name].offset)
 
-    def gone(self, slot: int) -> list[tuple[str, bytes]]:
-        """The client of hold-table slot ``slot`` is gone: its pending items go back. Returns
-        the items dropped instead (delivered ``redeliver`` times already): (queue, msgpack)."""
+    def gone(self, slot: int) -> list[tuple[str, int, list[bytes]]]:
+        """The client of hold-table slot ``slot`` is gone: its pending items go back. Returns,
+        per queue where any were, (name, items given back, the msgpack of those dropped instead:
+        delivered ``redeliver`` times already)."""
         if self.region is not None and self.by_name:
             return self._give_back(owner_word(slot, self.region.epoch(slot)), list(self.by_name))
         return []
 
-    def retry(self) -> list[tuple[str, bytes]]:
-        """Again for the queues whose mutex was busy; returns the items dropped, as ``gone``."""
+    def retry(self) -> list[tuple[str, int, list[bytes]]]:
+        """Again for the queues whose mutex was busy; returns what ``gone`` does."""
         later, self.later = self.later, []
         out = []
         for name, owner in later:
             out += self._give_back(owner, [name])
         return out
 
-    def _give_back(self, owner: int, names: list[str]) -> list[tuple[str, bytes]]:
+    def _give_back(self, owner: int, names: list[str]) -> list[tuple[str, int, list[bytes]]]:
         assert self.region is not None
-        out: list[tuple[str, bytes]] = []
+        out: list[tuple[str, int, list[bytes]]] = []
         for name in names:
             q = self.by_name[name]
             if not q.redeliver:
@@ -97,5 +98,6 @@ class Queues:
             if dropped:
                 log.warning("queue %r: %d item(s) dropped after %d redeliveries (every receiver died "
                             "holding them)", name, len(dropped), q.redeliver)
-                out += [(name, d) for d in dropped]
+            if moved or dropped:
+                out.append((name, moved, dropped))
         return out

@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import msgspec
+
 from .errors import ArenaFull, BadRequest, BrokerError, format_bytes
 from .protocol import (
     RING_PREFIX,
@@ -173,6 +175,7 @@ class Scheduler:
         self.max_inflight = 0
         self.pipeline = ""  # which pipeline this is, if the one who configured it said
         self.rings = False  # tasks travel in the stages' queues in the arena (see ``reported``)
+        self.ring_deaths: dict[int, int] = {}  # stage -> the pid of its last worker that died holding tasks
         self.inflight_items = 0
         self.eof = False
         self.outbox: list[tuple[int, Message]] = []
@@ -629,12 +632,21 @@ class Scheduler:
         s = int(name[len(RING_PREFIX):])
         return s if 0 <= s < len(self.stages) - 1 else None
 
+    def ring_requeued(self, s: int, moved: int, pid: int) -> None:
+        """A dead worker's tasks went back to stage ``s``'s queue (``pid``: that worker)."""
+        self.counters["requeued"] += moved
+        if pid:
+            self.ring_deaths[s] = pid
+
     def reported(self, cid: int, failure: Failure) -> None:
         """A worker's report of items it gave up on (``tasks: rings``), passed to the driver."""
         names = [st.name for st in self.stages[:-1]]
         if failure.stage not in names:
             raise BadRequest(f"failure: no stage {failure.stage!r}; this pipeline has {names}")
-        st = self.stages[names.index(failure.stage)]
+        s = names.index(failure.stage)
+        st = self.stages[s]
+        if failure.code == "WorkerDied" and not failure.worker_pid:  # the worker that died last
+            failure = msgspec.structs.replace(failure, worker_pid=self.ring_deaths.get(s, 0))
         st.failed += len(failure.items)
         self.counters["failed" if failure.fatal else "skipped"] += len(failure.items)
         if failure.code == "ArenaFull":

@@ -267,7 +267,7 @@ class BrokerServer:
             return
         slot = self.table.slots.get(session.cid)
         if slot is not None:  # before its slot is closed (and may be reused)
-            self._ring_dropped(self.queues.gone(slot), session.pid)
+            self._given_back(self.queues.gone(slot), session.pid)
         leases = self.table.drop_client(session.cid)
         tasks = self.scheduler.drop(session.cid)
         self.waiting.forget(session)
@@ -449,19 +449,22 @@ class BrokerServer:
         the run must stop); the driver is told."""
         self.scheduler.reported(s.cid, msg)
 
-    def _ring_dropped(self, dropped: list[tuple[str, bytes]], pid: int) -> None:
-        """Tasks a stage's queue dropped after its workers died holding them ``retries + 1``
-        times: their items failed (reported to the driver; never lost without a word)."""
-        for name, data in dropped:
+    def _given_back(self, given: list[tuple[str, int, list[bytes]]], pid: int) -> None:
+        """What the queues gave back after a client died (``Queues.gone``): for a stage's queue,
+        the tasks re-queued are counted, and those dropped after their workers died holding them
+        too often fail their items (reported to the driver; never lost without a word)."""
+        for name, moved, dropped in given:
             stage = self.scheduler.ring_stage(name)
             if stage is None:
                 continue
-            try:
-                task = msgspec.msgpack.decode(data, type=Task)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                log.error("queue %r: a dropped task that does not decode: %s", name, e)
-                continue
-            self.scheduler.ring_dropped(stage, task.items, pid)
+            self.scheduler.ring_requeued(stage, moved, pid)
+            for data in dropped:
+                try:
+                    task = msgspec.msgpack.decode(data, type=Task)
+                except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                    log.error("queue %r: a dropped task that does not decode: %s", name, e)
+                    continue
+                self.scheduler.ring_dropped(stage, task.items, pid)
 
     def reserve(self, s: Session, msg: Reserve) -> Message | None:
         self.scheduler.check_reserve(msg)
@@ -517,7 +520,7 @@ class BrokerServer:
         if self.scheduler.batches_open:
             self.scheduler.tick(now)
         if self.queues.later:
-            self._ring_dropped(self.queues.retry(), 0)
+            self._given_back(self.queues.retry(), 0)
         self.flush_outbox()
 
     def stats(self) -> dict[str, Any]:

@@ -19,9 +19,10 @@ with the stage's ``on_error`` and ``retries``:
 * no arena space for a result within the wait: a fatal ``ArenaFull`` report;
 * a worker that dies holding a task: the broker gives the task back to the
   queue (at least once, the driver drops duplicates by item id); the worker
-  that gets it after ``retries + 1`` deaths reports its items failed instead
-  of running them, so an item that kills its workers cannot crash-loop. The
-  items of its group fail with it (a group is one block).
+  that gets it back splits it into one task per row, and the worker that gets
+  a task after ``retries + 1`` deaths reports its items failed instead of
+  running them: an item that kills its workers fails alone and cannot
+  crash-loop.
 """
 
 from __future__ import annotations
@@ -30,16 +31,15 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
-import msgspec
-
 from broker.client import Client
 from broker.errors import ArenaFull, BrokerGone, BrokerTimeout
 from broker.protocol import Failure, Handle, Layout, Reserved, Task
+from broker.queue import task_rows
 
 from .compute import Compute
 from .spec import StageSpec
 
-__all__ = ["RingLoop", "RingSlots", "rows_of"]
+__all__ = ["RingLoop", "RingSlots"]
 
 _Out = tuple[Handle, list[int], "Layout | None"]
 
@@ -74,16 +74,6 @@ class RingSlots:
             self.cancel(rsv)
 
 
-def rows_of(task: Task, start: int, end: int) -> Task:
-    """Rows ``[start, end)`` of a group's task: a view of the same block (no copy)."""
-    h = task.handle
-    rowbytes = h.nbytes // max(1, task.rows)
-    handle = msgspec.structs.replace(h, offset=h.offset + start * rowbytes, nbytes=(end - start) * rowbytes,
-                                     shape=(end - start, *h.shape[1:]), base=h.block)
-    return msgspec.structs.replace(task, items=task.items[start:end], handle=handle, rows=end - start,
-                                   valid=None)
-
-
 class RingLoop:
     """Take stage ``spec.index``'s tasks from its queue until stopped; see the module's text."""
 
@@ -101,7 +91,8 @@ class RingLoop:
         while not stopping():
             try:
                 task = self.src.get(timeout=0.5)
-            except BrokerTimeout:
+            except BrokerTimeout:  # idle: is the broker still there? (BrokerGone if not)
+                self.client.next_message(0)
                 continue
             self.process(task)
 
@@ -113,6 +104,9 @@ class RingLoop:
                                      f"{spec.retries + 1}; its group's other items failed with it)",
                          code="WorkerDied", fatal=spec.on_error != "skip")
             self.client.release(task.handle)
+            return
+        if task.attempts and task.rows > 1:  # a worker died holding it: one row at a time from
+            self.src.split(task)  # here, so a row that kills its workers fails alone
             return
         try:
             outs, copied = self._outputs(task, 0)
@@ -148,7 +142,7 @@ class RingLoop:
             if task.each and item is not None and len(task.items) > 1:  # one row raised
                 j = task.items.index(item)
                 outs, copied = self._parts(task, [(0, j), (j + 1, len(task.items))], attempt)
-                more, more_copied = self._failed(rows_of(task, j, j + 1), error, trace, attempt)
+                more, more_copied = self._failed(task_rows(task, j, j + 1), error, trace, attempt)
                 return outs + more, copied + more_copied
             return self._failed(task, error, trace, attempt)
         return [self.slots.take(r) for r in rsvs], copied
@@ -158,7 +152,7 @@ class RingLoop:
         copied = 0
         for start, end in spans:
             if end > start:
-                more, n = self._outputs(rows_of(task, start, end), attempt)
+                more, n = self._outputs(task_rows(task, start, end), attempt)
                 outs += more
                 copied += n
         return outs, copied
