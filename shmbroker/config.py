@@ -252,6 +252,9 @@ class PipelineConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"stage names must be unique; repeated: {sorted(dup)}")
+        if self.cluster is not None and self.broker.rings:
+            raise ValueError("broker.rings: tasks in rings run on one host for now; on a cluster "
+                             "they travel as messages (leave broker.rings out of a config with cluster:)")
         return self
 
     def worker_spec(self, index: int, search_path: tuple[str, ...] = ()) -> StageSpec:

@@ -1,0 +1,215 @@
+"""Pipelines whose tasks travel in rings (``broker.rings: true``): the same results, failures and
+crash safety as with tasks as messages, and no broker message per task."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from broker import BadRequest, Client, Pipeline, StageFailed
+from broker.errors import WorkerDied
+from shmbroker.config import load_config
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def write_cfg(tmp_path: Path, cfg: dict) -> Path:
+    cfg.setdefault("broker", {}).setdefault("rings", True)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def synthetic(count: int, shape: list[int], seed: int = 3) -> dict:
+    return {"type": "synthetic", "count": count, "shape": shape, "dtype": "float64", "seed": seed}
+
+
+def reference(count: int, shape: list[int], seed: int = 3) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape) for _ in range(count)]
+
+
+def test_results_match_with_a_batched_stage_and_no_message_per_task(tmp_path: Path) -> None:
+    count = 203  # groups of the batch (8), a partial one at the end
+    cfg = write_cfg(tmp_path, {
+        "broker": {"capacity": "32MiB", "max_inflight": 32},
+        "source": synthetic(count, [3, 5]),
+        "stages": [{"name": "pre", "fn": "workers.stages:scale", "args": {"factor": 3.0}, "replicas": 2},
+                   {"name": "infer", "fn": "stage_helpers:row_sums", "batch": 8}],
+    })
+    got: dict[int, np.ndarray] = {}
+
+    def sink(i: int, a: np.ndarray) -> None:
+        assert i not in got, f"item {i} twice"
+        got[i] = a.copy()
+
+    with Pipeline.from_yaml(cfg) as p:
+        assert p.client is not None
+        p.run(sink=lambda i, a: None)  # warm: the workers' pools are filled
+        before = p.client.stats()["requests"]
+        summary = p.run(sink=sink)
+        after = p.client.stats()["requests"]
+        stages = {s["name"]: s for s in summary.stages}
+    for i, x in enumerate(reference(count, [3, 5])):
+        np.testing.assert_allclose(got[i], np.float32((x * 3.0).sum()), rtol=1e-5)
+    assert summary.items == count and summary.duplicates == 0 and not summary.skipped
+    assert stages["pre"]["done"] == count and stages["infer"]["done"] == count
+    assert stages["pre"]["busy"] > 0 and stages["infer"]["rate"] > 0
+    # tasks as messages would be a reserve, a commit, tasks and dones per group: here none at all
+    moved = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    for kind in ("reserve", "commit", "done", "fail"):
+        assert kind not in moved, moved
+    assert sum(moved.values()) < count // 8, moved  # a few pool refills and stats, not per group
+
+
+def test_map_keeps_input_order_and_tuple_results(tmp_path: Path) -> None:
+    cfg = write_cfg(tmp_path, {
+        "broker": {"capacity": "32MiB"},
+        "source": synthetic(1, [4]),
+        "stages": [{"name": "pair", "fn": "stage_helpers:to_tuple", "replicas": 2}],
+    })
+    arrays = [np.full(4, float(i)) for i in range(150)]
+    with Pipeline.from_yaml(cfg) as p:
+        out = list(p.map(arrays))
+    assert len(out) == 150
+    for i, (a, b) in enumerate(out):
+        np.testing.assert_array_equal(a, arrays[i] + 1)
+        np.testing.assert_array_equal(b, (arrays[i] * 3).astype(np.int64))
+
+
+def test_a_row_that_raises_is_skipped_alone(tmp_path: Path) -> None:
+    count = 40
+    cfg = write_cfg(tmp_path, {
+        "source": {"type": "python", "fn": "stage_helpers:counting_source", "args": {"n": count, "shape": [2]}},
+        "stages": [{"name": "boom", "fn": "stage_helpers:boom_on", "args": {"value": 7.0},
+                    "on_error": "skip"}],
+    })
+    got: list[int] = []
+    with Pipeline.from_yaml(cfg) as p:
+        summary = p.run(sink=lambda i, a: got.append(i))
+    assert summary.skipped == [7] and sorted(got) == [i for i in range(count) if i != 7]
+    assert summary.failures and "boom" in summary.failures[0]["error"]
+
+
+def test_a_stage_that_fails_stops_the_run_with_its_traceback(tmp_path: Path) -> None:
+    cfg = write_cfg(tmp_path, {
+        "source": {"type": "python", "fn": "stage_helpers:counting_source", "args": {"n": 20, "shape": [2]}},
+        "stages": [{"name": "boom", "fn": "stage_helpers:boom_on", "args": {"value": 5.0}}],
+    })
+    with Pipeline.from_yaml(cfg) as p, pytest.raises(StageFailed) as err:
+        p.run(sink=lambda i, a: None)
+    assert "stage 'boom' failed on item(s) [5]" in str(err.value) and "worker traceback" in str(err.value)
+
+
+def test_retry_runs_a_failing_row_again(tmp_path: Path) -> None:
+    marker = tmp_path / "failed-once"
+    cfg = write_cfg(tmp_path, {
+        "source": {"type": "python", "fn": "stage_helpers:counting_source", "args": {"n": 10, "shape": [2]}},
+        "stages": [{"name": "flaky", "fn": "stage_helpers:fail_first", "args": {"marker": str(marker)},
+                    "on_error": "retry", "retries": 2}],
+    })
+    got: list[int] = []
+    with Pipeline.from_yaml(cfg) as p:
+        summary = p.run(sink=lambda i, a: got.append(i))
+    assert marker.exists() and sorted(got) == list(range(10)) and not summary.skipped
+
+
+def test_each_item_once_when_workers_are_killed_mid_run(tmp_path: Path) -> None:
+    count = 120
+    cfg = write_cfg(tmp_path, {
+        "broker": {"capacity": "32MiB", "max_inflight": 16},
+        "source": synthetic(count, [8]),
+        "stages": [{"name": "slow", "fn": "stage_helpers:slow", "args": {"seconds": 0.01}, "replicas": 2,
+                    "retries": 5},
+                   {"name": "scale", "fn": "workers.stages:scale", "args": {"factor": 2.0}}],
+    })
+    got: dict[int, np.ndarray] = {}
+    kills: list[int] = []
+    with Pipeline.from_yaml(cfg) as p:
+        def sink(i: int, a: np.ndarray) -> None:
+            assert i not in got, f"item {i} delivered twice"
+            got[i] = a.copy()
+            if len(got) in (20, 60):  # a worker of the slow stage, holding tasks of its queue
+                victim = next(w.proc for w in p.workers if w.spec.name == "slow" and w.proc is not None
+                              and w.proc.exitcode is None and w.proc.pid not in kills)
+                assert victim is not None and victim.pid is not None
+                os.kill(victim.pid, signal.SIGKILL)
+                kills.append(victim.pid)
+
+        summary = p.run(sink=sink)
+        assert p.client is not None
+        requeued = p.client.stats()["counters"].get("requeued", 0)
+    for i, x in enumerate(reference(count, [8])):
+        np.testing.assert_array_equal(got[i], (x + 1) * 2.0)
+    assert len(kills) == 2 and summary.restarts.get("slow", 0) >= 1
+    assert requeued >= 1, "a killed worker held a task: its queue must have given it back"
+
+
+def test_an_item_that_kills_its_workers_fails_alone_with_the_exit_code(tmp_path: Path) -> None:
+    cfg = write_cfg(tmp_path, {
+        "source": synthetic(3, [2]),
+        "stages": [{"name": "crash", "fn": "stage_helpers:die"}],
+    })
+    with Pipeline.from_yaml(cfg) as p, pytest.raises(WorkerDied) as err:
+        p.run(sink=lambda i, a: None)
+    text = str(err.value)
+    assert re.search(r"stage 'crash' gave up on item\(s\) \[[012]\]", text) and "attempt 3 of 3" in text, text
+    assert "exit code 17" in text, text
+
+
+def test_the_stage_queues_are_the_brokers_and_nothing_leaks(tmp_path: Path) -> None:
+    cfg = write_cfg(tmp_path, {
+        "broker": {"capacity": "16MiB"},
+        "source": synthetic(50, [16]),
+        "stages": [{"name": "pre", "fn": "workers.stages:scale", "replicas": 2}],
+    })
+    with Pipeline.from_yaml(cfg) as p:
+        assert p.client is not None and p.broker is not None
+        p.run(sink=lambda i, a: None)
+        # another client may not make a queue under a stage queue's name, nor take its tasks
+        # with a plain handle queue of the same name by mistake
+        with Client(p.broker.endpoint) as c, pytest.raises(BadRequest, match="stage queues"):
+            c.queue("__stage__/9")
+        for _ in range(3):
+            summary = p.run(sink=lambda i, a: None)
+        st = p.client.stats()
+        stages = {s["name"]: s for s in st["stages"]}
+    assert summary.items == 50
+    assert stages["pre"]["queue"] == 0 and stages["pre"]["inflight"] == 0  # every task was released
+    assert stages["__sink__"]["queue"] == 0
+
+
+def test_rings_need_one_host(tmp_path: Path) -> None:
+    path = write_cfg(tmp_path, {
+        "source": synthetic(2, [2]),
+        "stages": [{"name": "s", "fn": "workers.stages:identity"}],
+        "cluster": {"address": "auto"},
+    })
+    with pytest.raises(Exception, match="rings"):
+        load_config(path)
+
+
+def test_a_broker_that_dies_stops_ring_workers(tmp_path: Path) -> None:
+    cfg = write_cfg(tmp_path, {
+        "source": synthetic(5, [2]),
+        "stages": [{"name": "s", "fn": "workers.stages:identity", "replicas": 2}],
+    })
+    with Pipeline.from_yaml(cfg) as p:
+        p.run(sink=lambda i, a: None)
+        assert p.broker is not None
+        os.kill(p.broker.pid, signal.SIGKILL)
+        procs = [w.proc for w in p.workers if w.proc is not None]
+        deadline = time.monotonic() + 30
+        while any(pr.exitcode is None for pr in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(pr.exitcode is not None for pr in procs), "ring workers did not notice the broker is gone"
+    from broker.rundir import cleanup
+
+    cleanup()  # the dead broker's runtime directory stays until a cleanup (or the next broker start)
