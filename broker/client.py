@@ -494,6 +494,12 @@ class Client:
         if drops:
             self._drop(drops)
 
+    def trim_pool(self) -> int:
+        """Give the free and released blocks of this client's pool back to the broker (one
+        message, not waited for; none if there are none): for a client that goes idle, so
+        its pool keeps no one else from the arena. Returns how many blocks."""
+        return self._pool.trim()
+
     def publish(self, name: str, handle: Handle) -> None:
         """Make ``handle`` discoverable by ``name``; the broker keeps it alive until replaced."""
         self._check_broker(handle)

@@ -4,7 +4,8 @@
 of its size class (from 256 B, four classes per power of two) from this pool:
 no message.
 The pool is refilled by one ``alloc_many`` round trip for a batch of blocks
-(about ``REFILL_BYTES`` of one class, at least 4 blocks). A block the client
+(about ``REFILL_BYTES`` of one class, at least 4 blocks, and at most 1/32 of
+the arena: 1 MiB arrays in an 8 MiB arena come one block at a time). A block the client
 releases is not given back: it waits in ``retired`` until the pool of its
 class runs dry, and then the retire rule of ``holds.py`` tells which retired
 blocks nobody holds any more; those get a new generation (the low
@@ -74,6 +75,7 @@ class Pool:
         # blocks above POOL_MAX: this client's budget, and all clients' (reported in its slot)
         self.large_keep = large_keep if slot >= 0 else 0
         self.large_total = capacity // LARGE_TOTAL_PART
+        self.capacity = capacity or 1 << 62  # 0: not known (then refills are not bounded by it)
         self.slot = slot
         self._large = 0  # bytes of them it owns now: in use, free or retired
 
@@ -104,8 +106,8 @@ class Pool:
                         self._give_back_large(but=size)
                     self.large += size
                     count = 1
-                else:
-                    count = max(4, min(64, REFILL_BYTES // size))  # 4 at least: a recycle per 4 puts
+                else:  # 4 at least, a recycle per 4 puts; in a small arena at most 1/32 of it
+                    count = min(max(4, min(64, REFILL_BYTES // size)), max(1, self.capacity // (32 * size)))
                 try:
                     free.extend((h, h.generation) for h in self.refill(size, count))
                 except BaseException:
@@ -127,6 +129,18 @@ class Pool:
         pool's, nor counted in its budget."""
         if block.nbytes > POOL_MAX:
             self.large -= block.nbytes
+
+    def trim(self) -> int:
+        """Give every free and retired block back to the broker (it frees a retired one once
+        nobody holds it): what an idle client does, so its pool keeps nobody else from the
+        arena. Returns how many."""
+        spent = [h for free in self.free.values() for h, _ in free] + \
+            [h for retired in self.retired.values() for h, _ in retired]
+        self.free.clear()
+        self.retired.clear()
+        if spent:
+            self.give_back(spent)
+        return len(spent)
 
     def give_back(self, blocks: list[Handle]) -> None:
         self.large -= sum(b.nbytes for b in blocks if b.nbytes > POOL_MAX)

@@ -85,7 +85,7 @@ _HEAD, _TAIL, _SEQ, _SPACE, _CWAIT, _PWAIT, _REDELIVER = 3, 4, 5, 6, 7, 8, 9
 _MUTEX = 10 * 8  # byte offset of the mutex in the header (40 bytes on x86-64 and aarch64 glibc)
 _PENDING, _REDELIVERED, _DROPPED = 15, 16, 17
 # a pipeline stage's counters, kept in its queue by the workers that take from it (``count``)
-_DONE, _FAILED, _BUSY, _COPIED, _FIRST, _LAST = 18, 19, 20, 21, 22, 23
+_DONE, _OUT, _BUSY, _COPIED, _FIRST, _LAST = 18, 19, 20, 21, 22, 23
 _START = 1 << 32  # head and tail start here, so a redelivered item can go in front of the first
 SPIN_MAX = 200e-6  # seconds a waiter may spin before it sleeps
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine)
@@ -497,15 +497,20 @@ class HandleQueue:
             self.spin = min(SPIN_MAX, waited * 1.25) if waited < SPIN_MAX else self.spin * 0.5
 
     # -- a pipeline stage's counters ------------------------------------------------------------------
-    def count(self, done: int = 0, failed: int = 0, busy: float = 0.0, copied: int = 0) -> None:
+    def counters(self) -> dict[str, Any]:
+        """What ``count`` added up, and the size and pending items (``queue.counters``)."""
+        return counters(self.words, self.first * 8)
+
+    def count(self, done: int = 0, out: int = 0, busy: float = 0.0, copied: int = 0) -> None:
         """Add to the counters of the stage that takes from this queue (its workers call this
-        once per task; the broker reads them for ``stats``)."""
+        once per task; the broker reads them for ``stats``): items done, bytes of their results,
+        seconds busy, bytes copied."""
         w, f = self.words, self.first
         now = time.monotonic_ns()
         self._acquire()
         try:
             w[f + _DONE] = int(w[f + _DONE]) + done
-            w[f + _FAILED] = int(w[f + _FAILED]) + failed
+            w[f + _OUT] = int(w[f + _OUT]) + out
             w[f + _BUSY] = int(w[f + _BUSY]) + int(busy * 1e9)
             w[f + _COPIED] = int(w[f + _COPIED]) + copied
             if done and not w[f + _FIRST]:
@@ -522,7 +527,7 @@ def counters(words: np.ndarray, offset: int) -> dict[str, Any]:
     f = offset // 8
     span = (int(words[f + _LAST]) - int(words[f + _FIRST])) / 1e9
     return {"queue": max(0, int(words[f + _HEAD]) - int(words[f + _TAIL])), "pending": int(words[f + _PENDING]),
-            "done": int(words[f + _DONE]), "failed": int(words[f + _FAILED]),
+            "done": int(words[f + _DONE]), "out": int(words[f + _OUT]),
             "busy": int(words[f + _BUSY]) / 1e9, "copied": int(words[f + _COPIED]), "span": max(0.0, span)}
 
 

@@ -206,7 +206,7 @@ class StageConfig(_Strict):
                          args=dict(self.args), batch=self.batch, dtype=self.dtype,
                          credits=self.credits, threads=self.threads, search_path=search_path,
                          next_batch=after.batch if after else 1, next_name=after.name if after else "",
-                         on_error=self.on_error, retries=self.retries)
+                         on_error=self.on_error, retries=self.retries, batch_timeout=self.batch_timeout)
 
 
 class ClusterConfig(_Strict):

@@ -45,7 +45,7 @@ from broker.errors import (
 from broker.process import Broker
 from broker.protocol import Error, Failure, Handle, Reserved, Task
 from broker.queue import TaskQueue
-from broker.scheduler import TASK_ARENA_PART
+from broker.scheduler import TASK_ARENA_PART, TASK_ITEMS_FIRST, TASK_SECONDS
 
 from .config import NpySink, PipelineConfig, load_config
 from .io import make_sink, source_items
@@ -164,7 +164,7 @@ class Pipeline:
         self.warnings: list[str] = []
         self._unfinished = False
         self._rows_left: dict[int, int] = {}  # sink task -> rows not yet finished with
-        self._rings: tuple[TaskQueue, TaskQueue] | None = None  # stage 0's and the sink's (broker.rings)
+        self._rings: tuple[TaskQueue, TaskQueue, list[TaskQueue]] | None = None  # broker.rings: ``_open_rings``
         self._ring_held: dict[int, Handle] = {}  # a sink group's id (below 0) -> its block
         self._ring_ids = 0
         self.state: _DriveState | None = None
@@ -237,16 +237,19 @@ class Pipeline:
     def _groups(self, items: Iterator[tuple[int, np.ndarray]]) -> Iterator[list[tuple[int, np.ndarray]]]:
         """The source's items in groups of one shape: at most ``FEED_ITEMS`` (a quarter of
         max_inflight), ``FEED_BYTES`` and 1/TASK_ARENA_PART of the arena (a group is one block, freed with its
-        last item), and what the source gives within ``FEED_WAIT``."""
+        last item), and what the source gives within ``FEED_WAIT``. With tasks in rings a group
+        travels whole: as many items as the slowest unbatched stage does in about TASK_SECONDS
+        (TASK_ITEMS_FIRST until it has done some), else the largest stage's batch, as far as
+        1/TASK_ARENA_PART of the arena allows (a batched stage collates smaller groups itself)."""
         cap = int(self.cfg.broker.capacity)
         inflight = self.cfg.broker.max_inflight
         group_max = max(1, min(FEED_ITEMS, inflight // 4)) if inflight else FEED_ITEMS
         group_bytes = min(FEED_BYTES, cap // TASK_ARENA_PART)
+        rings = self.client is not None and self.client.rings
         batch = max(s.batch for s in self.cfg.stages)
-        if self.client is not None and self.client.rings and batch > 1:
-            # a group travels whole through the rings: it is the largest stage's batch (a stage
-            # with a smaller batch takes it in parts), as far as an eighth of the arena allows
-            group_max, group_bytes = min(batch, inflight), cap // TASK_ARENA_PART
+        if rings:
+            group_max, group_bytes = min(batch if batch > 1 else group_max, inflight), cap // TASK_ARENA_PART
+        most = group_max
         group: list[tuple[int, np.ndarray]] = []
         nbytes, started = 0, time.monotonic()
         for idx, arr in items:
@@ -257,6 +260,8 @@ class Pipeline:
                 group, nbytes = [], 0
             if not group:
                 started = time.monotonic()
+                if rings:
+                    group_max = max(1, min(most, self._ring_group_items()))
             group.append((idx, arr))
             nbytes += arr.nbytes
             if len(group) >= group_max:
@@ -264,6 +269,32 @@ class Pipeline:
                 group, nbytes = [], 0
         if group:
             yield group
+
+    def _ring_group_items(self) -> int:
+        """How many items the slowest unbatched stage does in about TASK_SECONDS, by the counters
+        its workers keep in its queue (read from shared memory, no message)."""
+        if self._rings is None:
+            return FEED_ITEMS
+        most = FEED_ITEMS * 4
+        for st, q in zip(self.cfg.stages, self._rings[2], strict=True):
+            if st.batch <= 1:
+                c = q.counters()
+                per_item = c["busy"] / c["done"] if c["done"] else 0.0
+                most = min(most, int(TASK_SECONDS / per_item) if per_item > 0 else TASK_ITEMS_FIRST)
+        return most
+
+    def _ring_bytes(self, item_bytes: int) -> int:
+        """What an item in flight may hold of the arena with tasks in rings: its input and each
+        stage's result (measured by the stage's counters; the input's size until it has some).
+        A block freed by its reader waits in the pool of the process that wrote it, to be its
+        next block, so an item may hold one block per stage however far it has gone; the
+        driver keeps its items in flight to 3/4 of the arena by this."""
+        assert self._rings is not None
+        total = item_bytes
+        for q in self._rings[2]:
+            c = q.counters()
+            total += c["out"] // c["done"] if c["done"] else item_bytes
+        return total
 
     def _check_size(self, idx: int, arr: np.ndarray, cap: int) -> None:
         """``ItemTooLarge`` at once for an item that can never be placed in stage 0 (called per
@@ -375,9 +406,7 @@ class Pipeline:
         Failures still come from the broker, as messages."""
         c = self.client
         assert c is not None
-        if self._rings is None:
-            self._rings = (c.task_queue(0), c.task_queue(len(self.cfg.stages)))
-        first, sink = self._rings
+        first, sink, _ = self._open_rings()
         batched = self.cfg.stages[0].batch > 1
         cap, most = int(self.cfg.broker.capacity), self.cfg.broker.max_inflight
         stall = max(self.cfg.broker.wait_timeout, 60.0) * 2
@@ -396,12 +425,14 @@ class Pipeline:
                         break
                     item_bytes = group[0][1].nbytes
                 flying = state.submitted - state.seen.count
-                if flying and (flying + len(group) > most or (flying + len(group)) * item_bytes * 2 > cap):
+                if flying and (flying + len(group) > most or
+                               (flying + len(group)) * self._ring_bytes(item_bytes) > cap * 3 // 4):
                     break
                 self._put_group(first, group, batched, state)
                 group = None
             if exhausted and state.seen.count >= state.submitted:
                 self._unfinished = False
+                c.trim_pool()  # its blocks go back to the arena between runs (as the workers' when idle)
                 return
             msg = c.next_message(0)
             while msg is not None:  # failure reports (and a refusal of something this process sent)
@@ -430,6 +461,14 @@ class Pipeline:
             self._ring_ids -= 1  # ids of their own (below 0), so _done knows it is a block to release
             self._ring_held[self._ring_ids] = task.handle
             yield from self._received(msgspec.structs.replace(task, task=self._ring_ids), state)
+
+    def _open_rings(self) -> tuple[TaskQueue, TaskQueue, list[TaskQueue]]:
+        """Stage 0's queue, the sink's, and every stage's (for their counters)."""
+        if self._rings is None:
+            assert self.client is not None
+            stages = [self.client.task_queue(s) for s in range(len(self.cfg.stages))]
+            self._rings = (stages[0], self.client.task_queue(len(self.cfg.stages)), stages)
+        return self._rings
 
     def _put_group(self, queue: TaskQueue, group: list[tuple[int, np.ndarray]], batched: bool,
                    state: _DriveState) -> None:

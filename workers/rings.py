@@ -86,43 +86,99 @@ class RingLoop:
         self.src = client.task_queue(spec.index)
         self.dst = client.task_queue(spec.index + 1)
         self.next_batched = bool(spec.next_name) and spec.next_batch > 1
+        self.carry: Task | None = None  # got while collating a batch it did not fit
 
     def run(self, stopping: Callable[[], bool]) -> None:
+        trimmed = True
         while not stopping():
-            try:
-                task = self.src.get(timeout=0.5)
-            except BrokerTimeout:  # idle: is the broker still there? (BrokerGone if not)
+            task = self._take(0.5)
+            if task is None:  # idle: is the broker still there? (BrokerGone if not)
                 self.client.next_message(0)
+                if not trimmed:  # and the blocks this worker's pool keeps go back to the arena
+                    self.client.trim_pool()
+                    trimmed = True
                 continue
-            self.process(task)
+            trimmed = False
+            group = [task]
+            batch = self.spec.batch
+            if batch > 1 and task.rows < batch:  # a batch of several groups, collated here
+                deadline = time.monotonic() + self.spec.batch_timeout
+                rows = task.rows
+                while rows < batch:
+                    more = self._take(max(0.0, deadline - time.monotonic()))
+                    if more is None:
+                        break
+                    if rows + more.rows > batch or not _same_rows(more, task):
+                        self.carry = more  # the next batch's first
+                        break
+                    group.append(more)
+                    rows += more.rows
+            self.process(group)
 
-    def process(self, task: Task) -> None:
+    def _take(self, timeout: float) -> Task | None:
+        """The next task to run (None after ``timeout`` s without one): a task held over from
+        the last batch, else the queue's next; those that fail or split here are done with."""
+        while True:
+            if self.carry is not None:
+                task, self.carry = self.carry, None
+            else:
+                try:
+                    task = self.src.get(timeout=timeout)
+                except BrokerTimeout:
+                    return None
+            spec = self.spec
+            if task.attempts > spec.retries:  # its workers died holding it retries + 1 times
+                self._report(task.items, f"the worker processing it died (attempt {task.attempts} of "
+                                         f"{spec.retries + 1})", code="WorkerDied",
+                             fatal=spec.on_error != "skip")
+                self.client.release(task.handle)
+            elif task.attempts and task.rows > 1:  # a worker died holding it: one row at a time
+                self.src.split(task)  # from here, so a row that kills its workers fails alone
+            else:
+                return task
+            timeout = 0.0
+
+    def process(self, group: list[Task]) -> None:
+        """Run a task, or the batch of several ``group`` makes (copied into one block), put the
+        results into the next stage's queue, release the inputs."""
         t0 = time.perf_counter()
         spec = self.spec
-        if task.attempts > spec.retries:  # its workers died holding it retries + 1 times
-            self._report(task.items, f"the worker processing it died (attempt {task.attempts} of "
-                                     f"{spec.retries + 1}; its group's other items failed with it)",
-                         code="WorkerDied", fatal=spec.on_error != "skip")
-            self.client.release(task.handle)
-            return
-        if task.attempts and task.rows > 1:  # a worker died holding it: one row at a time from
-            self.src.split(task)  # here, so a row that kills its workers fails alone
-            return
+        task, collated, copied = group[0], None, 0
+        if len(group) > 1:
+            task, collated = self._collate(group)
+            copied = collated.nbytes
         try:
-            outs, copied = self._outputs(task, 0)
+            outs, n = self._outputs(task, 0)
+            copied += n
         except ArenaFull as e:  # the driver stops the run (as it does when tasks are messages)
             self.slots.cancel_all()
             self._report(task.items, f"stage {spec.name!r} could not write its result: {e}",
                          code="ArenaFull", fatal=True)
-            self.client.release(task.handle)
-            return
+            outs = []
         # counted before the results go on: the driver that has the last item sees its count
-        self.src.count(done=sum(len(items) for _, items, _ in outs), busy=time.perf_counter() - t0,
-                       copied=copied)
+        self.src.count(done=sum(len(items) for _, items, _ in outs), out=sum(h.nbytes for h, _, _ in outs),
+                       busy=time.perf_counter() - t0, copied=copied)
         for handle, items, layout in outs:
             self.dst.put(Task(task=0, stage=spec.index + 1, items=items, handle=handle, rows=len(items),
                               batched=self.next_batched, each=not self.next_batched, layout=layout))
-        self.client.release(task.handle)  # after the results are in the next queue: at least once
+        if collated is not None:
+            self.client.release(collated)
+        self.client.release([t.handle for t in group])  # after the results are in the next queue
+
+    def _collate(self, group: list[Task]) -> tuple[Task, Handle]:
+        """The rows of several groups copied into one block: one batch (a copy, which tasks as
+        messages avoid by reserving rows of one batch block; here only for groups smaller than
+        the batch)."""
+        first = group[0].handle
+        rows = sum(t.rows for t in group)
+        handle, block = self.client.alloc((rows, *first.shape[1:]), first.dtype, timeout=None)
+        at = 0
+        for t in group:
+            block[at: at + t.rows] = self.client.view(t.handle)[: t.rows]
+            at += t.rows
+        task = Task(task=0, stage=self.spec.index, items=[i for t in group for i in t.items], handle=handle,
+                    rows=rows, batched=True, layout=group[0].layout)
+        return task, handle
 
     def _outputs(self, task: Task, attempt: int) -> tuple[list[_Out], int]:
         """The results of ``task`` (its Tasks for the next stage, not yet put) and the bytes
@@ -170,3 +226,8 @@ class RingLoop:
                 code: str = "StageFailed") -> None:
         self.client.report(Failure(stage=self.spec.name, items=items, error=error, trace=trace,
                                    fatal=fatal, code=code))
+
+
+def _same_rows(a: Task, b: Task) -> bool:
+    """Whether two groups' rows can be collated into one batch: the same row shape, dtype, layout."""
+    return (a.handle.shape[1:], a.handle.dtype, a.layout) == (b.handle.shape[1:], b.handle.dtype, b.layout)

@@ -39,6 +39,7 @@ class StageSpec:
     pipeline: str = ""  # which pipeline (name@config hash): the broker refuses a worker of another
     on_error: str = "fail"  # what a failure does (with tasks in rings the workers decide it)
     retries: int = 2
+    batch_timeout: float = 0.05  # with tasks in rings: how long a batch waits for more groups
 
     @property
     def target(self) -> str:
