@@ -213,3 +213,39 @@ def test_a_broker_that_dies_stops_ring_workers(tmp_path: Path) -> None:
     from broker.rundir import cleanup
 
     cleanup()  # the dead broker's runtime directory stays until a cleanup (or the next broker start)
+
+
+def test_the_next_tasks_input_is_prefetched_and_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU overlap's bookkeeping with tasks in rings, run on the CPU (SHMBROKER_PREFETCH=1):
+    while one batch computes, the next one's input is made on the side stream and then used (as
+    with tasks as messages, for batches: a stage that takes one item at a time moves each row
+    to the device as it calls the stage)."""
+    from broker import Broker
+    from broker.protocol import Task
+    from workers.runtime import Worker
+    from workers.spec import StageSpec
+
+    monkeypatch.setenv("SHMBROKER_PREFETCH", "1")
+    spec = StageSpec(name="prep", index=0, fn="workers.stages:scale", args={"factor": 2.0}, batch=2)
+    with Broker(capacity=16 * 2**20, stages=[{"name": "prep", "batch": 2}], max_inflight=8, rings=True) as b, \
+            Client(b.endpoint, role="driver") as c:
+        c.register("__sink__")
+        first, sink = c.task_queue(0), c.task_queue(1)
+        for g in range(2):
+            h, block = c.alloc((2, 3), "float32")
+            block[:] = [[g + 1] * 3, [g + 10] * 3]
+            first.put(Task(task=0, stage=0, items=[2 * g, 2 * g + 1], handle=h, rows=2, batched=True))
+        w = Worker(b.endpoint, spec, "cpu")
+        try:
+            assert w.rings is not None and w.rings.prefetch
+            w.rings.run(lambda: sink.qsize() >= 2)
+            assert w.compute.counters_prefetched == 1 and not w.compute.prefetched
+        finally:
+            w.close()
+        got = {}
+        for _ in range(2):
+            t = sink.get(timeout=5)
+            for i, row in zip(t.items, c.task_rows(t), strict=True):
+                got[i] = row.copy()
+            c.release(t.handle)
+    assert {i: float(v[0]) for i, v in got.items()} == {0: 2.0, 1: 20.0, 2: 4.0, 3: 22.0}

@@ -31,6 +31,8 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
+import msgspec
+
 from broker.client import Client
 from broker.errors import ArenaFull, BrokerGone, BrokerTimeout
 from broker.protocol import Failure, Handle, Layout, Reserved, Task
@@ -77,8 +79,10 @@ class RingSlots:
 class RingLoop:
     """Take stage ``spec.index``'s tasks from its queue until stopped; see the module's text."""
 
-    def __init__(self, client: Client, spec: StageSpec, compute: Compute) -> None:
+    def __init__(self, client: Client, spec: StageSpec, compute: Compute, prefetch: bool = False) -> None:
         self.client = client
+        self.prefetch = prefetch  # copy the next task's input to the device on a side stream
+        self._ids = 0
         self.spec = spec
         self.compute = compute
         self.slots = RingSlots(client)
@@ -113,6 +117,10 @@ class RingLoop:
                         break
                     group.append(more)
                     rows += more.rows
+            elif self.prefetch and self.carry is None:  # the next task's input to the GPU meanwhile
+                self.carry = self._take(0.0)
+                if self.carry is not None:
+                    self.compute.prefetch(self.carry)
             self.process(group)
 
     def _take(self, timeout: float) -> Task | None:
@@ -126,6 +134,8 @@ class RingLoop:
                     task = self.src.get(timeout=timeout)
                 except BrokerTimeout:
                     return None
+                self._ids += 1  # an id of this worker's own: what Compute keys a prefetch by
+                task = msgspec.structs.replace(task, task=self._ids)
             spec = self.spec
             if task.attempts > spec.retries:  # its workers died holding it retries + 1 times
                 self._report(task.items, f"the worker processing it died (attempt {task.attempts} of "

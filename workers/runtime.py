@@ -89,7 +89,7 @@ class Worker:
             self.client.register(spec.name, credits=spec.credits, device=str(self.device), pinned=pinned,
                                  pipeline=spec.pipeline)
             # tasks in the arena's queues (broker.rings): the loop of rings.py, no message per task
-            self.rings = RingLoop(self.client, spec, self.compute) if self.client.rings else None
+            self.rings = RingLoop(self.client, spec, self.compute, self.prefetch) if self.client.rings else None
         except BaseException:
             self.close()
             raise
