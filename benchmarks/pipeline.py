@@ -727,7 +727,7 @@ def main() -> int:
     if r_rows:
         print()
         print(ratio_text)
-    goals = [line for system in ("shmbroker", "rings") if system in systems
+    goals = [line for system in ("shmbroker", "rings") if system == "shmbroker" or system in systems
              for line in goal_lines(ratios.get(system, {}), sizes, skipped, system)]
     print()
     print("\n".join(goals))

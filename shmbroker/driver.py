@@ -271,14 +271,18 @@ class Pipeline:
             yield group
 
     def _ring_group_items(self) -> int:
-        """How many items the slowest unbatched stage does in about TASK_SECONDS, by the counters
-        its workers keep in its queue (read from shared memory, no message)."""
+        """How many items the slowest unbatched stage does in about TASK_SECONDS, and whose
+        results of every stage fit 1/TASK_ARENA_PART of the arena, by the counters each stage's
+        workers keep in its queue (read from shared memory, no message)."""
         if self._rings is None:
             return FEED_ITEMS
+        room = int(self.cfg.broker.capacity) // TASK_ARENA_PART
         most = FEED_ITEMS * 4
         for st, q in zip(self.cfg.stages, self._rings[2], strict=True):
+            c = q.counters()
+            if c["done"]:
+                most = min(most, room // max(1, c["out"] // c["done"]))
             if st.batch <= 1:
-                c = q.counters()
                 per_item = c["busy"] / c["done"] if c["done"] else 0.0
                 most = min(most, int(TASK_SECONDS / per_item) if per_item > 0 else TASK_ITEMS_FIRST)
         return most

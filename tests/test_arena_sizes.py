@@ -80,13 +80,16 @@ def test_wait_timeout_governs_a_stage_write(tmp_path: Path, wait: float) -> None
             assert p.run(sink=sink).items == 2 and sorted(got) == [0, 1]
 
 
-def test_a_stage_whose_results_grow_gets_fewer_items_per_task_and_fits_a_small_arena(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rings", [False, True], ids=["messages", "rings"])
+def test_a_stage_whose_results_grow_gets_fewer_items_per_task_and_fits_a_small_arena(
+        tmp_path: Path, rings: bool) -> None:
     """64 KiB inputs that become 2 MiB results, many of them, on a 16 MiB arena: tasks of many small
     items would need more than the arena for their outputs at once; once the stage's workers have
-    said how large a result is, its tasks carry fewer items, and every item comes through."""
+    said how large a result is (with rings: counted in the stage's queue), its tasks (groups)
+    carry fewer items, and every item comes through."""
     cfg = tmp_path / "p.yaml"
     cfg.write_text(yaml.safe_dump({
-        "broker": {"capacity": "16MiB", "max_inflight": 32},
+        "broker": {"capacity": "16MiB", "max_inflight": 32, "rings": rings},
         "source": {"type": "synthetic", "count": 48, "shape": [(64 << 10) // 4], "dtype": "float32"},
         "stages": [{"name": "grow", "fn": "stage_helpers:grow", "args": {"times": 32}}]}))
     sizes: list[int] = []
