@@ -575,6 +575,8 @@ class Client:
         reply: Registered = self._request(Register(stage=stage, credits=credits, device=device,
                                                    pinned=pinned, pipeline=pipeline))
         self.rings = reply.rings  # tasks travel in the stages' queues: take them with task_queue
+        self._pool.in_pipeline = self.rings  # the driver bounds what is in flight (pool.py)
+        self._pool.large = self._pool.large
         return reply.stage
 
     def task_queue(self, stage: int, spin: float | None = None) -> TaskQueue:

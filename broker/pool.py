@@ -27,6 +27,15 @@ once, and a new size class first gives back the free and retired large
 blocks of the others. So many clients that put large arrays cannot keep the
 arena from each other: at most a quarter of it sits in their pools.
 
+The processes of a pipeline whose tasks travel in rings (the driver and its
+workers) keep every large block they release (``in_pipeline``): a block
+another stage still reads is reused once it is done with, as iceoryx2's
+publishers reuse their samples, with no ``drop`` and no ``alloc_many`` per
+group; what they hold is bounded by the driver's limit on items in flight
+(3/4 of the arena, by each stage's result size), and an idle one gives its
+pool back (``trim``). Without it, 1 MiB items in the benchmark's 128 MiB
+arena cost an allocation and a drop message per 16-item group and stage.
+
 A block whose array was published or granted is the broker's to keep alive
 from then on: the pool forgets it (its release becomes a ``drop`` message).
 Without a hold table (no ``membarrier`` on this host) a released block goes
@@ -78,6 +87,9 @@ class Pool:
         self.capacity = capacity or 1 << 62  # 0: not known (then refills are not bounded by it)
         self.slot = slot
         self._large = 0  # bytes of them it owns now: in use, free or retired
+        # a member of a pipeline whose tasks travel in rings: the driver bounds what is in flight
+        # (and so these pools), idle members give all back (``trim``); no budget of large blocks
+        self.in_pipeline = False
 
     @property
     def large(self) -> int:
@@ -87,7 +99,7 @@ class Pool:
     def large(self, nbytes: int) -> None:
         self._large = nbytes
         if self.region is not None and self.slot >= 0:
-            self.region.set_pooled_large(self.slot, nbytes)
+            self.region.set_pooled_large(self.slot, 0 if self.in_pipeline else nbytes)
 
     @property
     def max_size(self) -> int:
@@ -102,8 +114,8 @@ class Pool:
             self._recycle(size, free)
             if not free:
                 if size > POOL_MAX:
-                    if self.large + size > self.large_keep:
-                        self._give_back_large(but=size)
+                    if self.in_pipeline or self.large + size > self.large_keep:
+                        self._give_back_large(but=size)  # (a pipeline's member: one size at a time)
                     self.large += size
                     count = 1
                 else:  # 4 at least, a recycle per 4 puts; in a small arena at most 1/32 of it
@@ -118,7 +130,7 @@ class Pool:
 
     def retire(self, block: Handle, gen: int) -> None:
         """The array in ``block`` (generation ``gen``) was released by this client."""
-        if self.region is None or (block.nbytes > POOL_MAX and (
+        if self.region is None or (block.nbytes > POOL_MAX and not self.in_pipeline and (
                 self.large > self.large_keep or self.region.pooled_large() > self.large_total)):
             self.give_back([block])
             return

@@ -238,9 +238,10 @@ class Pipeline:
         """The source's items in groups of one shape: at most ``FEED_ITEMS`` (a quarter of
         max_inflight), ``FEED_BYTES`` and 1/TASK_ARENA_PART of the arena (a group is one block, freed with its
         last item), and what the source gives within ``FEED_WAIT``. With tasks in rings a group
-        travels whole: as many items as the slowest unbatched stage does in about TASK_SECONDS
-        (TASK_ITEMS_FIRST until it has done some), else the largest stage's batch, as far as
-        1/TASK_ARENA_PART of the arena allows (a batched stage collates smaller groups itself)."""
+        travels whole: the largest stage's batch, or without a batched stage as many items as
+        the slowest stage does in about TASK_SECONDS (TASK_ITEMS_FIRST until it has done some),
+        as far as 1/TASK_ARENA_PART of the arena allows for the results of every stage (a
+        batched stage collates smaller groups itself, a copy)."""
         cap = int(self.cfg.broker.capacity)
         inflight = self.cfg.broker.max_inflight
         group_max = max(1, min(FEED_ITEMS, inflight // 4)) if inflight else FEED_ITEMS
@@ -261,7 +262,7 @@ class Pipeline:
             if not group:
                 started = time.monotonic()
                 if rings:
-                    group_max = max(1, min(most, self._ring_group_items()))
+                    group_max = max(1, min(most, self._ring_group_items(batch > 1)))
             group.append((idx, arr))
             nbytes += arr.nbytes
             if len(group) >= group_max:
@@ -270,10 +271,10 @@ class Pipeline:
         if group:
             yield group
 
-    def _ring_group_items(self) -> int:
-        """How many items the slowest unbatched stage does in about TASK_SECONDS, and whose
-        results of every stage fit 1/TASK_ARENA_PART of the arena, by the counters each stage's
-        workers keep in its queue (read from shared memory, no message)."""
+    def _ring_group_items(self, batched: bool) -> int:
+        """How many items' results of every stage fit 1/TASK_ARENA_PART of the arena and, in a
+        pipeline without a batched stage, the slowest stage does in about TASK_SECONDS, by the
+        counters each stage's workers keep in its queue (read from shared memory, no message)."""
         if self._rings is None:
             return FEED_ITEMS
         room = int(self.cfg.broker.capacity) // TASK_ARENA_PART
@@ -282,7 +283,7 @@ class Pipeline:
             c = q.counters()
             if c["done"]:
                 most = min(most, room // max(1, c["out"] // c["done"]))
-            if st.batch <= 1:
+            if st.batch <= 1 and not batched:  # (groups of a batch: collating smaller ones is a copy)
                 per_item = c["busy"] / c["done"] if c["done"] else 0.0
                 most = min(most, int(TASK_SECONDS / per_item) if per_item > 0 else TASK_ITEMS_FIRST)
         return most

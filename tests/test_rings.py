@@ -249,3 +249,31 @@ def test_the_next_tasks_input_is_prefetched_and_used(monkeypatch: pytest.MonkeyP
                 got[i] = row.copy()
             c.release(t.handle)
     assert {i: float(v[0]) for i, v in got.items()} == {0: 2.0, 1: 20.0, 2: 4.0, 3: 22.0}
+
+
+def test_large_groups_are_reused_by_their_writers_without_messages(tmp_path: Path) -> None:
+    """Groups of 1/8 of the arena (8 MiB of 512 KiB items): a writer reuses its group's block
+    once the next stage is done with it, as iceoryx2's publishers reuse their samples; no
+    allocation and no drop message per group (the per-client budget of large blocks allows one
+    such block, which cost two messages per group and writer). A run's messages are its pools'
+    first blocks, whatever its length."""
+    cfg = write_cfg(tmp_path, {
+        "broker": {"capacity": "64MiB", "max_inflight": 48},
+        "source": synthetic(1, [1 << 16]),
+        "stages": [{"name": "pre", "fn": "workers.stages:scale"},
+                   {"name": "sum", "fn": "stage_helpers:row_sums", "batch": 16}],
+    })
+    arrays = [np.full(1 << 16, float(i)) for i in range(16 * 40)]
+
+    def messages(p: Pipeline, n: int) -> int:
+        assert p.client is not None
+        before = p.client.stats()["requests"]
+        out = list(p.map(arrays[:n]))
+        assert [float(o) for o in out] == [2.0 * i * (1 << 16) for i in range(n)]
+        after = p.client.stats()["requests"]
+        return sum(after.get(k, 0) - before.get(k, 0) for k in ("alloc_many", "alloc", "drop"))
+
+    with Pipeline.from_yaml(cfg) as p:
+        messages(p, 64)  # warm
+        short, long = messages(p, 16 * 10), messages(p, 16 * 40)
+    assert long - short < 10, (short, long)  # 30 more groups: not 60 more messages

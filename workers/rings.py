@@ -154,10 +154,10 @@ class RingLoop:
         t0 = time.perf_counter()
         spec = self.spec
         task, collated, copied = group[0], None, 0
-        if len(group) > 1:
-            task, collated = self._collate(group)
-            copied = collated.nbytes
         try:
+            if len(group) > 1:
+                task, collated = self._collate(group)
+                copied = collated.nbytes
             outs, n = self._outputs(task, 0)
             copied += n
         except ArenaFull as e:  # the driver stops the run (as it does when tasks are messages)
