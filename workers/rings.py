@@ -37,6 +37,7 @@ from broker.client import Client
 from broker.errors import ArenaFull, BrokerGone, BrokerTimeout
 from broker.protocol import Failure, Handle, Layout, Reserved, Task
 from broker.queue import task_rows
+from broker.scheduler import TASK_ARENA_PART
 
 from .compute import Compute
 from .spec import StageSpec
@@ -91,6 +92,8 @@ class RingLoop:
         self.dst = client.task_queue(spec.index + 1)
         self.next_batched = bool(spec.next_name) and spec.next_batch > 1
         self.carry: Task | None = None  # got while collating a batch it did not fit
+        assert client.region is not None
+        self.room = client.region.capacity // TASK_ARENA_PART  # the largest batch it collates
 
     def run(self, stopping: Callable[[], bool]) -> None:
         trimmed = True
@@ -105,14 +108,18 @@ class RingLoop:
             trimmed = False
             group = [task]
             batch = self.spec.batch
-            if batch > 1 and task.rows < batch:  # a batch of several groups, collated here
+            row = task.handle.nbytes // max(1, task.rows)
+            if batch > 1 and task.rows < batch and (task.rows + 1) * row <= self.room:
+                # a batch of several groups, collated here (a copy), as far as 1/8 of the arena
+                # allows: groups kept smaller than the batch by that room go as they are
                 deadline = time.monotonic() + self.spec.batch_timeout
                 rows = task.rows
                 while rows < batch:
                     more = self._take(max(0.0, deadline - time.monotonic()))
                     if more is None:
                         break
-                    if rows + more.rows > batch or not _same_rows(more, task):
+                    if rows + more.rows > batch or (rows + more.rows) * row > self.room or \
+                            not _same_rows(more, task):
                         self.carry = more  # the next batch's first
                         break
                     group.append(more)
@@ -162,8 +169,8 @@ class RingLoop:
             copied += n
         except ArenaFull as e:  # the driver stops the run (as it does when tasks are messages)
             self.slots.cancel_all()
-            self._report(task.items, f"stage {spec.name!r} could not write its result: {e}",
-                         code="ArenaFull", fatal=True)
+            self._report([i for t in group for i in t.items], f"stage {spec.name!r} could not write its "
+                         f"result: {e}", code="ArenaFull", fatal=True)
             outs = []
         # counted before the results go on: the driver that has the last item sees its count
         self.src.count(done=sum(len(items) for _, items, _ in outs), out=sum(h.nbytes for h, _, _ in outs),
