@@ -217,6 +217,9 @@ class Layout(msgspec.Struct, frozen=True):
 RING_PREFIX = "__stage__/"  # a stage's queue of tasks (``broker.rings``): its index follows
 
 
+RING_GROUP_MAX = 64  # items of a group with tasks in rings when no stage is batched (else the batch)
+
+
 def ring_name(stage: int) -> str:
     """The name of stage ``stage``'s queue when tasks travel in rings (the sink's is the last)."""
     return f"{RING_PREFIX}{stage}"

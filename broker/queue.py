@@ -75,10 +75,9 @@ from .holds import QUEUE_HEADER_WORDS
 from .protocol import REDELIVER_MAX, Handle, ProtocolError, Task
 
 __all__ = ["HandleQueue", "TaskQueue", "init_queue", "owner_word", "queue_words", "requeue", "REDELIVER_MAX",
-           "SLOT_WORDS", "TASK_SLOT_WORDS", "counters", "task_rows"]
+           "SLOT_WORDS", "counters", "task_rows", "task_slot_words"]
 
 SLOT_WORDS = 40  # 320 bytes a slot: three words of bookkeeping and a msgpack Handle of up to 296 bytes
-TASK_SLOT_WORDS = 160  # a pipeline stage's queue: a msgpack Task (a Handle and the items' ids) of up to 1,256 bytes
 _DATA = 3  # the first word of a slot's msgpack
 MAGIC = int.from_bytes(b"SHMQUEUE", "little")
 _HEAD, _TAIL, _SEQ, _SPACE, _CWAIT, _PWAIT, _REDELIVER = 3, 4, 5, 6, 7, 8, 9
@@ -111,6 +110,12 @@ def _futex_wait(addr: int, expected: int, timeout: float | None) -> None:
 
 def _futex_wake(addr: int, n: int) -> None:
     _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(addr), _FUTEX_WAKE, n, None, None, 0)
+
+
+def task_slot_words(items: int) -> int:
+    """Words of a pipeline stage queue's slot for Tasks of up to ``items`` items: the three of
+    bookkeeping, and a msgpack Task: its Handle and fields (256 bytes) and 9 bytes an item id."""
+    return _DATA + (256 + 9 * items + 7) // 8
 
 
 def queue_words(maxsize: int, redeliver: int, slot_words: int = SLOT_WORDS) -> int:

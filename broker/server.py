@@ -52,6 +52,7 @@ from .holds import fence_available
 from .protocol import (
     MAX_MESSAGE,
     REDELIVER_MAX,
+    RING_GROUP_MAX,
     RING_PREFIX,
     Acquire,
     AcquireMany,
@@ -96,7 +97,7 @@ from .protocol import (
     encode,
     ring_name,
 )
-from .queue import TASK_SLOT_WORDS
+from .queue import queue_words, task_slot_words
 from .queues import Queues
 from .rundir import RunDir, cleanup
 from .scheduler import Scheduler
@@ -425,14 +426,24 @@ class BrokerServer:
     def configure(self, stages: list[StageSettings], max_inflight: int, pipeline: str = "",
                   rings: bool = False) -> list[str]:
         names = self.scheduler.configure(stages, max_inflight, pipeline, rings)
-        if self.scheduler.rings:  # the stages' queues (and the sink's), made once
+        if self.scheduler.rings and ring_name(0) not in self.queues.by_name:
+            # the stages' queues (and the sink's), made once; a task holds at most a group (the
+            # largest batch, or RING_GROUP_MAX items) and its results
+            size, slot = self.scheduler.ring_size(), task_slot_words(max(RING_GROUP_MAX, *(s.batch for s in stages)))
+            need = len(self.scheduler.stages) * queue_words(size, 1, slot) * 8
+            if need > self.table.alloc.capacity // 8:
+                raise BadRequest(f"pipeline: the stages' queues of tasks in rings would take "
+                                 f"{format_bytes(need)}, more than 1/8 of the "
+                                 f"{format_bytes(self.table.alloc.capacity)} arena (max_inflight "
+                                 f"{max_inflight} slots each); lower max_inflight or the batch, or raise "
+                                 f"capacity")
             for s, st in enumerate(self.scheduler.stages):
                 # a task whose workers died comes back; the one that gets it after retries + 1
                 # deaths reports its items failed (``workers.rings``), the queue drops it only if
                 # that one dies too
                 redeliver = min(REDELIVER_MAX, st.retries + 1) if s < len(stages) else 0
-                self.queues.open(ring_name(s), self.scheduler.ring_size(), redeliver,
-                                 lambda n: self._new_block(n, "a stage's queue"), TASK_SLOT_WORDS)
+                self.queues.open(ring_name(s), size, redeliver, lambda n: self._new_block(n, "a stage's queue"),
+                                 slot)
         return names
 
     def configure_pipeline(self, s: Session, msg: ConfigurePipeline) -> Message:
@@ -574,9 +585,14 @@ def run_broker(capacity: int, endpoint: str | None = None, events: str | None = 
         server.metrics, stop_metrics = serve_metrics(metrics_port)
         server.metrics.update(server.stats())
     previous = _stop_on_signals(server)
+    refused: BrokerError | None = None
     try:
         if stages:
-            server.configure(stages, max_inflight, pipeline, rings)
+            try:
+                server.configure(stages, max_inflight, pipeline, rings)
+            except BrokerError as e:  # the one who started this broker is told why (once the
+                refused = e  # runtime directory is gone: it stops this process when told)
+                raise
         rundir.write_info(server.info())
         if announce:
             announce(server.info())
@@ -588,6 +604,8 @@ def run_broker(capacity: int, endpoint: str | None = None, events: str | None = 
         if stop_metrics is not None:
             stop_metrics()
         log.info("broker pid %d stopped", os.getpid())
+        if refused is not None and announce:
+            announce({"error": f"{type(refused).__name__}: {refused}"})
     return 0
 
 

@@ -43,7 +43,7 @@ from broker.errors import (
     format_bytes,
 )
 from broker.process import Broker
-from broker.protocol import Error, Failure, Handle, Reserved, Task
+from broker.protocol import RING_GROUP_MAX, Error, Failure, Handle, Reserved, Task
 from broker.queue import TaskQueue
 from broker.scheduler import TASK_ARENA_PART, TASK_ITEMS_FIRST, TASK_SECONDS
 
@@ -278,7 +278,7 @@ class Pipeline:
         if self._rings is None:
             return FEED_ITEMS
         room = int(self.cfg.broker.capacity) // TASK_ARENA_PART
-        most = FEED_ITEMS * 4
+        most = RING_GROUP_MAX  # (what a stage queue's slot holds, with the largest batch)
         for st, q in zip(self.cfg.stages, self._rings[2], strict=True):
             c = q.counters()
             if c["done"]:

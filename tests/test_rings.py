@@ -277,3 +277,24 @@ def test_large_groups_are_reused_by_their_writers_without_messages(tmp_path: Pat
         messages(p, 64)  # warm
         short, long = messages(p, 16 * 10), messages(p, 16 * 40)
     assert long - short < 10, (short, long)  # 30 more groups: not 60 more messages
+
+
+def test_queues_that_would_not_fit_the_arena_are_refused_with_the_fix() -> None:
+    from broker import Broker, BrokerError
+
+    with pytest.raises(BrokerError, match="lower max_inflight"):
+        Broker(capacity=8 * 2**20, stages=[{"name": "s"}], max_inflight=20_000, rings=True)
+
+
+def test_a_batch_larger_than_a_default_slot_travels(tmp_path: Path) -> None:
+    """A stage queue's slots are sized for the largest batch's item ids (here 300)."""
+    count = 600
+    cfg = write_cfg(tmp_path, {
+        "broker": {"capacity": "64MiB", "max_inflight": 600},
+        "source": {"type": "python", "fn": "stage_helpers:counting_source", "args": {"n": count, "shape": [2]}},
+        "stages": [{"name": "sum", "fn": "stage_helpers:row_sums", "batch": 300}],
+    })
+    got: dict[int, float] = {}
+    with Pipeline.from_yaml(cfg) as p:
+        p.run(sink=lambda i, a: got.__setitem__(i, float(a)))
+    assert got == {i: 2.0 * i for i in range(count)}
