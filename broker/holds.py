@@ -248,7 +248,7 @@ class ControlRegion:
         return free
 
 
-QUEUE_HEADER_WORDS = 24  # a queue block's header (queue.py), before its slots
+QUEUE_HEADER_WORDS = 32  # a queue block's header (queue.py), before its slots
 _NO_WORDS = np.zeros(0, dtype=np.uint64)
 _NO_WORDS.flags.writeable = False
 

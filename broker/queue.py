@@ -11,9 +11,10 @@ The zero-copy replacement for ``torch.multiprocessing.Queue``::
 The ring lies in one block of the arena, created by the broker on the first
 ``queue`` call for a name::
 
-    header (24 words): magic | maxsize | slot words | head (puts) | tail (gets) | seq | space |
+    header (32 words): magic | maxsize | slot words | head (puts) | tail (gets) | seq | space |
                        consumers waiting | producers waiting | redeliver | mutex (40 bytes) |
-                       pending | redelivered | dropped ...
+                       pending | redelivered | dropped | a pipeline stage's counters (done,
+                       result bytes, busy ns, copied, first, last, input bytes) ...
     slots[maxsize]:    block data offset (0: empty) | length, deliveries << 32 | owner | msgpack
                        of the Handle ...
     pending[maxsize]:  the same, for items got but not yet released (``redeliver`` > 0 only)
@@ -84,7 +85,7 @@ _HEAD, _TAIL, _SEQ, _SPACE, _CWAIT, _PWAIT, _REDELIVER = 3, 4, 5, 6, 7, 8, 9
 _MUTEX = 10 * 8  # byte offset of the mutex in the header (40 bytes on x86-64 and aarch64 glibc)
 _PENDING, _REDELIVERED, _DROPPED = 15, 16, 17
 # a pipeline stage's counters, kept in its queue by the workers that take from it (``count``)
-_DONE, _OUT, _BUSY, _COPIED, _FIRST, _LAST = 18, 19, 20, 21, 22, 23
+_DONE, _OUT, _BUSY, _COPIED, _FIRST, _LAST, _IN = 18, 19, 20, 21, 22, 23, 24
 _START = 1 << 32  # head and tail start here, so a redelivered item can go in front of the first
 SPIN_MAX = 200e-6  # seconds a waiter may spin before it sleeps
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine)
@@ -506,16 +507,17 @@ class HandleQueue:
         """What ``count`` added up, and the size and pending items (``queue.counters``)."""
         return counters(self.words, self.first * 8)
 
-    def count(self, done: int = 0, out: int = 0, busy: float = 0.0, copied: int = 0) -> None:
+    def count(self, done: int = 0, out: int = 0, busy: float = 0.0, copied: int = 0, inp: int = 0) -> None:
         """Add to the counters of the stage that takes from this queue (its workers call this
         once per task; the broker reads them for ``stats``): items done, bytes of their results,
-        seconds busy, bytes copied."""
+        seconds busy, bytes copied, bytes of the inputs they came from."""
         w, f = self.words, self.first
         now = time.monotonic_ns()
         self._acquire()
         try:
             w[f + _DONE] = int(w[f + _DONE]) + done
             w[f + _OUT] = int(w[f + _OUT]) + out
+            w[f + _IN] = int(w[f + _IN]) + inp
             w[f + _BUSY] = int(w[f + _BUSY]) + int(busy * 1e9)
             w[f + _COPIED] = int(w[f + _COPIED]) + copied
             if done and not w[f + _FIRST]:
@@ -532,7 +534,7 @@ def counters(words: np.ndarray, offset: int) -> dict[str, Any]:
     f = offset // 8
     span = (int(words[f + _LAST]) - int(words[f + _FIRST])) / 1e9
     return {"queue": max(0, int(words[f + _HEAD]) - int(words[f + _TAIL])), "pending": int(words[f + _PENDING]),
-            "done": int(words[f + _DONE]), "out": int(words[f + _OUT]),
+            "done": int(words[f + _DONE]), "out": int(words[f + _OUT]), "in": int(words[f + _IN]),
             "busy": int(words[f + _BUSY]) / 1e9, "copied": int(words[f + _COPIED]), "span": max(0.0, span)}
 
 
@@ -552,15 +554,18 @@ class TaskQueue(HandleQueue):
         handle = msgspec.structs.replace(item.handle, grant=0, expires=0.0)
         self._put(handle, _TASK_ENCODER.encode(msgspec.structs.replace(item, handle=handle)), timeout)
 
-    def split(self, task: Task) -> None:
+    def split(self, task: Task, release: bool = True) -> None:
         """Put each row of a got ``task`` back into this queue as a task of its own (views of the
-        same block, its attempts kept), then release ``task``: until all are in, its pending
-        entry stands, so a death midway loses nothing (rows then arrive twice, at least once).
-        The room is there when at most ``maxsize - 1`` items are in flight (a pipeline's rings)."""
+        same block, its attempts kept), then release ``task`` (``release=False``: the caller
+        does, once it holds no other task of that block: a release ends them all): until all
+        are in, its pending entry stands, so a death midway loses nothing (rows then arrive
+        twice, at least once). The room is there when at most ``maxsize - 1`` items are in
+        flight (a pipeline's rings)."""
         for j in range(task.rows):
             part = task_rows(task, j, j + 1)
             self._put(part.handle, _TASK_ENCODER.encode(part), None, keep=True)
-        self.client.release(task.handle)
+        if release:
+            self.client.release(task.handle)
 
     def get(self, timeout: float | None = None) -> Task:  # type: ignore[override]
         _, task = self._get(timeout)

@@ -262,7 +262,7 @@ class Pipeline:
             if not group:
                 started = time.monotonic()
                 if rings:
-                    group_max = max(1, min(most, self._ring_group_items(batch > 1)))
+                    group_max = max(1, min(most, self._ring_group_items(batch > 1, arr.nbytes)))
             group.append((idx, arr))
             nbytes += arr.nbytes
             if len(group) >= group_max:
@@ -271,35 +271,42 @@ class Pipeline:
         if group:
             yield group
 
-    def _ring_group_items(self, batched: bool) -> int:
-        """How many items' results of every stage fit 1/TASK_ARENA_PART of the arena and, in a
-        pipeline without a batched stage, the slowest stage does in about TASK_SECONDS, by the
-        counters each stage's workers keep in its queue (read from shared memory, no message)."""
+    def _ring_group_items(self, batched: bool, item_bytes: int) -> int:
+        """How many items of ``item_bytes`` fit 1/TASK_ARENA_PART of the arena with the results
+        of every stage and, in a pipeline without a batched stage, the slowest stage does in
+        about TASK_SECONDS, by the counters each stage's workers keep in its queue (read from
+        shared memory, no message)."""
         if self._rings is None:
             return FEED_ITEMS
         room = int(self.cfg.broker.capacity) // TASK_ARENA_PART
-        most = RING_GROUP_MAX  # (what a stage queue's slot holds, with the largest batch)
-        for st, q in zip(self.cfg.stages, self._rings[2], strict=True):
-            c = q.counters()
-            if c["done"]:
-                most = min(most, room // max(1, c["out"] // c["done"]))
-            if st.batch <= 1 and not batched:  # (groups of a batch: collating smaller ones is a copy)
+        most = min(RING_GROUP_MAX,  # (what a stage queue's slot holds, with the largest batch)
+                   room // max(1, item_bytes, *self._ring_results(item_bytes)))
+        if not batched:  # (groups of a batch: collating smaller ones is a copy)
+            for q in self._rings[2]:
+                c = q.counters()
                 per_item = c["busy"] / c["done"] if c["done"] else 0.0
                 most = min(most, int(TASK_SECONDS / per_item) if per_item > 0 else TASK_ITEMS_FIRST)
         return most
 
-    def _ring_bytes(self, item_bytes: int) -> int:
-        """What an item in flight may hold of the arena with tasks in rings: its input and each
-        stage's result (measured by the stage's counters; the input's size until it has some).
-        A block freed by its reader waits in the pool of the process that wrote it, to be its
-        next block, so an item may hold one block per stage however far it has gone; the
-        driver keeps its items in flight to 3/4 of the arena by this."""
+    def _ring_results(self, item_bytes: int) -> list[int]:
+        """Each stage's result for an item of ``item_bytes``, by the ratio of its results' bytes
+        to its inputs' so far (counted in its queue; 1 until it has done some): a stage's
+        result size per item over its life would lag behind a source whose items grow."""
         assert self._rings is not None
-        total = item_bytes
+        out, size = [], float(item_bytes)
         for q in self._rings[2]:
             c = q.counters()
-            total += c["out"] // c["done"] if c["done"] else item_bytes
-        return total
+            size *= c["out"] / c["in"] if c["in"] else 1.0
+            out.append(int(size))
+        return out
+
+    def _ring_bytes(self, item_bytes: int) -> int:
+        """What an item in flight may hold of the arena with tasks in rings: its input and each
+        stage's result (``_ring_results``). A block freed by its reader waits in the pool of the
+        process that wrote it, to be its next block, so an item may hold one block per stage
+        however far it has gone; the driver keeps its items in flight to 3/4 of the arena by
+        this."""
+        return item_bytes + sum(self._ring_results(item_bytes))
 
     def _check_size(self, idx: int, arr: np.ndarray, cap: int) -> None:
         """``ItemTooLarge`` at once for an item that can never be placed in stage 0 (called per

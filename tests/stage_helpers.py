@@ -203,3 +203,11 @@ def ray_loaded(x: torch.Tensor) -> torch.Tensor:
     import sys
 
     return x + float("ray" in sys.modules)
+
+
+def small_then_big(small: int = 2000, big: int = 60, big_elems: int = 1 << 18):
+    """Many 128-byte items, then 2 MiB ones (float64)."""
+    for i in range(small):
+        yield torch.full((16,), float(i), dtype=torch.float64).numpy()
+    for i in range(big):
+        yield torch.full((big_elems,), float(i), dtype=torch.float64).numpy()

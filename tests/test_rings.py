@@ -298,3 +298,64 @@ def test_a_batch_larger_than_a_default_slot_travels(tmp_path: Path) -> None:
     with Pipeline.from_yaml(cfg) as p:
         p.run(sink=lambda i, a: got.__setitem__(i, float(a)))
     assert got == {i: 2.0 * i for i in range(count)}
+
+
+def test_rows_of_a_split_task_keep_their_hold_while_another_of_them_is_released(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task a dead worker held comes back split into rows of one block; a worker that holds
+    two of them (the next one taken ahead, as for a GPU's prefetch) and releases the first must
+    keep its hold on the block and the second's pending entry (one release ends both)."""
+    from broker import Broker
+    from broker.protocol import Task
+    from workers import rings
+    from workers.runtime import Worker
+    from workers.spec import StageSpec
+
+    monkeypatch.setenv("SHMBROKER_PREFETCH", "1")
+    seen: list[tuple[bool, int]] = []
+    process = rings.RingLoop.process
+
+    def watch(self: rings.RingLoop, group: list[Task]) -> None:
+        process(self, group)
+        if self.carry is not None:  # the next row, taken before this one was released
+            seen.append((self.client.holds_handle(self.carry.handle), self.src.counters()["pending"]))
+
+    monkeypatch.setattr(rings.RingLoop, "process", watch)
+    spec = StageSpec(name="a", index=0, fn="workers.stages:scale", args={"factor": 2.0}, retries=3)
+    with Broker(capacity=16 * 2**20, stages=[{"name": "a", "retries": 3}], max_inflight=8, rings=True) as b, \
+            Client(b.endpoint, role="driver") as c:
+        c.register("__sink__")
+        first, sink = c.task_queue(0), c.task_queue(1)
+        h, block = c.alloc((3, 4), "float32")
+        block[:] = [[1] * 4, [2] * 4, [3] * 4]
+        # as the queue gives a task back after its worker died once
+        first.put(Task(task=0, stage=0, items=[0, 1, 2], handle=h, rows=3, each=True, attempts=1))
+        w = Worker(b.endpoint, spec, "cpu")
+        try:
+            assert w.rings is not None
+            w.rings.run(lambda: sink.qsize() >= 3)
+        finally:
+            w.close()
+        got = {}
+        for _ in range(3):
+            t = sink.get(timeout=5)
+            got.update({i: float(r[0]) for i, r in zip(t.items, c.task_rows(t), strict=True)})
+            c.release(t.handle)
+    assert got == {0: 2.0, 1: 4.0, 2: 6.0}
+    assert seen and all(held and pending >= 1 for held, pending in seen), seen
+
+
+def test_items_that_grow_during_a_run_are_held_to_the_arena(tmp_path: Path) -> None:
+    """2,000 items of 128 B, then 60 of 2 MiB through three stages in a 48 MiB arena: what an
+    item in flight holds is estimated from each stage's result/input ratio, not its result size
+    per item so far (which the small items keep tiny: the arena ran full)."""
+    cfg = write_cfg(tmp_path, {
+        "broker": {"capacity": "48MiB", "max_inflight": 64, "wait_timeout": 10},
+        "source": {"type": "python", "fn": "stage_helpers:small_then_big"},
+        "stages": [{"name": "s1", "fn": "workers.stages:scale", "args": {"factor": 2.0}},
+                   {"name": "s2", "fn": "workers.stages:scale", "args": {"factor": 3.0}},
+                   {"name": "s3", "fn": "workers.stages:scale", "args": {"factor": 1.0}}],
+    })
+    with Pipeline.from_yaml(cfg) as p:
+        summary = p.run(sink=lambda i, a: None)
+    assert summary.items == 2060

@@ -27,6 +27,7 @@ with the stage's ``on_error`` and ``retries``:
 
 from __future__ import annotations
 
+import collections
 import time
 import traceback
 from typing import Any, Callable, Sequence
@@ -92,6 +93,9 @@ class RingLoop:
         self.dst = client.task_queue(spec.index + 1)
         self.next_batched = bool(spec.next_name) and spec.next_batch > 1
         self.carry: Task | None = None  # got while collating a batch it did not fit
+        # tasks held per block: the rows of a split task share one, and one release of a block
+        # ends this process's hold and every pending entry of it, so it waits for the last
+        self.refs: collections.Counter[int] = collections.Counter()
         assert client.region is not None
         self.room = client.region.capacity // TASK_ARENA_PART  # the largest batch it collates
 
@@ -143,14 +147,16 @@ class RingLoop:
                     return None
                 self._ids += 1  # an id of this worker's own: what Compute keys a prefetch by
                 task = msgspec.structs.replace(task, task=self._ids)
+                self.refs[task.handle.oid] += 1
             spec = self.spec
             if task.attempts > spec.retries:  # its workers died holding it retries + 1 times
                 self._report(task.items, f"the worker processing it died (attempt {task.attempts} of "
                                          f"{spec.retries + 1})", code="WorkerDied",
                              fatal=spec.on_error != "skip")
-                self.client.release(task.handle)
+                self._let_go([task])
             elif task.attempts and task.rows > 1:  # a worker died holding it: one row at a time
-                self.src.split(task)  # from here, so a row that kills its workers fails alone
+                self.src.split(task, release=False)  # from here, so a row that kills its workers
+                self._let_go([task])  # fails alone
             else:
                 return task
             timeout = 0.0
@@ -174,13 +180,26 @@ class RingLoop:
             outs = []
         # counted before the results go on: the driver that has the last item sees its count
         self.src.count(done=sum(len(items) for _, items, _ in outs), out=sum(h.nbytes for h, _, _ in outs),
-                       busy=time.perf_counter() - t0, copied=copied)
+                       busy=time.perf_counter() - t0, copied=copied,
+                       inp=sum(t.handle.nbytes for t in group) if outs else 0)
         for handle, items, layout in outs:
             self.dst.put(Task(task=0, stage=spec.index + 1, items=items, handle=handle, rows=len(items),
                               batched=self.next_batched, each=not self.next_batched, layout=layout))
         if collated is not None:
             self.client.release(collated)
-        self.client.release([t.handle for t in group])  # after the results are in the next queue
+        self._let_go(group)  # after the results are in the next queue
+
+    def _let_go(self, tasks: list[Task]) -> None:
+        """These tasks are done with: release each block no other task held here still names."""
+        last = []
+        for t in tasks:
+            oid = t.handle.oid
+            self.refs[oid] -= 1
+            if self.refs[oid] <= 0:
+                del self.refs[oid]
+                last.append(t.handle)
+        if last:
+            self.client.release(last)
 
     def _collate(self, group: list[Task]) -> tuple[Task, Handle]:
         """The rows of several groups copied into one block: one batch (a copy, which tasks as
