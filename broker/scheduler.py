@@ -75,6 +75,7 @@ SINK = "__sink__"
 TASK_ITEMS, TASK_BYTES, TASK_ITEMS_FIRST, TASK_SECONDS = 16, 16 << 20, 4, 0.02
 SINK_TASK_ITEMS, SINK_TASK_BYTES = 16, 16 << 20
 TASK_ARENA_PART = 8
+RING_SLACK = 16  # stage queue slots beyond max_inflight + 1: room for tasks a killed worker left twice
 KEPT_FAILURES = 10_000  # failure reports held for a driver that has not connected yet
 
 
@@ -622,8 +623,11 @@ class Scheduler:
     # ``retries + 1`` times is dropped by its queue and failed here (``ring_dropped``).
     def ring_size(self) -> int:
         """Slots of each stage's queue: every task holds at least one of the at most
-        ``max_inflight`` items in flight, so a put never waits for room a task in flight holds."""
-        return self.max_inflight + 1
+        ``max_inflight`` items in flight, so a put never waits for room a task in flight holds,
+        and RING_SLACK more: a worker killed after it put its results on and before it released
+        its input leaves that task in two queues at once (its items counted done downstream),
+        and a put into a full queue then waits until its stage takes one."""
+        return self.max_inflight + 1 + RING_SLACK
 
     def ring_stage(self, name: str) -> int | None:
         """The stage whose queue is ``name`` (None: not a stage's)."""
