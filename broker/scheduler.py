@@ -716,8 +716,10 @@ class Scheduler:
         for i, st in enumerate(self.stages):
             if rings is not None:
                 c = rings(ring_name(i))
-                workers = [{"pid": m.pid, "name": m.name, "device": m.device, "pinned": m.pinned,
-                            "done": 0, "busy": 0.0} for m in self.members.values() if m.stage == i]
+                # (a worker's own counts are not kept with tasks in rings: None, shown as "-")
+                workers: list[dict[str, Any]] = [
+                    {"pid": m.pid, "name": m.name, "device": m.device, "pinned": m.pinned, "done": None,
+                     "busy": None} for m in self.members.values() if m.stage == i]
                 out.append({"name": st.name, "batch": st.batch, "queue": c["queue"], "inflight": c["pending"],
                             "done": c["done"], "failed": st.failed, "busy": c["busy"], "copied": c["copied"],
                             "rate": c["done"] / c["span"] if c["span"] else 0.0, "workers": workers})

@@ -120,6 +120,7 @@ def render_status(st: dict[str, Any]) -> Any:
                        str(s["done"]), str(s["failed"]), f"{s['rate']:.1f}", str(len(s["workers"])))
         for w in s["workers"]:
             pinned = "yes" if w["pinned"] else ("NO" if w["device"].startswith("cuda") else "-")
-            workers.add_row(s["name"], str(w["pid"]), w["device"], pinned, str(w["done"]),
-                            f"{100 * w['busy']:.0f}")
+            workers.add_row(s["name"], str(w["pid"]), w["device"], pinned,
+                            "-" if w["done"] is None else str(w["done"]),  # None: tasks in rings
+                            "-" if w["busy"] is None else f"{100 * w['busy']:.0f}")
     return Group(head, stages, workers)

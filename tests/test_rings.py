@@ -359,3 +359,30 @@ def test_items_that_grow_during_a_run_are_held_to_the_arena(tmp_path: Path) -> N
     with Pipeline.from_yaml(cfg) as p:
         summary = p.run(sink=lambda i, a: None)
     assert summary.items == 2060
+
+
+def test_status_of_a_rings_pipeline_shows_its_stages_and_no_made_up_worker_counts(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from shmbroker.summary import render_status
+
+    cfg = write_cfg(tmp_path, {
+        "source": synthetic(30, [4]),
+        "stages": [{"name": "pre", "fn": "workers.stages:scale", "replicas": 2}],
+    })
+    with Pipeline.from_yaml(cfg) as p:
+        assert p.client is not None
+        p.run(sink=lambda i, a: None)
+        deadline = time.monotonic() + 60  # both replicas registered (the run may end before)
+        while True:
+            st = p.client.stats()
+            pre = next(s for s in st["stages"] if s["name"] == "pre")
+            if len(pre["workers"]) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert pre["done"] == 30 and len(pre["workers"]) == 2
+    assert all(w["done"] is None and w["busy"] is None for w in pre["workers"])
+    console = Console(record=True, width=140)
+    console.print(render_status(st))
+    text = console.export_text()
+    assert "pre" in text and " - " in text
