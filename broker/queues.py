@@ -61,9 +61,12 @@ class Queues:
         return found
 
     def counters(self, name: str) -> dict[str, Any]:
-        """The size, pending items and stage counters of queue ``name`` (``queue.counters``)."""
-        assert self.region is not None
-        return counters(self.region.words, self.by_name[name].offset)
+        """The size, pending items and stage counters of queue ``name`` (``queue.counters``);
+        all 0 for a queue that was never made (a pipeline whose queues found no room)."""
+        q = self.by_name.get(name)
+        if q is None or self.region is None:
+            return dict.fromkeys(("queue", "pending", "done", "out", "in", "busy", "copied", "span"), 0)
+        return counters(self.region.words, q.offset)
 
     def gone(self, slot: int) -> list[tuple[str, int, list[bytes]]]:
         """The client of hold-table slot ``slot`` is gone: its pending items go back. Returns,

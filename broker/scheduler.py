@@ -55,7 +55,7 @@ from .protocol import (
 )
 from .table import Obj, ObjectTable, array_nbytes
 
-__all__ = ["Scheduler", "SINK", "ring_name"]
+__all__ = ["Scheduler", "SINK", "ring_name", "ring_size"]
 
 SINK = "__sink__"
 
@@ -77,6 +77,15 @@ SINK_TASK_ITEMS, SINK_TASK_BYTES = 16, 16 << 20
 TASK_ARENA_PART = 8
 RING_SLACK = 16  # stage queue slots beyond max_inflight + 1: room for tasks a killed worker left twice
 KEPT_FAILURES = 10_000  # failure reports held for a driver that has not connected yet
+
+
+def ring_size(max_inflight: int) -> int:
+    """Slots of each stage's queue with tasks in rings: every task holds at least one of the at
+    most ``max_inflight`` items in flight, so a put never waits for room a task in flight holds,
+    and RING_SLACK more: a worker killed after it put its results on and before it released its
+    input leaves that task in two queues at once (its items counted done downstream), and a put
+    into a full queue then waits until its stage takes one."""
+    return max_inflight + 1 + RING_SLACK
 
 
 @dataclass(eq=False, slots=True)
@@ -621,14 +630,6 @@ class Scheduler:
     # next one, the driver takes the sink's. What is left to the broker is to referee: a worker's
     # failure reports go to the driver (``reported``), and a task whose workers died holding it
     # ``retries + 1`` times is dropped by its queue and failed here (``ring_dropped``).
-    def ring_size(self) -> int:
-        """Slots of each stage's queue: every task holds at least one of the at most
-        ``max_inflight`` items in flight, so a put never waits for room a task in flight holds,
-        and RING_SLACK more: a worker killed after it put its results on and before it released
-        its input leaves that task in two queues at once (its items counted done downstream),
-        and a put into a full queue then waits until its stage takes one."""
-        return self.max_inflight + 1 + RING_SLACK
-
     def ring_stage(self, name: str) -> int | None:
         """The stage whose queue is ``name`` (None: not a stage's)."""
         if not (self.rings and name.startswith(RING_PREFIX)):

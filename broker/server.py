@@ -100,7 +100,7 @@ from .protocol import (
 from .queue import queue_words, task_slot_words
 from .queues import Queues
 from .rundir import RunDir, cleanup
-from .scheduler import Scheduler
+from .scheduler import Scheduler, ring_size
 from .table import ObjectTable
 from .transport import Link, Peer, Transport
 from .waiting import Parked, Waiting
@@ -425,22 +425,25 @@ class BrokerServer:
     # -- the pipeline -------------------------------------------------------------------------------
     def configure(self, stages: list[StageSettings], max_inflight: int, pipeline: str = "",
                   rings: bool = False) -> list[str]:
-        names = self.scheduler.configure(stages, max_inflight, pipeline, rings)
-        if self.scheduler.rings and ring_name(0) not in self.queues.by_name:
-            # the stages' queues (and the sink's), made once; a task holds at most a group (the
-            # largest batch, or RING_GROUP_MAX items) and its results
-            size, slot = self.scheduler.ring_size(), task_slot_words(max(RING_GROUP_MAX, *(s.batch for s in stages)))
-            need = len(self.scheduler.stages) * queue_words(size, 1, slot) * 8
+        # the stages' queues with tasks in rings (and the sink's), made once and checked first:
+        # a pipeline refused for them is not half set up
+        size = ring_size(max_inflight)
+        slot = task_slot_words(max(RING_GROUP_MAX, *(s.batch for s in stages)))
+        if rings and not self.scheduler.stages:
+            need = (len(stages) + 1) * queue_words(size, 1, slot) * 8
             if need > self.table.alloc.capacity // 8:
                 raise BadRequest(f"pipeline: the stages' queues of tasks in rings would take "
                                  f"{format_bytes(need)}, more than 1/8 of the "
                                  f"{format_bytes(self.table.alloc.capacity)} arena (max_inflight "
                                  f"{max_inflight} slots each); lower max_inflight or the batch, or raise "
                                  f"capacity")
+        names = self.scheduler.configure(stages, max_inflight, pipeline, rings)
+        if self.scheduler.rings and ring_name(0) not in self.queues.by_name:
             for s, st in enumerate(self.scheduler.stages):
-                # a task whose workers died comes back; the one that gets it after retries + 1
-                # deaths reports its items failed (``workers.rings``), the queue drops it only if
-                # that one dies too
+                # a task holds at most a group (the largest batch, or RING_GROUP_MAX items) and its
+                # results; a task whose workers died comes back, the one that gets it after
+                # retries + 1 deaths reports its items failed (``workers.rings``), the queue drops
+                # it only if that one dies too
                 redeliver = min(REDELIVER_MAX, st.retries + 1) if s < len(stages) else 0
                 self.queues.open(ring_name(s), size, redeliver, lambda n: self._new_block(n, "a stage's queue"),
                                  slot)

@@ -386,3 +386,17 @@ def test_status_of_a_rings_pipeline_shows_its_stages_and_no_made_up_worker_count
     console.print(render_status(st))
     text = console.export_text()
     assert "pre" in text and " - " in text
+
+
+def test_a_rings_pipeline_refused_for_its_queues_is_not_half_set_up() -> None:
+    """Found by the wire fuzzer: a pipeline refused because its queues do not fit left the
+    broker with the stages set and no queues, and its stats failed from then on."""
+    from broker import Broker
+    from broker.protocol import ConfigurePipeline, StageSettings
+
+    with Broker(capacity=8 * 2**20) as b, Client(b.endpoint) as c:
+        with pytest.raises(BadRequest, match="lower max_inflight"):
+            c._request(ConfigurePipeline(stages=[StageSettings(name="s")], max_inflight=20_000, rings=True))
+        assert c.stats()["stages"] == []
+        assert c.configure([{"name": "s"}], max_inflight=8) == ["s", "__sink__"]  # as messages
+        assert [s["name"] for s in c.stats()["stages"]] == ["s", "__sink__"]
