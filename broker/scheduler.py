@@ -649,6 +649,10 @@ class Scheduler:
         if failure.stage not in names:
             raise BadRequest(f"failure: no stage {failure.stage!r}; this pipeline has {names}")
         s = names.index(failure.stage)
+        m = self.members.get(cid)
+        if not self.rings or m is None or m.stage != s:
+            raise BadRequest(f"failure: only a worker of stage {failure.stage!r} reports its failures, "
+                             f"and only when tasks travel in rings (else its fail message does)")
         st = self.stages[s]
         if failure.code == "WorkerDied" and not failure.worker_pid:  # the worker that died last
             failure = msgspec.structs.replace(failure, worker_pid=self.ring_deaths.get(s, 0))

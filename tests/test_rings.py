@@ -400,3 +400,18 @@ def test_a_rings_pipeline_refused_for_its_queues_is_not_half_set_up() -> None:
         assert c.stats()["stages"] == []
         assert c.configure([{"name": "s"}], max_inflight=8) == ["s", "__sink__"]  # as messages
         assert [s["name"] for s in c.stats()["stages"]] == ["s", "__sink__"]
+
+
+def test_only_a_stages_worker_reports_its_failures() -> None:
+    """A failure report passes to the driver (and may stop its run): one from a client that is
+    not a worker of that stage, or to a broker whose tasks are messages, is refused."""
+    from broker import Broker
+    from broker.protocol import Failure
+
+    with Broker(capacity=16 * 2**20, stages=[{"name": "s"}], max_inflight=8, rings=True) as b, \
+            Client(b.endpoint) as stranger:
+        stranger.report(Failure(stage="s", items=[1], error="made up"))
+        with pytest.raises(BadRequest, match="only a worker of stage 's'"):
+            stranger.ping()  # the refusal of a message nobody waits for arrives meanwhile ...
+            stranger.ping()  # ... and the request after raises it
+        assert stranger.stats()["counters"].get("failed", 0) == 0
