@@ -379,17 +379,11 @@ class Pipeline:
                 self._unfinished = False
                 c.flush()  # the last sink tasks' dones
                 return
-            if self.progress and time.monotonic() - state.stats_at > 1.0:
-                state.stats_at = time.monotonic()
-                state.queues = " ".join(f"{st['name']}:{st['queue'] + st['inflight']}"
-                                        for st in c.stats()["stages"][:-1])
+            self._progress(state)
             msg = c.next_message(0.2)
             if self.stop_signal:  # before supervising: workers stopped by the same Ctrl-C stay stopped
                 raise Interrupted(self.stop_signal)
-            if time.monotonic() - state.supervised_at > 0.1:
-                state.supervised_at = time.monotonic()
-                assert self.supervisor is not None
-                self.supervisor.supervise()
+            self._supervise(state)
             if msg is None:
                 if time.monotonic() - last_progress > stall:
                     raise BrokerTimeout(f"no progress for {stall:.0f} s; stage state: {self._stage_state()}")
@@ -409,6 +403,21 @@ class Pipeline:
                     c.commit(msg, defer=True)  # with the next reserve, or before the next wait
             elif isinstance(msg, Error):
                 raise error_from_wire(msg.code, msg.message)
+
+    def _supervise(self, state: _DriveState) -> None:
+        """Restart dead workers (and stop a crash loop), at most every 0.1 s."""
+        if time.monotonic() - state.supervised_at > 0.1:
+            state.supervised_at = time.monotonic()
+            assert self.supervisor is not None
+            self.supervisor.supervise()
+
+    def _progress(self, state: _DriveState) -> None:
+        """The progress line's queues (items waiting or in flight per stage), once a second."""
+        if self.progress and time.monotonic() - state.stats_at > 1.0:
+            assert self.client is not None
+            state.stats_at = time.monotonic()
+            state.queues = " ".join(f"{st['name']}:{st['queue'] + st['inflight']}"
+                                    for st in self.client.stats()["stages"][:-1])
 
     def _drive_rings(self, groups: Iterator[list[tuple[int, np.ndarray]]],
                      state: _DriveState) -> Iterator[tuple[int, Any, int]]:
@@ -453,15 +462,8 @@ class Pipeline:
                 elif isinstance(msg, Error):
                     raise error_from_wire(msg.code, msg.message)
                 msg = c.next_message(0)
-            now = time.monotonic()
-            if now - state.supervised_at > 0.1:
-                state.supervised_at = now
-                assert self.supervisor is not None
-                self.supervisor.supervise()
-            if self.progress and now - state.stats_at > 1.0:
-                state.stats_at = now
-                state.queues = " ".join(f"{st['name']}:{st['queue'] + st['inflight']}"
-                                        for st in c.stats()["stages"][:-1])
+            self._supervise(state)
+            self._progress(state)
             try:
                 task = sink.get(timeout=0.05)
             except BrokerTimeout:
